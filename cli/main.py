@@ -1,0 +1,212 @@
+"""The craft-deploy command line: parse options, build a config, call craft_deploy.<stage>.run(cfg)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from craft_deploy import CraftError, __version__
+
+
+def _guard(fn):
+    """Turn a CraftError (bad input) into a one-line message and exit code 1, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CraftError as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _split(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(p for v in values for p in v.split(",") if p)
+
+
+out_option = click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+data_root_option = click.option("--data-root", type=click.Path(), default=None,
+                                help="Where the dataset lives or is downloaded to.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="craft-deploy")
+def main() -> None:
+    """Compression-aware fine-tuning, one-shot compression, export and benchmarking of timm vision models.
+
+    The stages chain through directories: finetune -> compress -> export -> bench.
+    """
+
+
+@main.command()
+@click.option("--model", default="tf_efficientnet_lite0", show_default=True, help="Any timm model name.")
+@click.option("--pretrained/--no-pretrained", default=True, show_default=True,
+              help="Pretrained weights (bundled for tf_efficientnet_lite0/1/2, timm's hub otherwise).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local .safetensors/.pth state dict to start from.")
+@click.option("--data", default="fashion-mnist", show_default=True,
+              help="fashion-mnist, digits, cifar10, cifar100, flowers102, oxford-pets, stanford-cars, fgvc-aircraft, "
+                   "food101, or imagefolder:PATH.")
+@data_root_option
+@click.option("--optimizer", default="adam", show_default=True, help="adam (AdamW baseline) or sam.")
+@click.option("--rho", default=0.05, show_default=True, type=float, help="SAM neighbourhood radius.")
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--weight-decay", default=0.05, show_default=True, type=float)
+@click.option("--epochs", default=2, show_default=True, type=int)
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--img-size", default=64, show_default=True, type=int)
+@click.option("--train-subset", type=int, help="Train on the first N images of a seeded permutation.")
+@click.option("--eval-subset", type=int, help="Evaluate on the first N val/test images of a seeded permutation.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--threads", type=int, help="CPU threads for PyTorch.")
+@out_option
+@overwrite_option
+@_guard
+def finetune(out, overwrite, **kw) -> None:
+    """Fine-tune a pretrained timm model on a dataset; writes a model bundle and finetune.json.
+
+    \b
+    Examples:
+      craft-deploy finetune --data fashion-mnist --optimizer adam --epochs 2 --train-subset 8000 --out runs/adam
+      craft-deploy finetune --optimizer sam --rho 0.05 --out runs/sam
+    """
+    from craft_deploy.config import FinetuneConfig
+    from craft_deploy.finetune import run
+
+    rec = run(FinetuneConfig(**kw), out, overwrite)
+    m, t = rec["metrics"], rec["timings"]
+    click.echo(
+        f"\nfinetune {kw['model']} on {kw['data']} with {kw['optimizer']}: val top-1 {m['val_top1']:.2f}%, "
+        f"test top-1 {m['test_top1']:.2f}% ({rec['data']['test']} images), {t['seconds_per_epoch']:.1f} s/epoch, "
+        f"{t['total_seconds']:.0f} s in all\nbundle: {out}"
+    )
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--sparsity", help="Magnitude pruning: a ratio in (0, 1) such as 0.5, or N:M such as 2:4.")
+@click.option("--quant", help="Post-training quantization wXaY: w8a8, w6a6, w6a16, w4a16 (a16 = float activations).")
+@click.option("--calib-samples", default=256, show_default=True, type=int,
+              help="Calibration images, drawn from the training split.")
+@click.option("--eval-subset", type=int, help="Evaluate on the first N test images of a seeded permutation.")
+@click.option("--include", multiple=True, help="Glob(s) over module names to compress (default: Linear/Conv).")
+@click.option("--exclude", multiple=True, help="Glob(s) over module names to leave alone.")
+@data_root_option
+@click.option("--seed", default=0, show_default=True, type=int)
+@out_option
+@overwrite_option
+@_guard
+def compress(bundle, out, overwrite, include, exclude, **kw) -> None:
+    """Prune and/or quantize a bundle in one shot; writes a bundle and compress.json.
+
+    \b
+    Examples:
+      craft-deploy compress runs/adam --quant w8a8 --calib-samples 256 --out runs/adam-w8a8
+      craft-deploy compress runs/sam --sparsity 2:4 --quant w8a8 --out runs/sam-24-w8a8
+    """
+    from craft_deploy.compress import run
+    from craft_deploy.config import CompressConfig
+
+    cfg = CompressConfig(include=_split(include), exclude=_split(exclude), **kw)
+    rec = run(cfg, bundle, out, overwrite)
+    m = rec["metrics"]
+    click.echo(f"\ncompress {bundle}: test top-1 {m['test_top1_before']:.2f}% -> {m['test_top1_after']:.2f}% "
+               f"({rec['data']['test']} images)")
+    for meth in rec["methods"]:
+        if "model_zero_fraction" in meth:
+            skipped = len(meth["skipped"])
+            click.echo(f"  pruned {meth['pattern']}: {len(meth['layers'])} layers, {skipped} left dense, "
+                       f"{100 * meth['model_zero_fraction']:.1f}% of all weights zero")
+        else:
+            click.echo(f"  quantized {meth['config']} ({meth['calibration']}): {len(meth['layers'])} layers")
+    click.echo(f"bundle: {out}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--format", "format_", default="onnx", show_default=True, help="onnx.")
+@click.option("--opset", default=17, show_default=True, type=int)
+@click.option("--verify-samples", default=64, show_default=True, type=int,
+              help="Test images run through PyTorch and ONNX Runtime to verify the export.")
+@data_root_option
+@out_option
+@overwrite_option
+@_guard
+def export(bundle, out, overwrite, format_, **kw) -> None:
+    """Export a bundle to ONNX (FP32, or Q/DQ INT8 when quantized), verified in ONNX Runtime.
+
+    \b
+    Examples:
+      craft-deploy export runs/adam-w8a8 --format onnx --out runs/adam-w8a8-onnx
+    """
+    from craft_deploy.config import ExportConfig
+    from craft_deploy.export import run
+
+    rec = run(ExportConfig(format=format_, **kw), bundle, out, overwrite)
+    v = rec["verification"]
+    click.echo(f"\nexport {bundle} -> {out}/model.onnx ({rec['precision']}, {rec['size_bytes'] / 1e6:.1f} MB): "
+               f"onnxruntime vs PyTorch on {v['samples']} images: max |diff| {v['max_abs_diff']:.2e}, "
+               f"top-1 agreement {100 * v['top1_agreement']:.1f}%")
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--backend", default="ort-cpu", show_default=True,
+              help="ort-cpu, ort-cuda, ort-trt, tensorrt or pytorch (see `craft-deploy info`).")
+@click.option("--batch-sizes", default="1,16", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--data", default=None, help="Dataset for accuracy (default: the one the model was tuned on).")
+@data_root_option
+@click.option("--eval-subset", type=int, help="Accuracy on the first N images of a seeded permutation.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["val", "test"]))
+@click.option("--warmup", default=5, show_default=True, type=int)
+@click.option("--iters", default=30, show_default=True, type=int, help="Timed iterations (at least).")
+@click.option("--min-seconds", default=0.5, show_default=True, type=float, help="Time each batch size at least this.")
+@click.option("--threads", type=int, help="CPU threads for the backend.")
+@out_option
+@overwrite_option
+@_guard
+def bench(model, out, overwrite, batch_sizes, **kw) -> None:
+    """Accuracy and latency of an exported model (or a bundle with --backend pytorch); writes bench.json.
+
+    \b
+    Examples:
+      craft-deploy bench runs/adam-w8a8-onnx/model.onnx --backend ort-cpu --batch-sizes 1,16 --out runs/bench
+      craft-deploy bench runs/adam --backend pytorch --out runs/bench-pt
+    """
+    from craft_deploy.bench import run
+    from craft_deploy.config import BenchConfig, parse_batch_sizes
+
+    rec = run(BenchConfig(batch_sizes=parse_batch_sizes(batch_sizes), **kw), model, out, overwrite)
+    a = rec["accuracy"]
+    click.echo(f"\nbench {model} on {kw['backend']}: top-1 {a['top1']:.2f}%, top-5 {a['top5']:.2f}% "
+               f"({a['samples']} {a['dataset']} {a['split']} images)")
+    click.echo(f"  {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>9} {'cv':>6}")
+    for r in rec["latency"]:
+        click.echo(f"  {r['batch']:>5} {r['p50_ms']:>9.2f} {r['p90_ms']:>9.2f} {r['p99_ms']:>9.2f} "
+                   f"{r['images_per_second']:>9.1f} {r['cv']:>6.3f}")
+
+
+@main.command()
+def info() -> None:
+    """Library versions, devices, and which backends are usable here (and why not)."""
+    from craft_deploy.bench.backends import BACKENDS
+    from craft_deploy.records import environment
+
+    env = environment()
+    click.echo(f"craft-deploy {env['craft_deploy']} on Python {env['python']}, {env['platform']}")
+    click.echo(f"cpu: {env['cpu']} ({env['cpu_count']} cores)")
+    click.echo(f"gpu: {env.get('gpu', 'none visible to torch')}")
+    for lib, ver in env["libraries"].items():
+        click.echo(f"  {lib:<16} {ver or 'not installed'}")
+    click.echo("backends:")
+    for name, cls in BACKENDS.items():
+        ok, why = cls.availability()
+        click.echo(f"  {name:<10} {'usable' if ok else 'unavailable: ' + why}")
+
+
+if __name__ == "__main__":
+    main()

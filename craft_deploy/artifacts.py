@@ -1,0 +1,77 @@
+"""Atomic files and output directories: a killed or failed run never leaves a half-written artifact."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from craft_deploy import CraftError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, fsync it and rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as indented JSON, atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def check_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an existing non-empty `out` unless `overwrite`; create nothing yet."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CraftError(f"--out {out} exists and is a file; give a directory path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CraftError(f"--out {out} exists and is not empty; choose another path or pass --overwrite")
+    return out
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a staging directory beside `out`; on success it replaces `out`, on any failure it is removed.
+
+    A stage writes everything into the staging directory, so `out` only ever holds a complete result.
+    """
+    out = check_out_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(stage, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(stage, out)

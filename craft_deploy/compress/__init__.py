@@ -1,0 +1,91 @@
+"""Compression stage: bundle -> pruned and/or quantized bundle and compress.json."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from craft_deploy.artifacts import check_out_dir, staged_dir
+from craft_deploy.compress.prune import PruneConfig, sparsity_report
+from craft_deploy.compress.quant import QuantConfig
+from craft_deploy.compress.registry import METHODS, CalibLoop, MethodConfig, apply_method, register_method
+from craft_deploy.config import CompressConfig, parse_quant, parse_sparsity
+from craft_deploy.data import calibration_subset, splits_for_manifest
+from craft_deploy.evaluate import evaluate
+from craft_deploy.models import load_bundle, save_bundle
+from craft_deploy.records import stage_entry, write_record
+
+__all__ = ["METHODS", "CalibLoop", "MethodConfig", "PruneConfig", "QuantConfig", "register_method", "run"]
+
+
+def method_configs(cfg: CompressConfig) -> list[MethodConfig]:
+    """The methods a CompressConfig asks for, in the order they run: pruning, then quantization."""
+    methods: list[MethodConfig] = []
+    sparsity = parse_sparsity(cfg.sparsity)
+    if sparsity is not None:
+        kind, value = sparsity
+        kw = {"n": value[0], "m": value[1]} if kind == "nm" else {"ratio": value}
+        methods.append(PruneConfig(include=cfg.include, exclude=cfg.exclude, **kw))
+    quant = parse_quant(cfg.quant)
+    if quant is not None:
+        methods.append(QuantConfig(include=cfg.include, exclude=cfg.exclude, w_bits=quant[0], a_bits=quant[1]))
+    return methods
+
+
+def calib_loop(ds: Dataset, batch_size: int = 64) -> CalibLoop:
+    """A CalibLoop that runs every image of `ds` through a model once, without gradients."""
+
+    @torch.no_grad()
+    def loop(model: nn.Module) -> None:
+        for x, _ in tqdm(DataLoader(ds, batch_size=batch_size), desc="calibrate", unit="batch", leave=False,
+                         disable=None):
+            model(x)
+
+    return loop
+
+
+def run(cfg: CompressConfig, bundle_path: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """Prune and/or quantize the bundle at `bundle_path`; write the compressed bundle and compress.json to `out`."""
+    check_out_dir(out, overwrite)
+    methods = method_configs(cfg)
+    bundle = load_bundle(bundle_path)
+    with staged_dir(out, overwrite) as stage:
+        t_start = time.perf_counter()
+        splits = splits_for_manifest(bundle.manifest, cfg.data_root, cfg.eval_subset)
+        calib = calibration_subset(splits.train, cfg.calib_samples, cfg.seed)
+        model = bundle.model
+        before = evaluate(model, splits.test, desc="test (before)")
+        manifest = copy.deepcopy(bundle.manifest)
+        reports: list[dict[str, Any]] = []
+        timings: dict[str, float] = {}
+        for mcfg in methods:
+            t0 = time.perf_counter()
+            report = apply_method(model, mcfg, calib_loop(calib))
+            timings[type(mcfg).__name__] = time.perf_counter() - t0
+            reports.append(report)
+            if isinstance(mcfg, PruneConfig):
+                sparsity = sparsity_report(model, report["layers"], mcfg.n, mcfg.m)
+                report["model_zero_fraction"] = sparsity["model_zero_fraction"]
+                report["layers"] = sparsity["layers"]
+                manifest["sparsity"] = {"pattern": mcfg.pattern, "layers": {n: mcfg.pattern for n in report["layers"]}}
+            else:
+                manifest["quantization"] = {"config": report["config"], "calibration": report["calibration"],
+                                            "layers": report["layers"]}
+        after = evaluate(model.eval(), splits.test, desc="test (after)")
+        manifest["stages"].append(stage_entry("compress", cfg.to_dict(), test_top1=after["top1"]))
+        save_bundle(model, stage, manifest)
+        record = write_record(
+            stage, "compress", cfg.to_dict(), source=str(bundle_path), data=splits.info,
+            calibration={"samples": len(calib), "split": "train"},
+            metrics={"test_top1_before": before["top1"], "test_top1_after": after["top1"],
+                     "test_top1_drop": before["top1"] - after["top1"], "test_top5_after": after["top5"]},
+            methods=reports, timings={**timings, "total_seconds": time.perf_counter() - t_start},
+        )
+    return record

@@ -1,0 +1,57 @@
+"""Which layers a compression method touches: Linear/Conv by default, minus head, stem and depthwise convs."""
+
+from __future__ import annotations
+
+import fnmatch
+
+from torch import nn
+
+
+def _head_and_stem(model: nn.Module) -> tuple[set[str], set[str]]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    head = cfg.get("classifier", "classifier")
+    stem = cfg.get("first_conv", "")
+    heads = {head} if isinstance(head, str) else set(head)
+    stems = {stem} if isinstance(stem, str) else set(stem)
+    # timm names a conv stem's module, or its `.proj` for patch embeddings; accept both spellings.
+    stems |= {s.rsplit(".", 1)[0] for s in stems if s.endswith(".proj")} | {s + ".proj" for s in stems if s}
+    return heads, stems
+
+
+def select_layers(
+    model: nn.Module,
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+    skip_stem: bool = True,
+    skip_depthwise: bool = True,
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Pick Linear/Conv2d layers; returns (selected, {skipped name: reason}).
+
+    The classifier head is always left alone. `include`/`exclude` are glob patterns over module names; an include
+    list replaces the default choice of stem and depthwise layers.
+    """
+    heads, stems = _head_and_stem(model)
+    selected: dict[str, nn.Module] = {}
+    skipped: dict[str, str] = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+            continue
+        if name in heads:
+            skipped[name] = "classifier head"
+            continue
+        if exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            skipped[name] = "excluded by --exclude"
+            continue
+        if include:
+            if any(fnmatch.fnmatchcase(name, p) for p in include):
+                selected[name] = mod
+            else:
+                skipped[name] = "not matched by --include"
+            continue
+        if skip_stem and name in stems:
+            skipped[name] = "stem / patch embedding"
+        elif skip_depthwise and isinstance(mod, nn.Conv2d) and mod.groups > 1:
+            skipped[name] = "depthwise/grouped conv (sparse kernels do not accelerate it)"
+        else:
+            selected[name] = mod
+    return selected, skipped

@@ -1,0 +1,76 @@
+"""Pure functions behind every compression method: N:M and unstructured masks, quantization parameters, fake-quant."""
+
+from __future__ import annotations
+
+import torch
+
+
+def as_input_groups(weight: torch.Tensor) -> torch.Tensor:
+    """View a Linear (O, I) or Conv (O, I, kh, kw) weight as rows whose last axis is the input dimension.
+
+    Conv kernels are permuted to (O, kh, kw, I) so that N:M groups run along input channels, the layout NVIDIA's
+    sparse tensor cores and TensorRT accept.
+    """
+    if weight.ndim == 2:
+        return weight
+    if weight.ndim == 4:
+        return weight.permute(0, 2, 3, 1).reshape(-1, weight.shape[1])
+    raise ValueError(f"expected a 2-D or 4-D weight, got shape {tuple(weight.shape)}")
+
+
+def from_input_groups(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of `as_input_groups`: back to the shape of `like`."""
+    if like.ndim == 2:
+        return rows.reshape(like.shape)
+    o, i, kh, kw = like.shape
+    return rows.reshape(o, kh, kw, i).permute(0, 3, 1, 2).contiguous()
+
+
+def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep-mask keeping the `n` highest scores in every group of `m` consecutive entries of the last axis."""
+    if not 0 < n < m:
+        raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
+    if score.shape[-1] % m:
+        raise ValueError(f"last dimension {score.shape[-1]} is not a multiple of M={m}")
+    groups = score.reshape(-1, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(1, groups.topk(n, dim=1).indices, True)
+    return keep.reshape(score.shape)
+
+
+def unstructured_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep-mask that prunes exactly round(ratio * numel) of the lowest scores."""
+    k = int(round(ratio * score.numel()))
+    keep = torch.ones(score.numel(), dtype=torch.bool)
+    if k > 0:
+        keep[score.flatten().argsort()[:k]] = False
+    return keep.reshape(score.shape)
+
+
+def qmax_for(bits: int) -> int:
+    """Largest integer of a signed `bits`-bit grid: 127 for 8 bits, 31 for 6, 7 for 4."""
+    return 2 ** (bits - 1) - 1
+
+
+def choose_qparams(amax: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric scale mapping [-amax, amax] onto [-qmax, qmax]; never zero, so empty channels stay valid."""
+    return amax.clamp(min=1e-8) / qmax_for(bits)
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int, axis: int | None = None) -> torch.Tensor:
+    """Reference symmetric fake-quant: clamp(round(x / s), -qmax - 1, qmax) * s, with s per `axis` if given.
+
+    Rounding is half-to-even, as torch.round and ONNX QuantizeLinear do.
+    """
+    if axis is not None:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+    q = torch.clamp(torch.round(x / scale), -qmax_for(bits) - 1, qmax_for(bits))
+    return q * scale
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB."""
+    noise = (reference - approx).pow(2).mean()
+    return float(10 * torch.log10(reference.pow(2).mean() / noise.clamp(min=1e-30)))

@@ -1,0 +1,182 @@
+"""Frozen, validated configurations, one per stage; each round-trips through JSON with to_dict/from_dict."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from craft_deploy import CraftError
+
+
+class _Config:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise CraftError(f"{cls.__name__} has no field(s) {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+
+def parse_sparsity(text: str | float | None) -> tuple[str, float | tuple[int, int]] | None:
+    """'2:4' -> ('nm', (2, 4)); '0.5' -> ('unstructured', 0.5); with errors that say what is accepted."""
+    if text is None or text == "":
+        return None
+    s = str(text).strip()
+    if ":" in s:
+        m = re.fullmatch(r"(\d+):(\d+)", s)
+        if not m:
+            raise CraftError(f"--sparsity {s!r} is not N:M; write it like 2:4 or 16:32")
+        n, mm = int(m.group(1)), int(m.group(2))
+        if not 0 < n < mm:
+            hint = f"; try --sparsity {mm}:{n}" if 0 < mm < n else ""
+            raise CraftError(f"--sparsity N:M needs 0 < N < M, got {n}:{mm}{hint}")
+        return "nm", (n, mm)
+    try:
+        ratio = float(s)
+    except ValueError:
+        raise CraftError(f"--sparsity {s!r} is neither a ratio in (0, 1) nor N:M such as 2:4") from None
+    if not 0.0 < ratio < 1.0:
+        raise CraftError(f"--sparsity ratio must be in (0, 1), e.g. 0.5, got {s}")
+    return "unstructured", ratio
+
+
+def parse_quant(text: str | None) -> tuple[int, int] | None:
+    """'w8a8' -> (8, 8); 'w4a16' -> (4, 16) where 16 means activations stay in float."""
+    if text is None or text == "":
+        return None
+    m = re.fullmatch(r"w(\d+)a(\d+)", str(text).strip().lower())
+    if not m:
+        raise CraftError(f"--quant {text!r} must look like wXaY (e.g. w8a8, w6a6, w4a16): weight and activation bits")
+    w, a = int(m.group(1)), int(m.group(2))
+    if not 2 <= w <= 8:
+        raise CraftError(f"--quant {text}: weight bits must be 2..8, got {w}")
+    if not (2 <= a <= 8 or a == 16):
+        raise CraftError(f"--quant {text}: activation bits must be 2..8, or 16 for float activations, got {a}")
+    return w, a
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(_Config):
+    """Fine-tuning of a pretrained model on a downstream dataset."""
+
+    model: str = "tf_efficientnet_lite0"
+    data: str = "fashion-mnist"
+    data_root: str | None = None
+    pretrained: bool = True
+    checkpoint: str | None = None
+    optimizer: str = "adam"
+    rho: float = 0.05
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    epochs: int = 2
+    batch_size: int = 32
+    img_size: int = 64
+    train_subset: int | None = None
+    eval_subset: int | None = None
+    warmup_steps: int = 50
+    label_smoothing: float = 0.1
+    seed: int = 0
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.rho <= 0:
+            raise CraftError(f"--rho must be positive (SAM's neighbourhood radius, e.g. 0.05), got {self.rho}")
+        if self.lr <= 0:
+            raise CraftError(f"--lr must be positive, got {self.lr}")
+        if self.epochs < 1:
+            raise CraftError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise CraftError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.img_size < 8:
+            raise CraftError(f"--img-size must be at least 8 pixels, got {self.img_size}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise CraftError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass(frozen=True)
+class CompressConfig(_Config):
+    """One-shot pruning and/or post-training quantization of a bundle."""
+
+    sparsity: str | None = None
+    quant: str | None = None
+    calib_samples: int = 256
+    eval_subset: int | None = None
+    data_root: str | None = None
+    seed: int = 0
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.sparsity is None and self.quant is None:
+            raise CraftError("nothing to do: give --sparsity (e.g. 2:4 or 0.5) and/or --quant (e.g. w8a8)")
+        parse_sparsity(self.sparsity)
+        parse_quant(self.quant)
+        if self.calib_samples <= 0:
+            raise CraftError(f"--calib-samples must be positive, got {self.calib_samples}")
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+
+@dataclass(frozen=True)
+class ExportConfig(_Config):
+    """Export of a bundle to a deployable format, verified against PyTorch."""
+
+    format: str = "onnx"
+    opset: int = 17
+    verify_samples: int = 64
+    data_root: str | None = None
+    atol: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.format != "onnx":
+            raise CraftError(
+                f"--format {self.format!r}: this version exports onnx; tensorrt and torch-tensorrt need TensorRT "
+                "(pip install 'craft-deploy[tensorrt]') and are not built yet"
+            )
+        if self.opset < 17:
+            raise CraftError(f"--opset must be >= 17 (LayerNormalization, per-channel Q/DQ), got {self.opset}")
+        if self.verify_samples <= 0:
+            raise CraftError(f"--verify-samples must be positive, got {self.verify_samples}")
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """'1,16' -> (1, 16), every size positive."""
+    try:
+        sizes = tuple(int(s) for s in str(text).split(",") if s.strip())
+    except ValueError:
+        raise CraftError(f"--batch-sizes {text!r} must be comma-separated integers, e.g. 1,16") from None
+    if not sizes or any(b < 1 for b in sizes):
+        raise CraftError(f"--batch-sizes {text!r}: every batch size must be a positive integer, e.g. 1,16")
+    return sizes
+
+
+@dataclass(frozen=True)
+class BenchConfig(_Config):
+    """Accuracy and latency of a model on one backend."""
+
+    backend: str = "ort-cpu"
+    batch_sizes: tuple[int, ...] = (1, 16)
+    data: str | None = None
+    data_root: str | None = None
+    eval_subset: int | None = None
+    split: str = "test"
+    warmup: int = 5
+    iters: int = 30
+    min_seconds: float = 0.5
+    threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise CraftError(f"--batch-sizes {self.batch_sizes}: every batch size must be a positive integer")
+        if self.split not in ("val", "test"):
+            raise CraftError(f"--split must be val or test, got {self.split!r}")
+        if self.iters < 1 or self.warmup < 0:
+            raise CraftError(f"--iters must be >= 1 and --warmup >= 0, got {self.iters} and {self.warmup}")

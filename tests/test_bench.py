@@ -1,0 +1,59 @@
+import json
+
+import pytest
+
+from craft_deploy import CraftError
+from craft_deploy.bench import BACKENDS, run
+from craft_deploy.bench.backends import get_backend
+from craft_deploy.bench.measure import latency_stats
+from craft_deploy.config import BenchConfig
+
+
+def test_ort_cpu_bench_reads_everything_from_the_model(tiny_w8a8_onnx, tmp_path):
+    rec = run(BenchConfig(batch_sizes=(1, 4), iters=5, min_seconds=0.0, eval_subset=64), tiny_w8a8_onnx / "model.onnx",
+              tmp_path / "b")
+    saved = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert saved["accuracy"] == rec["accuracy"]
+    acc = rec["accuracy"]
+    assert acc["dataset"] == "digits" and acc["samples"] == 64 and acc["top5"] >= acc["top1"]
+    assert [r["batch"] for r in rec["latency"]] == [1, 4]
+    for r in rec["latency"]:
+        assert r["iters"] >= 5 and 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+    assert rec["model_size_bytes"] > 0 and rec["memory"]["peak_rss_mb"] > 0
+
+
+def test_pytorch_backend_agrees_with_onnx_on_accuracy(tiny_w8a8, tiny_w8a8_onnx, tmp_path):
+    cfg = dict(batch_sizes=(2,), iters=2, min_seconds=0.0, eval_subset=128)
+    pt = run(BenchConfig(backend="pytorch", **cfg), tiny_w8a8, tmp_path / "pt")
+    ox = run(BenchConfig(backend="ort-cpu", **cfg), tiny_w8a8_onnx, tmp_path / "ox")
+    assert abs(pt["accuracy"]["top1"] - ox["accuracy"]["top1"]) <= 3.0
+
+
+def test_latency_stats():
+    s = latency_stats([1.0, 2.0, 3.0, 4.0], batch=8)
+    assert s["p50_ms"] == 2.5 and s["mean_ms"] == 2.5 and s["images_per_second"] == pytest.approx(3200.0)
+    assert s["cv"] == pytest.approx(s["std_ms"] / 2.5)
+
+
+@pytest.mark.parametrize("name", [n for n, c in BACKENDS.items() if not c.availability()[0]])
+def test_unavailable_backends_say_what_to_install(name):
+    with pytest.raises(CraftError, match=f"backend {name} is not usable here: .*(pip install|not implemented)"):
+        get_backend(name)
+
+
+def test_unknown_backend():
+    with pytest.raises(CraftError, match="unknown backend 'tpu'; registered: ort-cpu"):
+        get_backend("tpu")
+
+
+def test_a_file_that_is_not_onnx_is_rejected(tmp_path):
+    f = tmp_path / "model.onnx"
+    f.write_text("definitely not protobuf")
+    with pytest.raises(CraftError, match="is not an ONNX model"):
+        run(BenchConfig(), f, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_bundle_needs_export_before_onnx_backends(tiny_bundle, tmp_path):
+    with pytest.raises(CraftError, match="export it first"):
+        run(BenchConfig(), tiny_bundle, tmp_path / "b")

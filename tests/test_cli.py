@@ -1,0 +1,100 @@
+"""The CLI end to end on a tiny real model and real data, and its answers to bad input."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from craft_deploy.cli.main import main
+
+TINY = ["--model", "test_efficientnet", "--no-pretrained", "--data", "digits", "--epochs", "1", "--img-size", "32",
+        "--threads", "2"]
+
+
+def _ok(args):
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def _fails(args, message):
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1, res.output
+    assert message in res.output, res.output
+    assert "Traceback" not in res.output
+    return res.output
+
+
+def test_four_verbs_chain_through_directories(tmp_path):
+    ft, cp, ex, be = (tmp_path / d for d in ("ft", "cp", "ex", "be"))
+    out = _ok(["finetune", *TINY, "--optimizer", "sam", "--out", str(ft)])
+    assert "test top-1" in out and (ft / "model.safetensors").is_file()
+    out = _ok(["compress", str(ft), "--sparsity", "2:4", "--quant", "w8a8", "--calib-samples", "64", "--out", str(cp)])
+    assert "pruned 2:4" in out and "quantized w8a8" in out
+    rec = json.loads((cp / "compress.json").read_text())
+    assert all(layer["nm_valid"] for layer in rec["methods"][0]["layers"].values())
+    out = _ok(["export", str(cp), "--out", str(ex)])
+    assert "top-1 agreement" in out and (ex / "model.onnx").is_file()
+    out = _ok(["bench", str(ex / "model.onnx"), "--batch-sizes", "1,4", "--iters", "3", "--min-seconds", "0",
+               "--out", str(be)])
+    assert "p50 ms" in out and json.loads((be / "bench.json").read_text())["accuracy"]["dataset"] == "digits"
+
+
+def test_help_shows_examples():
+    for verb in ("finetune", "compress", "export", "bench"):
+        assert "Examples:" in _ok([verb, "--help"])
+
+
+def test_info_lists_backends():
+    out = _ok(["info"])
+    assert "ort-cpu    usable" in out and "tensorrt" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["finetune", "--model", "resnet9000", "--data", "digits"], "unknown model 'resnet9000'"),
+        (["finetune", *TINY[:3], "--data", "mnist-3d"], "unknown dataset 'mnist-3d'"),
+        (["finetune", *TINY, "--rho", "-1"], "--rho must be positive"),
+        (["finetune", *TINY, "--optimizer", "lion"], "registered: adam, sam"),
+    ],
+)
+def test_bad_finetune_input(tmp_path, args, message):
+    _fails([*args, "--out", str(tmp_path / "o")], message)
+    assert not (tmp_path / "o").exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sparsity", "4:2"], "try --sparsity 2:4"),
+        (["--sparsity", "1.5"], "must be in (0, 1)"),
+        (["--quant", "w9a3"], "weight bits must be 2..8"),
+        (["--quant", "w8a8", "--calib-samples", "100000"], "larger than the training split"),
+    ],
+)
+def test_bad_compress_input_writes_nothing(tiny_bundle, tmp_path, args, message):
+    _fails(["compress", str(tiny_bundle), *args, "--out", str(tmp_path / "o")], message)
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_and_corrupt_bundles(tmp_path):
+    _fails(["compress", str(tmp_path / "nope"), "--quant", "w8a8", "--out", str(tmp_path / "o")], "does not exist")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{")
+    _fails(["export", str(bad), "--out", str(tmp_path / "o")], "corrupt")
+
+
+def test_out_not_empty_needs_overwrite(tiny_bundle, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "x").write_text("keep")
+    _fails(["compress", str(tiny_bundle), "--quant", "w8a16", "--out", str(out)], "--overwrite")
+    assert (out / "x").read_text() == "keep"
+    _ok(["compress", str(tiny_bundle), "--quant", "w8a16", "--out", str(out), "--overwrite"])
+    assert not (out / "x").exists() and (out / "compress.json").is_file()
+
+
+def test_bench_bad_batch_sizes(tiny_w8a8_onnx, tmp_path):
+    _fails(["bench", str(tiny_w8a8_onnx), "--batch-sizes", "0", "--out", str(tmp_path / "b")], "positive integer")
