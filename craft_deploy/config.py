@@ -104,6 +104,10 @@ class CompressConfig(_Config):
     """One-shot pruning and/or post-training quantization of a bundle."""
 
     sparsity: str | None = None
+    prune_method: str = "magnitude"
+    granularity: str = "layer"
+    sequential: bool = True
+    bn_recalibrate: bool = False
     quant: str | None = None
     calib_samples: int = 256
     eval_subset: int | None = None
@@ -171,9 +175,22 @@ class BenchConfig(_Config):
     min_seconds: float = 0.5
     threads: int | None = None
     seed: int = 0
+    max_cv: float = 0.10
+    retries: int = 2
+    compile: bool = False
+    include_transfer: bool = False
+    baseline: str | None = None
+    max_latency_regression: float = 0.10
+    max_accuracy_drop: float = 0.5
+    update_baseline: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
+        if self.max_latency_regression < 0 or self.max_accuracy_drop < 0:
+            raise CraftError("--max-latency-regression (a fraction, e.g. 0.10) and --max-accuracy-drop (points, "
+                             f"e.g. 0.5) must be >= 0, got {self.max_latency_regression} and {self.max_accuracy_drop}")
+        if self.max_cv <= 0 or self.retries < 0:
+            raise CraftError(f"--max-cv must be > 0 and --retries >= 0, got {self.max_cv} and {self.retries}")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise CraftError(f"--batch-sizes {self.batch_sizes}: every batch size must be a positive integer")
         if self.split not in ("val", "test"):

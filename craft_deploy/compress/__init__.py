@@ -22,7 +22,7 @@ from craft_deploy.evaluate import evaluate
 from craft_deploy.models import load_bundle, save_bundle
 from craft_deploy.records import stage_entry, write_record
 
-__all__ = ["METHODS", "CalibLoop", "MethodConfig", "PruneConfig", "QuantConfig", "register_method", "run"]
+__all__ = ["METHODS", "CalibLoop", "MethodConfig", "PruneConfig", "QuantConfig", "bundle_sparsity", "calib_loop", "register_method", "run"]
 
 
 def method_configs(cfg: CompressConfig) -> list[MethodConfig]:
@@ -32,7 +32,9 @@ def method_configs(cfg: CompressConfig) -> list[MethodConfig]:
     if sparsity is not None:
         kind, value = sparsity
         kw = {"n": value[0], "m": value[1]} if kind == "nm" else {"ratio": value}
-        methods.append(PruneConfig(include=cfg.include, exclude=cfg.exclude, **kw))
+        methods.append(PruneConfig(include=cfg.include, exclude=cfg.exclude, score=cfg.prune_method,
+                                   granularity=cfg.granularity, sequential=cfg.sequential,
+                                   bn_recalibrate=cfg.bn_recalibrate, **kw))
     quant = parse_quant(cfg.quant)
     if quant is not None:
         methods.append(QuantConfig(include=cfg.include, exclude=cfg.exclude, w_bits=quant[0], a_bits=quant[1]))
@@ -74,7 +76,8 @@ def run(cfg: CompressConfig, bundle_path: str | Path, out: str | Path, overwrite
                 sparsity = sparsity_report(model, report["layers"], mcfg.n, mcfg.m)
                 report["model_zero_fraction"] = sparsity["model_zero_fraction"]
                 report["layers"] = sparsity["layers"]
-                manifest["sparsity"] = {"pattern": mcfg.pattern, "layers": {n: mcfg.pattern for n in report["layers"]}}
+                manifest["sparsity"] = {"pattern": mcfg.pattern, "score": mcfg.score, "granularity": mcfg.granularity,
+                                        "layers": {n: mcfg.pattern for n in report["layers"]}}
             else:
                 manifest["quantization"] = {"config": report["config"], "calibration": report["calibration"],
                                             "layers": report["layers"]}
@@ -89,3 +92,23 @@ def run(cfg: CompressConfig, bundle_path: str | Path, out: str | Path, overwrite
             methods=reports, timings={**timings, "total_seconds": time.perf_counter() - t_start},
         )
     return record
+
+
+def bundle_sparsity(bundle_path: str | Path) -> dict[str, Any]:
+    """Sparsity report of any bundle: every Linear/Conv layer's zeros, its recorded target and N:M validity."""
+    from craft_deploy.config import parse_sparsity
+
+    bundle = load_bundle(bundle_path)
+    recorded = bundle.manifest.get("sparsity") or {}
+    parsed = parse_sparsity(recorded.get("pattern", "").replace("unstructured ", "")) if recorded else None
+    n, m = parsed[1] if parsed and parsed[0] == "nm" else (None, None)
+    target = (1 - n / m) if n else (parsed[1] if parsed else None)
+    pruned = recorded.get("layers", {})
+    layers = {name: {"target": target if name in pruned else None}
+              for name, mod in bundle.model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))}
+    report = sparsity_report(bundle.model, layers, n, m)
+    for name, row in report["layers"].items():
+        if name not in pruned:
+            row.pop("nm_valid", None)
+    report["pattern"] = recorded.get("pattern")
+    return report

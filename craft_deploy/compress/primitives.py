@@ -47,6 +47,15 @@ def unstructured_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
     return keep.reshape(score.shape)
 
 
+def row_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep-mask pruning exactly round(ratio * cols) of the lowest scores in every row of a 2-D score."""
+    k = int(round(ratio * score.shape[1]))
+    keep = torch.ones_like(score, dtype=torch.bool)
+    if k > 0:
+        keep.scatter_(1, score.argsort(dim=1)[:, :k], False)
+    return keep
+
+
 def qmax_for(bits: int) -> int:
     """Largest integer of a signed `bits`-bit grid: 127 for 8 bits, 31 for 6, 7 for 4."""
     return 2 ** (bits - 1) - 1

@@ -1,26 +1,39 @@
-"""One-shot magnitude pruning, unstructured or N:M, with masks baked permanently into the weights."""
+"""One-shot pruning: magnitude or Wanda scores; unstructured (per layer, per row, global) or N:M; masks baked in.
+
+Wanda (Sun et al., 2023) scores weight W_ij by |W_ij| * ||X_j||_2, the L2 norm of input feature j over the
+calibration set; for convolutions feature j is an input channel (its norm over batch and space), shared by the
+kernel taps of that channel. With `sequential`, statistics are gathered block by block on the partly pruned model,
+so each block sees the output of the already pruned blocks before it (the Wanda reference's ViT procedure).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from craft_deploy import CraftError
 from craft_deploy.compress.layers import select_layers
-from craft_deploy.compress.primitives import as_input_groups, from_input_groups, nm_mask, unstructured_mask
+from craft_deploy.compress.primitives import as_input_groups, from_input_groups, nm_mask, row_mask, unstructured_mask
 from craft_deploy.compress.registry import CalibLoop, MethodConfig, register_method
+
+SCORES = ("magnitude", "wanda")
+GRANULARITIES = ("layer", "row", "global")
 
 
 @dataclass(frozen=True)
 class PruneConfig(MethodConfig):
-    """Magnitude pruning: `ratio` of each layer's weights (unstructured), or N of every M along the input dim."""
+    """Pruning: `ratio` of the weights (unstructured) or N of every M along the input dimension."""
 
     ratio: float | None = None
     n: int | None = None
     m: int | None = None
+    score: Literal["magnitude", "wanda"] = "magnitude"
+    granularity: Literal["layer", "row", "global"] = "layer"
+    sequential: bool = True
+    bn_recalibrate: bool = False
 
     def __post_init__(self) -> None:
         if (self.ratio is None) == (self.n is None):
@@ -29,31 +42,145 @@ class PruneConfig(MethodConfig):
             raise CraftError(f"--sparsity ratio must be in (0, 1), e.g. 0.5, got {self.ratio}")
         if self.n is not None and (self.m is None or not 0 < self.n < self.m):
             raise CraftError(f"--sparsity N:M needs 0 < N < M, got {self.n}:{self.m}; try --sparsity 2:4")
+        if self.score not in SCORES:
+            raise CraftError(f"--prune-method {self.score!r} is unknown; choose one of {', '.join(SCORES)}")
+        if self.granularity not in GRANULARITIES:
+            raise CraftError(f"--granularity {self.granularity!r} is unknown; choose one of {', '.join(GRANULARITIES)}")
 
     @property
     def pattern(self) -> str:
         return f"{self.n}:{self.m}" if self.n is not None else f"unstructured {self.ratio:g}"
 
+    @property
+    def target(self) -> float:
+        return 1 - self.n / self.m if self.n is not None else self.ratio
+
+    @property
+    def needs_data(self) -> bool:
+        return self.score == "wanda" or self.bn_recalibrate
+
+
+def _input_feature_norms(model: nn.Module, layers: dict[str, nn.Module], calib: CalibLoop) -> dict[str, torch.Tensor]:
+    """||X_j||_2 over the calibration set for every input feature (Linear) or input channel (Conv) of `layers`."""
+    sumsq: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def fn(mod: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float()
+            s = x.pow(2).sum(dim=[d for d in range(x.ndim) if d != 1]) if isinstance(mod, nn.Conv2d) else \
+                x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+            sumsq[name] = sumsq[name] + s if name in sumsq else s
+
+        return fn
+
+    handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in layers.items()]
+    try:
+        model.eval()
+        calib(model)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = set(layers) - set(sumsq)
+    if missing:
+        raise CraftError(f"calibration never reached layers {sorted(missing)[:3]}; cannot score them with Wanda")
+    return {name: s.sqrt() for name, s in sumsq.items()}
+
+
+def _score_rows(mod: nn.Module, norms: torch.Tensor | None) -> torch.Tensor:
+    """Scores laid out like `as_input_groups(weight)`: |W|, times the input feature norm for Wanda."""
+    rows = as_input_groups(mod.weight.detach()).abs()
+    return rows * norms.to(rows.dtype)[None, :] if norms is not None else rows
+
+
+def _block_groups(model: nn.Module, names: list[str]) -> list[list[str]]:
+    """Selected layer names grouped by the model's blocks (timm's `blocks`, flattened), in forward order."""
+    blocks: list[str] = []
+    if isinstance(getattr(model, "blocks", None), nn.Module):
+        def walk(prefix: str, mod: nn.Module) -> None:
+            if isinstance(mod, nn.Sequential):
+                for child_name, child in mod.named_children():
+                    walk(f"{prefix}.{child_name}", child)
+            else:
+                blocks.append(prefix)
+
+        walk("blocks", model.blocks)
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        key = next((b for b in blocks if name.startswith(b + ".")), name)
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, calib: CalibLoop) -> int:
+    """Re-estimate every BatchNorm's running statistics on the calibration data (cumulative average)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [m.momentum for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        calib(model)
+    finally:
+        for m, momentum in zip(bns, saved):
+            m.momentum = momentum
+        model.eval()
+    return len(bns)
+
 
 @register_method(PruneConfig)
 @torch.no_grad()
-def prune_magnitude(model: nn.Module, cfg: PruneConfig, calib: CalibLoop | None = None) -> dict[str, Any]:
-    """Zero the lowest-|W| weights of every selected layer; returns the per-layer sparsity report."""
+def prune(model: nn.Module, cfg: PruneConfig, calib: CalibLoop | None = None) -> dict[str, Any]:
+    """Zero the lowest-scoring weights of every selected layer; returns the per-layer report."""
+    if cfg.needs_data and calib is None:
+        what = "Wanda scores" if cfg.score == "wanda" else "BatchNorm re-calibration"
+        raise CraftError(f"{what} need calibration data: give --calib-samples N (images from the training split)")
     layers, skipped = select_layers(model, cfg.include, cfg.exclude)
-    report: dict[str, Any] = {"pattern": cfg.pattern, "layers": {}, "skipped": dict(skipped)}
-    for name, mod in layers.items():
-        w = mod.weight
-        rows = as_input_groups(w)
-        if cfg.n is not None and rows.shape[-1] % cfg.m:
-            report["skipped"][name] = f"input dim {rows.shape[-1]} is not a multiple of M={cfg.m}"
-            continue
-        score = rows.abs()
-        keep = nm_mask(score, cfg.n, cfg.m) if cfg.n is not None else unstructured_mask(score, cfg.ratio)
-        w.copy_(from_input_groups(rows * keep, w))
-        target = 1 - cfg.n / cfg.m if cfg.n is not None else cfg.ratio
-        report["layers"][name] = {"target": target, "achieved": float((w == 0).float().mean()), "shape": list(w.shape)}
-    if not report["layers"]:
+    report: dict[str, Any] = {"pattern": cfg.pattern, "score": cfg.score, "granularity": cfg.granularity,
+                              "layers": {}, "skipped": dict(skipped)}
+    for name, mod in list(layers.items()):
+        dim = as_input_groups(mod.weight).shape[-1]
+        if cfg.n is not None and dim % cfg.m:
+            report["skipped"][name] = f"input dim {dim} is not a multiple of M={cfg.m}"
+            del layers[name]
+    if not layers:
         raise CraftError(f"no layer could be pruned with {cfg.pattern}: {report['skipped']}")
+
+    def apply(name: str, keep: torch.Tensor) -> None:
+        w = layers[name].weight
+        w.copy_(from_input_groups(as_input_groups(w) * keep, w))
+        report["layers"][name] = {"target": cfg.target, "achieved": float((w == 0).float().mean()),
+                                  "shape": list(w.shape)}
+
+    if cfg.granularity == "global" and cfg.n is None:
+        norms = _input_feature_norms(model, layers, calib) if cfg.score == "wanda" else {}
+        scores = {name: _score_rows(mod, norms.get(name)) for name, mod in layers.items()}
+        flat = torch.cat([s.flatten() for s in scores.values()])
+        k = int(round(cfg.ratio * flat.numel()))
+        threshold = flat.kthvalue(k).values if k > 0 else flat.min() - 1
+        for name, s in scores.items():
+            apply(name, s > threshold)
+        report["global_threshold"] = float(threshold)
+    else:
+        steps = _block_groups(model, list(layers)) if (cfg.score == "wanda" and cfg.sequential) else [list(layers)]
+        for group in steps:
+            sub = {name: layers[name] for name in group}
+            norms = _input_feature_norms(model, sub, calib) if cfg.score == "wanda" else {}
+            for name, mod in sub.items():
+                score = _score_rows(mod, norms.get(name))
+                if cfg.n is not None:
+                    keep = nm_mask(score, cfg.n, cfg.m)
+                elif cfg.granularity == "row":
+                    keep = as_input_groups(row_mask(from_input_groups(score, mod.weight).flatten(1), cfg.ratio)
+                                           .reshape(mod.weight.shape))
+                else:
+                    keep = unstructured_mask(score, cfg.ratio)
+                apply(name, keep)
+        report["steps"] = len(steps)
+    if cfg.bn_recalibrate:
+        report["bn_recalibrated"] = recalibrate_batchnorm(model, calib)
     return report
 
 
