@@ -1,13 +1,14 @@
 """The main job on the bundled default: finetune (Adam, SAM) -> compress -> export -> bench, then one table.
 
 Runs the real `craft-deploy` commands one after another (as a user would) and reads their JSON records.
-    python benchmarks/demo.py --out runs/demo [--overwrite] [--train-subset 8000] [--epochs 2]
+    python benchmarks/demo.py --out runs/demo [--overwrite] [--train-subset 6000] [--epochs 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -25,26 +26,10 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--train-subset", type=int, default=8000)
-    ap.add_argument("--eval-subset", type=int, default=2000)
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            sys.exit(f"error: {out} is not empty; pass --overwrite or choose another --out")
-        shutil.rmtree(out)
-    t0 = time.perf_counter()
+def run_pipeline(out: Path, args: argparse.Namespace) -> None:
     common = ["--eval-subset", str(args.eval_subset)]
-    rows = []
-    for opt in ("adam", "sam"):
-        ft, cp, ex32, ex8 = (out / f"{opt}{s}" for s in ("", "-w8a8", "-fp32-onnx", "-w8a8-onnx"))
-        sp = out / f"{opt}-2of4-w8a8"
+    for opt in OPTIMIZERS:
+        ft, cp, sp, ex32, ex8 = (out / f"{opt}{s}" for s in SUFFIXES)
         cli("finetune", "--data", "fashion-mnist", "--optimizer", opt, "--epochs", str(args.epochs), "--img-size", "64",
             "--train-subset", str(args.train_subset), *common, "--threads", str(args.threads), "--out", str(ft))
         cli("compress", str(ft), "--quant", "w8a8", "--calib-samples", "256", *common, "--out", str(cp))
@@ -52,45 +37,81 @@ def main() -> None:
             "--out", str(sp))
         cli("export", str(ft), "--format", "onnx", "--out", str(ex32))
         cli("export", str(cp), "--format", "onnx", "--out", str(ex8))
-        bench = {}
-        for name, model in (("fp32", ex32), ("w8a8", ex8)):
-            b = out / f"{opt}-{name}-bench"
-            cli("bench", str(model / "model.onnx"), "--backend", "ort-cpu", "--batch-sizes", "1,16", *common,
-                "--threads", str(args.threads), "--out", str(b))
-            bench[name] = load(b / "bench.json")
+        cli("bench", str(ex32 / "model.onnx"), str(ex8 / "model.onnx"), "--backend", "ort-cpu", "--batch-sizes",
+            "1,16", *common, "--threads", str(args.threads), "--out", str(out / f"{opt}-bench"))
+
+
+OPTIMIZERS = ("adam", "sam")
+SUFFIXES = ("", "-w8a8", "-2of4-w8a8", "-fp32-onnx", "-w8a8-onnx")
+
+
+def summarize(out: Path, args: argparse.Namespace, seconds: float | None) -> str:
+    """The demo table, read back from the records the commands wrote."""
+    rows = []
+    for opt in OPTIMIZERS:
+        ft, cp, sp, ex32, ex8 = (out / f"{opt}{s}" for s in SUFFIXES)
         f, c, s = load(ft / "finetune.json"), load(cp / "compress.json"), load(sp / "compress.json")
-        lat = {k: {r["batch"]: r["p50_ms"] for r in v["latency"]} for k, v in bench.items()}
+        bench = load(out / f"{opt}-bench" / "bench.json")["results"]
+
+        def pick(export_dir: Path, key: str, batch: int | None = None) -> float:
+            name = os.path.normpath(str(export_dir / "model.onnx"))
+            return next(r[key] for r in bench if r["model"] == name and (batch is None or r["batch"] == batch))
+
         rows.append({
             "optimizer": opt,
-            "fp32_top1": f["metrics"]["test_top1"],
-            "w8a8_pytorch_top1": c["metrics"]["test_top1_after"],
-            "w8a8_onnx_top1": bench["w8a8"]["accuracy"]["top1"],
-            "fp32_onnx_top1": bench["fp32"]["accuracy"]["top1"],
-            "nm24_w8a8_top1": s["metrics"]["test_top1_after"],
             "seconds_per_epoch": f["timings"]["seconds_per_epoch"],
-            "fp32_ms": lat["fp32"], "w8a8_ms": lat["w8a8"],
+            "fp32_top1": f["metrics"]["test_top1"],
+            "fp32_onnx_top1": pick(ex32, "top1"),
+            "w8a8_pytorch_top1": c["metrics"]["test_top1_after"],
+            "w8a8_onnx_top1": pick(ex8, "top1"),
+            "nm24_w8a8_top1": s["metrics"]["test_top1_after"],
+            "fp32_ms": {b: pick(ex32, "p50_ms", b) for b in (1, 16)},
+            "w8a8_ms": {b: pick(ex8, "p50_ms", b) for b in (1, 16)},
         })
-    total = time.perf_counter() - t0
     lines = [
-        f"Fashion-MNIST test top-1 (%; first {args.eval_subset} of a seeded permutation of the 10k test images), "
-        f"tf_efficientnet_lite0 at 64 px, {args.train_subset} training images x {args.epochs} epochs. "
-        f"Latency: ONNX Runtime CPU, {args.threads} threads, p50 ms.",
+        f"Fashion-MNIST test top-1 (%, first {args.eval_subset} of a seeded permutation of the 10k test images), "
+        f"tf_efficientnet_lite0 at 64 px fine-tuned on {args.train_subset} training images x {args.epochs} epochs; "
+        f"latency: ONNX Runtime CPU, {args.threads} threads, p50 ms.",
         "",
-        "| fine-tune | s/epoch | FP32 | W8A8 PyTorch | W8A8 ONNX | 2:4+W8A8 PyTorch | FP32 ONNX ms b1 / b16 "
-        "| W8A8 ONNX ms b1 / b16 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| fine-tune | s/epoch | FP32 | FP32 ONNX | W8A8 PyTorch | W8A8 ONNX | 2:4+W8A8 PyTorch "
+        "| FP32 ONNX ms b1 / b16 | W8A8 ONNX ms b1 / b16 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['optimizer']} | {r['seconds_per_epoch']:.0f} | {r['fp32_top1']:.2f} | {r['w8a8_pytorch_top1']:.2f} "
-            f"| {r['w8a8_onnx_top1']:.2f} | {r['nm24_w8a8_top1']:.2f} | {r['fp32_ms'][1]:.2f} / {r['fp32_ms'][16]:.2f} "
-            f"| {r['w8a8_ms'][1]:.2f} / {r['w8a8_ms'][16]:.2f} |"
+            f"| {r['optimizer']} | {r['seconds_per_epoch']:.0f} | {r['fp32_top1']:.2f} | {r['fp32_onnx_top1']:.2f} "
+            f"| {r['w8a8_pytorch_top1']:.2f} | {r['w8a8_onnx_top1']:.2f} | {r['nm24_w8a8_top1']:.2f} "
+            f"| {r['fp32_ms'][1]:.2f} / {r['fp32_ms'][16]:.2f} | {r['w8a8_ms'][1]:.2f} / {r['w8a8_ms'][16]:.2f} |"
         )
-    lines.append(f"\ndemo wall time: {total:.0f} s")
+    if seconds is not None:
+        lines.append(f"\ndemo wall time: {seconds:.0f} s")
     table = "\n".join(lines)
     (out / "demo.md").write_text(table + "\n")
-    (out / "demo.json").write_text(json.dumps({"rows": rows, "seconds": total, "args": vars(args)}, indent=2) + "\n")
-    print("\n" + table)
+    (out / "demo.json").write_text(json.dumps({"rows": rows, "seconds": seconds, "args": vars(args)}, indent=2) + "\n")
+    return table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/demo")
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--train-subset", type=int, default=6000)
+    ap.add_argument("--eval-subset", type=int, default=1000)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--summarize-only", action="store_true", help="Rebuild the table from an earlier run's records.")
+    args = ap.parse_args()
+    out = Path(args.out)
+    seconds = None
+    if not args.summarize_only:
+        if out.exists() and any(out.iterdir()):
+            if not args.overwrite:
+                sys.exit(f"error: {out} is not empty; pass --overwrite or choose another --out")
+            shutil.rmtree(out)
+        t0 = time.perf_counter()
+        run_pipeline(out, args)
+        seconds = time.perf_counter() - t0
+    print("\n" + summarize(out, args, seconds))
 
 
 if __name__ == "__main__":

@@ -89,6 +89,13 @@ def finetune(out, overwrite, **kw) -> None:
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--sparsity", help="Magnitude pruning: a ratio in (0, 1) such as 0.5, or N:M such as 2:4.")
+@click.option("--prune-method", default="magnitude", show_default=True, type=click.Choice(["magnitude", "wanda"]),
+              help="Weight score: |W|, or Wanda's |W| * ||X_j|| from calibration activations.")
+@click.option("--granularity", default="layer", show_default=True, type=click.Choice(["layer", "row", "global"]),
+              help="Where an unstructured ratio is applied: each layer, each output row, or all layers at once.")
+@click.option("--sequential/--no-sequential", default=True, show_default=True,
+              help="Wanda: gather statistics block by block on the partly pruned model.")
+@click.option("--bn-recalibrate", is_flag=True, help="Re-estimate BatchNorm statistics on calibration data after pruning.")
 @click.option("--quant", help="Post-training quantization wXaY: w8a8, w6a6, w6a16, w4a16 (a16 = float activations).")
 @click.option("--calib-samples", default=256, show_default=True, type=int,
               help="Calibration images, drawn from the training split.")
@@ -119,11 +126,33 @@ def compress(bundle, out, overwrite, include, exclude, **kw) -> None:
     for meth in rec["methods"]:
         if "model_zero_fraction" in meth:
             skipped = len(meth["skipped"])
-            click.echo(f"  pruned {meth['pattern']}: {len(meth['layers'])} layers, {skipped} left dense, "
+            click.echo(f"  pruned {meth['pattern']} ({meth['score']}): {len(meth['layers'])} layers, {skipped} left dense, "
                        f"{100 * meth['model_zero_fraction']:.1f}% of all weights zero")
         else:
             click.echo(f"  quantized {meth['config']} ({meth['calibration']}): {len(meth['layers'])} layers")
     click.echo(f"bundle: {out}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@_guard
+def sparsity(bundle) -> None:
+    """Sparsity report of a bundle: per layer target vs achieved zeros, N:M validity, the model's zero fraction.
+
+    \b
+    Example:
+      craft-deploy sparsity runs/sam-24-w8a8
+    """
+    from craft_deploy.compress import bundle_sparsity
+
+    rep = bundle_sparsity(bundle)
+    click.echo(f"{'layer':<40} {'target':>7} {'achieved':>9} {'N:M ok':>7}")
+    for name, row in rep["layers"].items():
+        target = "-" if row["target"] is None else f"{row['target']:.3f}"
+        valid = {True: "yes", False: "NO"}.get(row.get("nm_valid"), "")
+        click.echo(f"{name:<40} {target:>7} {row['achieved']:>9.3f} {valid:>7}")
+    click.echo(f"pattern: {rep['pattern'] or 'none recorded'}; "
+               f"{100 * rep['model_zero_fraction']:.1f}% of all weights are zero")
 
 
 @main.command()
@@ -154,9 +183,9 @@ def export(bundle, out, overwrite, format_, **kw) -> None:
 
 
 @main.command()
-@click.argument("model", type=click.Path())
+@click.argument("models", nargs=-1, required=True, type=click.Path())
 @click.option("--backend", default="ort-cpu", show_default=True,
-              help="ort-cpu, ort-cuda, ort-trt, tensorrt or pytorch (see `craft-deploy info`).")
+              help="ort-cpu, ort-cuda, ort-trt, tensorrt, torch-tensorrt or pytorch (see `craft-deploy info`).")
 @click.option("--batch-sizes", default="1,16", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--data", default=None, help="Dataset for accuracy (default: the one the model was tuned on).")
 @data_root_option
@@ -165,29 +194,53 @@ def export(bundle, out, overwrite, format_, **kw) -> None:
 @click.option("--warmup", default=5, show_default=True, type=int)
 @click.option("--iters", default=30, show_default=True, type=int, help="Timed iterations (at least).")
 @click.option("--min-seconds", default=0.5, show_default=True, type=float, help="Time each batch size at least this.")
+@click.option("--max-cv", default=0.10, show_default=True, type=float,
+              help="A batch size whose coefficient of variation exceeds this is re-measured.")
+@click.option("--retries", default=2, show_default=True, type=int, help="Re-measurements of a noisy batch size.")
 @click.option("--threads", type=int, help="CPU threads for the backend.")
+@click.option("--compile", is_flag=True, help="pytorch backend: torch.compile the model.")
+@click.option("--include-transfer", is_flag=True, help="GPU backends: time the host-to-device copy too.")
+@click.option("--baseline", type=click.Path(dir_okay=False), help="A previous bench.json to gate against.")
+@click.option("--max-latency-regression", default=0.10, show_default=True, type=float,
+              help="Fail when p50 latency grows by more than this fraction.")
+@click.option("--max-accuracy-drop", default=0.5, show_default=True, type=float,
+              help="Fail when top-1 falls by more than this many points.")
+@click.option("--update-baseline", is_flag=True, help="Write this run to --baseline instead of gating against it.")
 @out_option
 @overwrite_option
 @_guard
-def bench(model, out, overwrite, batch_sizes, **kw) -> None:
-    """Accuracy and latency of an exported model (or a bundle with --backend pytorch); writes bench.json.
+def bench(models, out, overwrite, batch_sizes, **kw) -> None:
+    """Accuracy and latency of exported models (or bundles with --backend pytorch); bench.json, report.md, plots.
+
+    With --baseline the run is a regression gate: it exits 3 when any (model, backend, batch) row is slower or less
+    accurate than the baseline allows, 0 when it passes, 1 on bad input.
 
     \b
     Examples:
       craft-deploy bench runs/adam-w8a8-onnx/model.onnx --backend ort-cpu --batch-sizes 1,16 --out runs/bench
-      craft-deploy bench runs/adam --backend pytorch --out runs/bench-pt
+      craft-deploy bench runs/adam-fp32-onnx runs/adam-w8a8-onnx --out runs/compare
+      craft-deploy bench runs/m.onnx --baseline ci/bench-baseline.json --update-baseline --out runs/b0
+      craft-deploy bench runs/m.onnx --baseline ci/bench-baseline.json --max-latency-regression 0.10 --out runs/b1
     """
-    from craft_deploy.bench import run
+    from craft_deploy.bench import EXIT_REGRESSION, run
     from craft_deploy.config import BenchConfig, parse_batch_sizes
 
-    rec = run(BenchConfig(batch_sizes=parse_batch_sizes(batch_sizes), **kw), model, out, overwrite)
-    a = rec["accuracy"]
-    click.echo(f"\nbench {model} on {kw['backend']}: top-1 {a['top1']:.2f}%, top-5 {a['top5']:.2f}% "
-               f"({a['samples']} {a['dataset']} {a['split']} images)")
-    click.echo(f"  {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>9} {'cv':>6}")
-    for r in rec["latency"]:
-        click.echo(f"  {r['batch']:>5} {r['p50_ms']:>9.2f} {r['p90_ms']:>9.2f} {r['p99_ms']:>9.2f} "
-                   f"{r['images_per_second']:>9.1f} {r['cv']:>6.3f}")
+    rec = run(BenchConfig(batch_sizes=parse_batch_sizes(batch_sizes), **kw), list(models), out, overwrite)
+    click.echo(f"\n{'model':<40} {'batch':>5} {'top-1':>7} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>9} "
+               f"{'cv':>6}")
+    for r in rec["results"]:
+        click.echo(f"{r['model'][-40:]:<40} {r['batch']:>5} {r['top1']:>7.2f} {r['p50_ms']:>9.2f} {r['p90_ms']:>9.2f} "
+                   f"{r['p99_ms']:>9.2f} {r['images_per_second']:>9.1f} {r['cv']:>6.3f}"
+                   + (f"  (re-measured {r['remeasured']}x)" if r["remeasured"] else ""))
+    first = rec["results"][0]
+    click.echo(f"accuracy on {first['samples']} {first['dataset']} {first['split']} images, backend {kw['backend']}; "
+               f"report: {out}/report.md")
+    if kw["update_baseline"]:
+        click.echo(f"baseline written: {kw['baseline']}")
+    if rec["gate"]:
+        click.echo("\n" + rec["gate"]["table"])
+        if not rec["gate"]["passed"]:
+            sys.exit(EXIT_REGRESSION)
 
 
 @main.command()

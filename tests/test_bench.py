@@ -13,20 +13,24 @@ def test_ort_cpu_bench_reads_everything_from_the_model(tiny_w8a8_onnx, tmp_path)
     rec = run(BenchConfig(batch_sizes=(1, 4), iters=5, min_seconds=0.0, eval_subset=64), tiny_w8a8_onnx / "model.onnx",
               tmp_path / "b")
     saved = json.loads((tmp_path / "b" / "bench.json").read_text())
-    assert saved["accuracy"] == rec["accuracy"]
-    acc = rec["accuracy"]
-    assert acc["dataset"] == "digits" and acc["samples"] == 64 and acc["top5"] >= acc["top1"]
-    assert [r["batch"] for r in rec["latency"]] == [1, 4]
-    for r in rec["latency"]:
+    assert saved["results"] == rec["results"] and saved["bench_schema"] == "craft-deploy/bench/v1"
+    assert [r["batch"] for r in rec["results"]] == [1, 4]
+    for r in rec["results"]:
+        assert r["dataset"] == "digits" and r["samples"] == 64 and r["top5"] >= r["top1"]
         assert r["iters"] >= 5 and 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
-    assert rec["model_size_bytes"] > 0 and rec["memory"]["peak_rss_mb"] > 0
+    model = rec["models"][str(tiny_w8a8_onnx / "model.onnx")]
+    assert model["size_bytes"] > 0 and model["architecture"] == "test_efficientnet"
+    assert model["quantization"]["config"] == "w8a8"
+    assert rec["memory"]["peak_rss_mb"] > 0 and rec["environment"]["cpu"]
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "| 1 |" in report and "| 4 |" in report
 
 
 def test_pytorch_backend_agrees_with_onnx_on_accuracy(tiny_w8a8, tiny_w8a8_onnx, tmp_path):
     cfg = dict(batch_sizes=(2,), iters=2, min_seconds=0.0, eval_subset=128)
-    pt = run(BenchConfig(backend="pytorch", **cfg), tiny_w8a8, tmp_path / "pt")
-    ox = run(BenchConfig(backend="ort-cpu", **cfg), tiny_w8a8_onnx, tmp_path / "ox")
-    assert abs(pt["accuracy"]["top1"] - ox["accuracy"]["top1"]) <= 3.0
+    pt = run(BenchConfig(backend="pytorch", **cfg), tiny_w8a8, tmp_path / "pt")["results"][0]
+    ox = run(BenchConfig(backend="ort-cpu", **cfg), tiny_w8a8_onnx, tmp_path / "ox")["results"][0]
+    assert abs(pt["top1"] - ox["top1"]) <= 3.0
 
 
 def test_latency_stats():

@@ -37,7 +37,7 @@ def test_four_verbs_chain_through_directories(tmp_path):
     assert "top-1 agreement" in out and (ex / "model.onnx").is_file()
     out = _ok(["bench", str(ex / "model.onnx"), "--batch-sizes", "1,4", "--iters", "3", "--min-seconds", "0",
                "--out", str(be)])
-    assert "p50 ms" in out and json.loads((be / "bench.json").read_text())["accuracy"]["dataset"] == "digits"
+    assert "p50 ms" in out and json.loads((be / "bench.json").read_text())["results"][0]["dataset"] == "digits"
 
 
 def test_help_shows_examples():
@@ -98,3 +98,15 @@ def test_out_not_empty_needs_overwrite(tiny_bundle, tmp_path):
 
 def test_bench_bad_batch_sizes(tiny_w8a8_onnx, tmp_path):
     _fails(["bench", str(tiny_w8a8_onnx), "--batch-sizes", "0", "--out", str(tmp_path / "b")], "positive integer")
+
+
+def test_sparsity_report_of_a_pruned_bundle(tiny_bundle, tmp_path):
+    out = tmp_path / "p"
+    _ok(["compress", str(tiny_bundle), "--sparsity", "0.5", "--prune-method", "wanda", "--granularity", "row",
+         "--bn-recalibrate", "--calib-samples", "64", "--out", str(out)])
+    rec = json.loads((out / "compress.json").read_text())["methods"][0]
+    assert rec["score"] == "wanda" and rec["granularity"] == "row" and rec["bn_recalibrated"] > 0
+    report = _ok(["sparsity", str(out)])
+    assert "pattern: unstructured 0.5" in report and "0.500" in report
+    dense = _ok(["sparsity", str(tiny_bundle)])
+    assert "none recorded" in dense

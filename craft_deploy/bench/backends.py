@@ -29,9 +29,11 @@ class Backend:
     name = "base"
     needs = "onnx"  # "onnx": an ONNX file; "bundle": a model bundle directory
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, compile: bool = False, include_transfer: bool = False):
         self.path = path
         self.threads = threads
+        self.compile = compile
+        self.include_transfer = include_transfer
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -63,6 +65,7 @@ def _ort_providers() -> list[str]:
 class _OrtBackend(Backend):
     provider = "CPUExecutionProvider"
     install_hint = "pip install onnxruntime"
+    device = "cpu"
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -73,8 +76,8 @@ class _OrtBackend(Backend):
             return False, f"onnxruntime has no {cls.provider} here (available: {', '.join(providers)}; {cls.install_hint})"
         return True, ""
 
-    def __init__(self, path: Path, threads: int | None = None):
-        super().__init__(path, threads)
+    def __init__(self, path: Path, threads: int | None = None, **kw):
+        super().__init__(path, threads, **kw)
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -87,9 +90,27 @@ class _OrtBackend(Backend):
         except Exception as e:
             raise CraftError(f"{path} could not be loaded as an ONNX model by onnxruntime: {str(e)[:300]}") from e
         self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
 
-    def run(self, prepared: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: prepared})[0]
+    def prepare(self, batch: np.ndarray):
+        """On a GPU provider the input is copied to the device once, unless the copy is to be timed."""
+        if self.device == "cpu" or self.include_transfer:
+            return batch
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(batch, self.device, 0)
+
+    def run(self, prepared) -> np.ndarray:
+        if self.device == "cpu":
+            return self.session.run(None, {self.input_name: prepared})[0]
+        binding = self.session.io_binding()
+        if isinstance(prepared, np.ndarray):
+            binding.bind_cpu_input(self.input_name, prepared)  # host-to-device copy inside the timed call
+        else:
+            binding.bind_ortvalue_input(self.input_name, prepared)
+        binding.bind_output(self.output_name, self.device)
+        self.session.run_with_iobinding(binding)  # returns once the device work is done
+        return binding.copy_outputs_to_cpu()[0]
 
     def info(self) -> dict[str, Any]:
         import onnxruntime as ort
@@ -108,6 +129,7 @@ class OrtCuda(_OrtBackend):
 
     provider = "CUDAExecutionProvider"
     install_hint = "pip install 'craft-deploy[gpu]' (onnxruntime-gpu) on a machine with an NVIDIA GPU"
+    device = "cuda"
 
 
 @register_backend("ort-trt")
@@ -116,6 +138,7 @@ class OrtTensorrt(_OrtBackend):
 
     provider = "TensorrtExecutionProvider"
     install_hint = "pip install 'craft-deploy[gpu,tensorrt]' on a machine with an NVIDIA GPU and TensorRT"
+    device = "cuda"
 
 
 @register_backend("tensorrt")
@@ -133,14 +156,29 @@ class TensorrtEngine(Backend):
         return False, "TensorRT engine benchmarking is not implemented in this version of craft-deploy"
 
 
+@register_backend("torch-tensorrt")
+class TorchTensorrt(Backend):
+    """A torch-tensorrt compiled module (built by `craft-deploy export --format torch-tensorrt`)."""
+
+    needs = "engine"
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        try:
+            import torch_tensorrt  # noqa: F401
+        except ImportError:
+            return False, "torch-tensorrt is not installed (pip install 'craft-deploy[tensorrt]' on an NVIDIA GPU machine)"
+        return False, "torch-tensorrt benchmarking is not implemented in this version of craft-deploy"
+
+
 @register_backend("pytorch")
 class PyTorchEager(Backend):
-    """The model bundle in PyTorch eager mode, on CPU."""
+    """The model bundle in PyTorch (eager, or torch.compile with --compile), on CUDA when available."""
 
     needs = "bundle"
 
-    def __init__(self, path: Path, threads: int | None = None):
-        super().__init__(path, threads)
+    def __init__(self, path: Path, threads: int | None = None, **kw):
+        super().__init__(path, threads, **kw)
         import torch
 
         from craft_deploy.models import load_bundle
@@ -148,14 +186,25 @@ class PyTorchEager(Backend):
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
-        self.model = load_bundle(path).model.eval()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = load_bundle(path).model.eval().to(self.device)
+        self.model = torch.compile(model) if self.compile else model
 
-    def run(self, prepared: np.ndarray) -> np.ndarray:
+    def prepare(self, batch: np.ndarray):
+        x = self.torch.from_numpy(batch)
+        return x if self.include_transfer else x.to(self.device)
+
+    def run(self, prepared) -> np.ndarray:
         with self.torch.no_grad():
-            return self.model(self.torch.from_numpy(prepared)).numpy()
+            return self.model(prepared.to(self.device)).cpu().numpy()
+
+    def synchronize(self) -> None:
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
 
     def info(self) -> dict[str, Any]:
-        return {"torch": self.torch.__version__, "threads": self.torch.get_num_threads()}
+        return {"torch": self.torch.__version__, "threads": self.torch.get_num_threads(), "device": self.device,
+                "compile": self.compile}
 
 
 def get_backend(name: str) -> type[Backend]:

@@ -91,6 +91,8 @@ def set_metadata(proto: onnx.ModelProto, manifest: dict[str, Any]) -> None:
     keep = ("architecture", "num_classes", "input_size", "mean", "std", "class_names", "dataset", "data",
             "quantization", "sparsity")
     meta = {k: manifest.get(k) for k in keep}
+    stages = manifest.get("stages") or []
+    meta["producer_git_sha"] = stages[-1].get("git_sha") if stages else None
     if meta.get("quantization"):
         meta["quantization"] = {k: v for k, v in meta["quantization"].items() if k != "layers"}
     if meta.get("sparsity"):
