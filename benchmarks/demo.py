@@ -30,15 +30,54 @@ def run_pipeline(out: Path, args: argparse.Namespace) -> None:
     common = ["--eval-subset", str(args.eval_subset)]
     for opt in OPTIMIZERS:
         ft, cp, sp, ex32, ex8 = (out / f"{opt}{s}" for s in SUFFIXES)
-        cli("finetune", "--data", "fashion-mnist", "--optimizer", opt, "--epochs", str(args.epochs), "--img-size", "64",
-            "--train-subset", str(args.train_subset), *common, "--threads", str(args.threads), "--out", str(ft))
+        cli(
+            "finetune",
+            "--data",
+            "fashion-mnist",
+            "--optimizer",
+            opt,
+            "--epochs",
+            str(args.epochs),
+            "--img-size",
+            "64",
+            "--train-subset",
+            str(args.train_subset),
+            *common,
+            "--threads",
+            str(args.threads),
+            "--out",
+            str(ft),
+        )
         cli("compress", str(ft), "--quant", "w8a8", "--calib-samples", "256", *common, "--out", str(cp))
-        cli("compress", str(ft), "--sparsity", "2:4", "--quant", "w8a8", "--calib-samples", "256", *common,
-            "--out", str(sp))
+        cli(
+            "compress",
+            str(ft),
+            "--sparsity",
+            "2:4",
+            "--quant",
+            "w8a8",
+            "--calib-samples",
+            "256",
+            *common,
+            "--out",
+            str(sp),
+        )
         cli("export", str(ft), "--format", "onnx", "--out", str(ex32))
         cli("export", str(cp), "--format", "onnx", "--out", str(ex8))
-        cli("bench", str(ex32 / "model.onnx"), str(ex8 / "model.onnx"), "--backend", "ort-cpu", "--batch-sizes",
-            "1,16", *common, "--threads", str(args.threads), "--out", str(out / f"{opt}-bench"))
+        cli(
+            "bench",
+            str(ex32 / "model.onnx"),
+            str(ex8 / "model.onnx"),
+            "--backend",
+            "ort-cpu",
+            "--batch-sizes",
+            "1,16",
+            *common,
+            "--threads",
+            str(args.threads),
+            "--out",
+            str(out / f"{opt}-bench"),
+        )
 
 
 OPTIMIZERS = ("adam", "sam")
@@ -57,17 +96,19 @@ def summarize(out: Path, args: argparse.Namespace, seconds: float | None) -> str
             name = os.path.normpath(str(export_dir / "model.onnx"))
             return next(r[key] for r in bench if r["model"] == name and (batch is None or r["batch"] == batch))
 
-        rows.append({
-            "optimizer": opt,
-            "seconds_per_epoch": f["timings"]["seconds_per_epoch"],
-            "fp32_top1": f["metrics"]["test_top1"],
-            "fp32_onnx_top1": pick(ex32, "top1"),
-            "w8a8_pytorch_top1": c["metrics"]["test_top1_after"],
-            "w8a8_onnx_top1": pick(ex8, "top1"),
-            "nm24_w8a8_top1": s["metrics"]["test_top1_after"],
-            "fp32_ms": {b: pick(ex32, "p50_ms", b) for b in (1, 16)},
-            "w8a8_ms": {b: pick(ex8, "p50_ms", b) for b in (1, 16)},
-        })
+        rows.append(
+            {
+                "optimizer": opt,
+                "seconds_per_epoch": f["timings"]["seconds_per_epoch"],
+                "fp32_top1": f["metrics"]["test_top1"],
+                "fp32_onnx_top1": pick(ex32, "top1"),
+                "w8a8_pytorch_top1": c["metrics"]["test_top1_after"],
+                "w8a8_onnx_top1": pick(ex8, "top1"),
+                "nm24_w8a8_top1": s["metrics"]["test_top1_after"],
+                "fp32_ms": {b: pick(ex32, "p50_ms", b) for b in (1, 16)},
+                "w8a8_ms": {b: pick(ex8, "p50_ms", b) for b in (1, 16)},
+            }
+        )
     lines = [
         f"Fashion-MNIST test top-1 (%, first {args.eval_subset} of a seeded permutation of the 10k test images), "
         f"tf_efficientnet_lite0 at 64 px fine-tuned on {args.train_subset} training images x {args.epochs} epochs; "

@@ -47,8 +47,10 @@ def main() -> None:
     rows = []
     for path in args.bundles:
         bundle = load_bundle(path)
-        label = next((s["config"].get("optimizer") for s in bundle.manifest["stages"] if s["stage"] == "finetune"),
-                     Path(path).name)
+        label = next(
+            (s["config"].get("optimizer") for s in bundle.manifest["stages"] if s["stage"] == "finetune"),
+            Path(path).name,
+        )
         splits = splits_for_manifest(bundle.manifest, eval_subset=args.eval_subset)
         calib = calib_loop(calibration_subset(splits.train, args.calib_samples))
         dense = evaluate(bundle.model, splits.test)["top1"]
@@ -64,9 +66,18 @@ def main() -> None:
                     top1 = evaluate(model, splits.test)["top1"]
                     zeros = sum(int((p == 0).sum()) for p in model.parameters() if p.ndim > 1)
                     total = sum(p.numel() for p in model.parameters() if p.ndim > 1)
-                    rows.append({"model": label, "score": score, "pattern": pattern, "bn_recal": bn, "top1": top1,
-                                 "prune_seconds": seconds, "layers": len(report["layers"]),
-                                 "model_zero_fraction": zeros / total})
+                    rows.append(
+                        {
+                            "model": label,
+                            "score": score,
+                            "pattern": pattern,
+                            "bn_recal": bn,
+                            "top1": top1,
+                            "prune_seconds": seconds,
+                            "layers": len(report["layers"]),
+                            "model_zero_fraction": zeros / total,
+                        }
+                    )
                     print(f"{label} {score:9} {pattern:6} bn={int(bn)}: {top1:6.2f}  ({seconds:.1f} s)", flush=True)
     (out / "prune_sweep.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
     write_table(rows, out / "prune_sweep.md")
@@ -75,16 +86,24 @@ def main() -> None:
 
 def write_table(rows: list[dict], path: Path) -> None:
     models = list(dict.fromkeys(r["model"] for r in rows))
-    lines = ["| model | score | BN re-cal | dense | " + " | ".join(PATTERNS) + " |",
-             "|---|---|---|---|" + "---|" * len(PATTERNS)]
+    lines = [
+        "| model | score | BN re-cal | dense | " + " | ".join(PATTERNS) + " |",
+        "|---|---|---|---|" + "---|" * len(PATTERNS),
+    ]
     for mdl in models:
         dense = next(r["top1"] for r in rows if r["model"] == mdl and r["score"] == "dense")
         for score in ("magnitude", "wanda"):
             for bn in (False, True):
-                vals = {r["pattern"]: r["top1"] for r in rows
-                        if r["model"] == mdl and r["score"] == score and r["bn_recal"] == bn}
-                lines.append(f"| {mdl} | {score} | {'yes' if bn else 'no'} | {dense:.2f} | "
-                             + " | ".join(f"{vals[p]:.2f}" for p in PATTERNS) + " |")
+                vals = {
+                    r["pattern"]: r["top1"]
+                    for r in rows
+                    if r["model"] == mdl and r["score"] == score and r["bn_recal"] == bn
+                }
+                lines.append(
+                    f"| {mdl} | {score} | {'yes' if bn else 'no'} | {dense:.2f} | "
+                    + " | ".join(f"{vals[p]:.2f}" for p in PATTERNS)
+                    + " |"
+                )
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -99,8 +118,11 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, bn in zip(axes, (False, True)):
         for mdl in dict.fromkeys(r["model"] for r in rows):
             for score, style in (("magnitude", "--"), ("wanda", "-")):
-                vals = {r["pattern"]: r["top1"] for r in rows
-                        if r["model"] == mdl and r["score"] == score and r["bn_recal"] == bn}
+                vals = {
+                    r["pattern"]: r["top1"]
+                    for r in rows
+                    if r["model"] == mdl and r["score"] == score and r["bn_recal"] == bn
+                }
                 ax.plot(PATTERNS, [vals[p] for p in PATTERNS], style, marker="o", label=f"{mdl} {score}")
         ax.set_title(f"one-shot pruning, {'with' if bn else 'no'} BN re-calibration")
         ax.set_xlabel("sparsity (unstructured ratio | N:M)")

@@ -30,8 +30,9 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
 
 out_option = click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
-data_root_option = click.option("--data-root", type=click.Path(), default=None,
-                                help="Where the dataset lives or is downloaded to.")
+data_root_option = click.option(
+    "--data-root", type=click.Path(), default=None, help="Where the dataset lives or is downloaded to."
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -45,12 +46,20 @@ def main() -> None:
 
 @main.command()
 @click.option("--model", default="tf_efficientnet_lite0", show_default=True, help="Any timm model name.")
-@click.option("--pretrained/--no-pretrained", default=True, show_default=True,
-              help="Pretrained weights (bundled for tf_efficientnet_lite0/1/2, timm's hub otherwise).")
+@click.option(
+    "--pretrained/--no-pretrained",
+    default=True,
+    show_default=True,
+    help="Pretrained weights (bundled for tf_efficientnet_lite0/1/2, timm's hub otherwise).",
+)
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local .safetensors/.pth state dict to start from.")
-@click.option("--data", default="fashion-mnist", show_default=True,
-              help="fashion-mnist, digits, cifar10, cifar100, flowers102, oxford-pets, stanford-cars, fgvc-aircraft, "
-                   "food101, or imagefolder:PATH.")
+@click.option(
+    "--data",
+    default="fashion-mnist",
+    show_default=True,
+    help="fashion-mnist, digits, cifar10, cifar100, flowers102, oxford-pets, stanford-cars, fgvc-aircraft, "
+    "food101, or imagefolder:PATH.",
+)
 @data_root_option
 @click.option("--optimizer", default="adam", show_default=True, help="adam (AdamW baseline) or sam.")
 @click.option("--rho", default=0.05, show_default=True, type=float, help="SAM neighbourhood radius.")
@@ -89,16 +98,37 @@ def finetune(out, overwrite, **kw) -> None:
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--sparsity", help="Magnitude pruning: a ratio in (0, 1) such as 0.5, or N:M such as 2:4.")
-@click.option("--prune-method", default="magnitude", show_default=True, type=click.Choice(["magnitude", "wanda"]),
-              help="Weight score: |W|, or Wanda's |W| * ||X_j|| from calibration activations.")
-@click.option("--granularity", default="layer", show_default=True, type=click.Choice(["layer", "row", "global"]),
-              help="Where an unstructured ratio is applied: each layer, each output row, or all layers at once.")
-@click.option("--sequential/--no-sequential", default=True, show_default=True,
-              help="Wanda: gather statistics block by block on the partly pruned model.")
-@click.option("--bn-recalibrate", is_flag=True, help="Re-estimate BatchNorm statistics on calibration data after pruning.")
+@click.option(
+    "--prune-method",
+    default="magnitude",
+    show_default=True,
+    type=click.Choice(["magnitude", "wanda"]),
+    help="Weight score: |W|, or Wanda's |W| * ||X_j|| from calibration activations.",
+)
+@click.option(
+    "--granularity",
+    default="layer",
+    show_default=True,
+    type=click.Choice(["layer", "row", "global"]),
+    help="Where an unstructured ratio is applied: each layer, each output row, or all layers at once.",
+)
+@click.option(
+    "--sequential/--no-sequential",
+    default=True,
+    show_default=True,
+    help="Wanda: gather statistics block by block on the partly pruned model.",
+)
+@click.option(
+    "--bn-recalibrate", is_flag=True, help="Re-estimate BatchNorm statistics on calibration data after pruning."
+)
 @click.option("--quant", help="Post-training quantization wXaY: w8a8, w6a6, w6a16, w4a16 (a16 = float activations).")
-@click.option("--calib-samples", default=256, show_default=True, type=int,
-              help="Calibration images, drawn from the training split.")
+@click.option(
+    "--calib-samples",
+    default=256,
+    show_default=True,
+    type=int,
+    help="Calibration images, drawn from the training split.",
+)
 @click.option("--eval-subset", type=int, help="Evaluate on the first N test images of a seeded permutation.")
 @click.option("--include", multiple=True, help="Glob(s) over module names to compress (default: Linear/Conv).")
 @click.option("--exclude", multiple=True, help="Glob(s) over module names to leave alone.")
@@ -121,13 +151,17 @@ def compress(bundle, out, overwrite, include, exclude, **kw) -> None:
     cfg = CompressConfig(include=_split(include), exclude=_split(exclude), **kw)
     rec = run(cfg, bundle, out, overwrite)
     m = rec["metrics"]
-    click.echo(f"\ncompress {bundle}: test top-1 {m['test_top1_before']:.2f}% -> {m['test_top1_after']:.2f}% "
-               f"({rec['data']['test']} images)")
+    click.echo(
+        f"\ncompress {bundle}: test top-1 {m['test_top1_before']:.2f}% -> {m['test_top1_after']:.2f}% "
+        f"({rec['data']['test']} images)"
+    )
     for meth in rec["methods"]:
         if "model_zero_fraction" in meth:
             skipped = len(meth["skipped"])
-            click.echo(f"  pruned {meth['pattern']} ({meth['score']}): {len(meth['layers'])} layers, {skipped} left dense, "
-                       f"{100 * meth['model_zero_fraction']:.1f}% of all weights zero")
+            click.echo(
+                f"  pruned {meth['pattern']} ({meth['score']}): {len(meth['layers'])} layers, {skipped} left dense, "
+                f"{100 * meth['model_zero_fraction']:.1f}% of all weights zero"
+            )
         else:
             click.echo(f"  quantized {meth['config']} ({meth['calibration']}): {len(meth['layers'])} layers")
     click.echo(f"bundle: {out}")
@@ -151,16 +185,22 @@ def sparsity(bundle) -> None:
         target = "-" if row["target"] is None else f"{row['target']:.3f}"
         valid = {True: "yes", False: "NO"}.get(row.get("nm_valid"), "")
         click.echo(f"{name:<40} {target:>7} {row['achieved']:>9.3f} {valid:>7}")
-    click.echo(f"pattern: {rep['pattern'] or 'none recorded'}; "
-               f"{100 * rep['model_zero_fraction']:.1f}% of all weights are zero")
+    click.echo(
+        f"pattern: {rep['pattern'] or 'none recorded'}; {100 * rep['model_zero_fraction']:.1f}% of all weights are zero"
+    )
 
 
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--format", "format_", default="onnx", show_default=True, help="onnx.")
 @click.option("--opset", default=17, show_default=True, type=int)
-@click.option("--verify-samples", default=64, show_default=True, type=int,
-              help="Test images run through PyTorch and ONNX Runtime to verify the export.")
+@click.option(
+    "--verify-samples",
+    default=64,
+    show_default=True,
+    type=int,
+    help="Test images run through PyTorch and ONNX Runtime to verify the export.",
+)
 @data_root_option
 @out_option
 @overwrite_option
@@ -177,15 +217,21 @@ def export(bundle, out, overwrite, format_, **kw) -> None:
 
     rec = run(ExportConfig(format=format_, **kw), bundle, out, overwrite)
     v = rec["verification"]
-    click.echo(f"\nexport {bundle} -> {out}/model.onnx ({rec['precision']}, {rec['size_bytes'] / 1e6:.1f} MB): "
-               f"onnxruntime vs PyTorch on {v['samples']} images: max |diff| {v['max_abs_diff']:.2e}, "
-               f"top-1 agreement {100 * v['top1_agreement']:.1f}%")
+    click.echo(
+        f"\nexport {bundle} -> {out}/model.onnx ({rec['precision']}, {rec['size_bytes'] / 1e6:.1f} MB): "
+        f"onnxruntime vs PyTorch on {v['samples']} images: max |diff| {v['max_abs_diff']:.2e}, "
+        f"top-1 agreement {100 * v['top1_agreement']:.1f}%"
+    )
 
 
 @main.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path())
-@click.option("--backend", default="ort-cpu", show_default=True,
-              help="ort-cpu, ort-cuda, ort-trt, tensorrt, torch-tensorrt or pytorch (see `craft-deploy info`).")
+@click.option(
+    "--backend",
+    default="ort-cpu",
+    show_default=True,
+    help="ort-cpu, ort-cuda, ort-trt, tensorrt, torch-tensorrt or pytorch (see `craft-deploy info`).",
+)
 @click.option("--batch-sizes", default="1,16", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--data", default=None, help="Dataset for accuracy (default: the one the model was tuned on).")
 @data_root_option
@@ -194,17 +240,32 @@ def export(bundle, out, overwrite, format_, **kw) -> None:
 @click.option("--warmup", default=5, show_default=True, type=int)
 @click.option("--iters", default=30, show_default=True, type=int, help="Timed iterations (at least).")
 @click.option("--min-seconds", default=0.5, show_default=True, type=float, help="Time each batch size at least this.")
-@click.option("--max-cv", default=0.10, show_default=True, type=float,
-              help="A batch size whose coefficient of variation exceeds this is re-measured.")
+@click.option(
+    "--max-cv",
+    default=0.10,
+    show_default=True,
+    type=float,
+    help="A batch size whose coefficient of variation exceeds this is re-measured.",
+)
 @click.option("--retries", default=2, show_default=True, type=int, help="Re-measurements of a noisy batch size.")
 @click.option("--threads", type=int, help="CPU threads for the backend.")
 @click.option("--compile", is_flag=True, help="pytorch backend: torch.compile the model.")
 @click.option("--include-transfer", is_flag=True, help="GPU backends: time the host-to-device copy too.")
 @click.option("--baseline", type=click.Path(dir_okay=False), help="A previous bench.json to gate against.")
-@click.option("--max-latency-regression", default=0.10, show_default=True, type=float,
-              help="Fail when p50 latency grows by more than this fraction.")
-@click.option("--max-accuracy-drop", default=0.5, show_default=True, type=float,
-              help="Fail when top-1 falls by more than this many points.")
+@click.option(
+    "--max-latency-regression",
+    default=0.10,
+    show_default=True,
+    type=float,
+    help="Fail when p50 latency grows by more than this fraction.",
+)
+@click.option(
+    "--max-accuracy-drop",
+    default=0.5,
+    show_default=True,
+    type=float,
+    help="Fail when top-1 falls by more than this many points.",
+)
 @click.option("--update-baseline", is_flag=True, help="Write this run to --baseline instead of gating against it.")
 @out_option
 @overwrite_option
@@ -226,15 +287,20 @@ def bench(models, out, overwrite, batch_sizes, **kw) -> None:
     from craft_deploy.config import BenchConfig, parse_batch_sizes
 
     rec = run(BenchConfig(batch_sizes=parse_batch_sizes(batch_sizes), **kw), list(models), out, overwrite)
-    click.echo(f"\n{'model':<40} {'batch':>5} {'top-1':>7} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>9} "
-               f"{'cv':>6}")
+    click.echo(
+        f"\n{'model':<40} {'batch':>5} {'top-1':>7} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>9} {'cv':>6}"
+    )
     for r in rec["results"]:
-        click.echo(f"{r['model'][-40:]:<40} {r['batch']:>5} {r['top1']:>7.2f} {r['p50_ms']:>9.2f} {r['p90_ms']:>9.2f} "
-                   f"{r['p99_ms']:>9.2f} {r['images_per_second']:>9.1f} {r['cv']:>6.3f}"
-                   + (f"  (re-measured {r['remeasured']}x)" if r["remeasured"] else ""))
+        click.echo(
+            f"{r['model'][-40:]:<40} {r['batch']:>5} {r['top1']:>7.2f} {r['p50_ms']:>9.2f} {r['p90_ms']:>9.2f} "
+            f"{r['p99_ms']:>9.2f} {r['images_per_second']:>9.1f} {r['cv']:>6.3f}"
+            + (f"  (re-measured {r['remeasured']}x)" if r["remeasured"] else "")
+        )
     first = rec["results"][0]
-    click.echo(f"accuracy on {first['samples']} {first['dataset']} {first['split']} images, backend {kw['backend']}; "
-               f"report: {out}/report.md")
+    click.echo(
+        f"accuracy on {first['samples']} {first['dataset']} {first['split']} images, backend {kw['backend']}; "
+        f"report: {out}/report.md"
+    )
     if kw["update_baseline"]:
         click.echo(f"baseline written: {kw['baseline']}")
     if rec["gate"]:

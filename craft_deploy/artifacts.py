@@ -43,6 +43,17 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def read_json(path: str | os.PathLike, what: str, missing_hint: str = "") -> Any:
+    """Parse the JSON file `path` (described as `what` in errors): missing and corrupt files are CraftErrors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CraftError(f"{what} {path} does not exist{missing_hint}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CraftError(f"{what} {path} is corrupt (not JSON: {e})") from e
+
+
 def check_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse an existing non-empty `out` unless `overwrite`; create nothing yet."""
     out = Path(out)

@@ -187,8 +187,10 @@ class BenchConfig(_Config):
     def __post_init__(self) -> None:
         object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
         if self.max_latency_regression < 0 or self.max_accuracy_drop < 0:
-            raise CraftError("--max-latency-regression (a fraction, e.g. 0.10) and --max-accuracy-drop (points, "
-                             f"e.g. 0.5) must be >= 0, got {self.max_latency_regression} and {self.max_accuracy_drop}")
+            raise CraftError(
+                "--max-latency-regression (a fraction, e.g. 0.10) and --max-accuracy-drop (points, "
+                f"e.g. 0.5) must be >= 0, got {self.max_latency_regression} and {self.max_accuracy_drop}"
+            )
         if self.max_cv <= 0 or self.retries < 0:
             raise CraftError(f"--max-cv must be > 0 and --retries >= 0, got {self.max_cv} and {self.retries}")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):

@@ -65,7 +65,24 @@ def environment() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
+        env["cuda"] = torch.version.cuda
+        env["gpu_driver"] = gpu_driver()
     return env
+
+
+def gpu_driver() -> str | None:
+    """The NVIDIA driver version, from nvidia-smi where it is on PATH."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
 def write_record(out_dir: Path, stage: str, config: dict[str, Any], **fields: Any) -> dict[str, Any]:

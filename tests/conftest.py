@@ -7,8 +7,32 @@ import torch
 
 from craft_deploy.config import CompressConfig, ExportConfig, FinetuneConfig
 
-TINY = dict(model="test_efficientnet", data="digits", pretrained=False, epochs=1, batch_size=32, img_size=32,
-            threads=2, warmup_steps=5)
+TINY = dict(
+    model="test_efficientnet",
+    data="digits",
+    pretrained=False,
+    epochs=1,
+    batch_size=32,
+    img_size=32,
+    threads=2,
+    warmup_steps=5,
+)
+
+
+def tiny_model_and_calib(name: str = "test_efficientnet", images: int = 24):
+    """A randomly initialised tiny timm model (eval mode), a CalibLoop over fixed random images, and the images."""
+    from craft_deploy.models import load_model
+
+    torch.manual_seed(0)
+    model = load_model(name, num_classes=10, pretrained=False).eval()
+    data = torch.randn(images, 3, 32, 32)
+
+    def calib(m):
+        with torch.no_grad():
+            for chunk in data.split(8):
+                m(chunk)
+
+    return model, calib, data
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,8 +10,11 @@ from craft_deploy.config import BenchConfig
 
 
 def test_ort_cpu_bench_reads_everything_from_the_model(tiny_w8a8_onnx, tmp_path):
-    rec = run(BenchConfig(batch_sizes=(1, 4), iters=5, min_seconds=0.0, eval_subset=64), tiny_w8a8_onnx / "model.onnx",
-              tmp_path / "b")
+    rec = run(
+        BenchConfig(batch_sizes=(1, 4), iters=5, min_seconds=0.0, eval_subset=64),
+        tiny_w8a8_onnx / "model.onnx",
+        tmp_path / "b",
+    )
     saved = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert saved["results"] == rec["results"] and saved["bench_schema"] == "craft-deploy/bench/v1"
     assert [r["batch"] for r in rec["results"]] == [1, 4]
@@ -61,3 +64,24 @@ def test_a_file_that_is_not_onnx_is_rejected(tmp_path):
 def test_a_bundle_needs_export_before_onnx_backends(tiny_bundle, tmp_path):
     with pytest.raises(CraftError, match="export it first"):
         run(BenchConfig(), tiny_bundle, tmp_path / "b")
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_tensorrt_backends_need_their_artifacts(tmp_path):
+    """On a GPU machine with TensorRT: the engine backends are usable and refuse a directory without an engine."""
+    for name in ("tensorrt", "torch-tensorrt"):
+        cls = get_backend(name)
+        with pytest.raises(CraftError, match="is not a"):
+            run(BenchConfig(backend=name), tmp_path, tmp_path / f"b-{name}")
+        assert cls.needs in ("engine", "ep")
+
+
+@pytest.mark.gpu
+def test_pytorch_backend_runs_on_cuda(tiny_w8a8, tmp_path):
+    rec = run(
+        BenchConfig(backend="pytorch", batch_sizes=(1, 8), iters=5, min_seconds=0.0, eval_subset=64),
+        tiny_w8a8,
+        tmp_path / "b",
+    )
+    assert next(iter(rec["models"].values()))["backend_info"]["device"] == "cuda"

@@ -7,8 +7,19 @@ from click.testing import CliRunner
 
 from craft_deploy.cli.main import main
 
-TINY = ["--model", "test_efficientnet", "--no-pretrained", "--data", "digits", "--epochs", "1", "--img-size", "32",
-        "--threads", "2"]
+TINY = [
+    "--model",
+    "test_efficientnet",
+    "--no-pretrained",
+    "--data",
+    "digits",
+    "--epochs",
+    "1",
+    "--img-size",
+    "32",
+    "--threads",
+    "2",
+]
 
 
 def _ok(args):
@@ -35,8 +46,20 @@ def test_four_verbs_chain_through_directories(tmp_path):
     assert all(layer["nm_valid"] for layer in rec["methods"][0]["layers"].values())
     out = _ok(["export", str(cp), "--out", str(ex)])
     assert "top-1 agreement" in out and (ex / "model.onnx").is_file()
-    out = _ok(["bench", str(ex / "model.onnx"), "--batch-sizes", "1,4", "--iters", "3", "--min-seconds", "0",
-               "--out", str(be)])
+    out = _ok(
+        [
+            "bench",
+            str(ex / "model.onnx"),
+            "--batch-sizes",
+            "1,4",
+            "--iters",
+            "3",
+            "--min-seconds",
+            "0",
+            "--out",
+            str(be),
+        ]
+    )
     assert "p50 ms" in out and json.loads((be / "bench.json").read_text())["results"][0]["dataset"] == "digits"
 
 
@@ -102,8 +125,23 @@ def test_bench_bad_batch_sizes(tiny_w8a8_onnx, tmp_path):
 
 def test_sparsity_report_of_a_pruned_bundle(tiny_bundle, tmp_path):
     out = tmp_path / "p"
-    _ok(["compress", str(tiny_bundle), "--sparsity", "0.5", "--prune-method", "wanda", "--granularity", "row",
-         "--bn-recalibrate", "--calib-samples", "64", "--out", str(out)])
+    _ok(
+        [
+            "compress",
+            str(tiny_bundle),
+            "--sparsity",
+            "0.5",
+            "--prune-method",
+            "wanda",
+            "--granularity",
+            "row",
+            "--bn-recalibrate",
+            "--calib-samples",
+            "64",
+            "--out",
+            str(out),
+        ]
+    )
     rec = json.loads((out / "compress.json").read_text())["methods"][0]
     assert rec["score"] == "wanda" and rec["granularity"] == "row" and rec["bn_recalibrated"] > 0
     report = _ok(["sparsity", str(out)])

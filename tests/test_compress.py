@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_model_and_calib
 from craft_deploy import CraftError
 from craft_deploy.compress import METHODS, PruneConfig, QuantConfig
 from craft_deploy.compress.primitives import (
@@ -67,24 +68,12 @@ def test_act_quantizer_uses_the_narrow_grid(bits):
     assert torch.allclose(q.scale, x[400:600].abs().max() / qmax_for(bits))
     y = q(x)
     assert torch.equal(y, fake_quant(x, q.scale, bits))
-    assert len(torch.unique(y)) <= 2 ** bits
-
-
-def _model_and_calib(name="test_efficientnet"):
-    torch.manual_seed(0)
-    model = load_model(name, num_classes=10, pretrained=False).eval()
-    data = torch.randn(16, 3, 32, 32)
-
-    def calib(m):
-        with torch.no_grad():
-            m(data)
-
-    return model, calib, data
+    assert len(torch.unique(y)) <= 2**bits
 
 
 @pytest.mark.parametrize("cfg_cls", list(METHODS))
 def test_every_registered_method_changes_the_model_and_reports(cfg_cls):
-    model, calib, data = _model_and_calib()
+    model, calib, data = tiny_model_and_calib()
     cfg = cfg_cls(n=2, m=4) if cfg_cls is PruneConfig else cfg_cls()
     with torch.no_grad():
         before = model(data)
@@ -97,7 +86,7 @@ def test_every_registered_method_changes_the_model_and_reports(cfg_cls):
 @pytest.mark.parametrize("name", ["test_efficientnet", "test_vit", "test_resnet"])
 @pytest.mark.parametrize("n, m", NM)
 def test_nm_pruning_is_exact_and_leaves_other_layers_alone(name, n, m):
-    model, _, _ = _model_and_calib(name)
+    model, _, _ = tiny_model_and_calib(name)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     report = apply_method(model, PruneConfig(n=n, m=m), None)
     pruned = set(report["layers"])
@@ -129,14 +118,16 @@ def test_layers_that_cannot_hold_the_pattern_are_skipped_with_a_reason():
 
 
 def test_unstructured_pruning_hits_the_target_per_layer():
-    model, _, _ = _model_and_calib()
+    model, _, _ = tiny_model_and_calib()
     report = apply_method(model, PruneConfig(ratio=0.6), None)
     for info in report["layers"].values():
         assert abs(info["achieved"] - 0.6) < 0.01
 
 
-@pytest.mark.parametrize("kw, message", [({"n": 4, "m": 2}, "0 < N < M"), ({"ratio": 1.0}, r"in \(0, 1\)"),
-                                         ({"ratio": 0.5, "n": 2, "m": 4}, "not both")])
+@pytest.mark.parametrize(
+    "kw, message",
+    [({"n": 4, "m": 2}, "0 < N < M"), ({"ratio": 1.0}, r"in \(0, 1\)"), ({"ratio": 0.5, "n": 2, "m": 4}, "not both")],
+)
 def test_prune_config_validates(kw, message):
     with pytest.raises(CraftError, match=message):
         PruneConfig(**kw)
@@ -175,8 +166,8 @@ def test_w8a8_layer_outputs_keep_sqnr_above_30db_on_real_data():
 
 
 def test_quantization_needs_calibration_for_activations():
-    model, _, _ = _model_and_calib()
+    model, _, _ = tiny_model_and_calib()
     with pytest.raises(CraftError, match="needs calibration data"):
         apply_method(model, QuantConfig(w_bits=8, a_bits=8), None)
-    model, _, _ = _model_and_calib()
+    model, _, _ = tiny_model_and_calib()
     apply_method(model, QuantConfig(w_bits=4, a_bits=16), None)  # weight-only: no data needed

@@ -43,8 +43,15 @@ def test_parse_sparsity(text, expected):
 
 @pytest.mark.parametrize(
     "text, message",
-    [("4:2", "try --sparsity 2:4"), ("1.5", r"in \(0, 1\)"), ("0", r"in \(0, 1\)"), ("1.0", r"in \(0, 1\)"),
-     ("2:2", "0 < N < M"), ("a:b", "N:M"), ("half", "neither")],
+    [
+        ("4:2", "try --sparsity 2:4"),
+        ("1.5", r"in \(0, 1\)"),
+        ("0", r"in \(0, 1\)"),
+        ("1.0", r"in \(0, 1\)"),
+        ("2:2", "0 < N < M"),
+        ("a:b", "N:M"),
+        ("half", "neither"),
+    ],
 )
 def test_parse_sparsity_errors_say_what_is_accepted(text, message):
     with pytest.raises(CraftError, match=message):
@@ -57,8 +64,8 @@ def test_parse_quant(text, expected):
 
 
 @pytest.mark.parametrize(
-    "text, message", [("w9a3", "weight bits must be 2..8"), ("w8a9", "activation bits"), ("w4", "wXaY"),
-                      ("int8", "wXaY")]
+    "text, message",
+    [("w9a3", "weight bits must be 2..8"), ("w8a9", "activation bits"), ("w4", "wXaY"), ("int8", "wXaY")],
 )
 def test_parse_quant_errors(text, message):
     with pytest.raises(CraftError, match=message):

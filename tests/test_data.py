@@ -29,8 +29,10 @@ def test_subsets_take_the_first_n_of_the_seeded_order():
     assert len(sub.val) == len(sub.test) == 50
 
 
-@pytest.mark.skipif(not (fm.DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(),
-                    reason="Debian's dataset-fashion-mnist is not installed (make data installs it)")
+@pytest.mark.skipif(
+    not (fm.DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Debian's dataset-fashion-mnist is not installed (make data installs it)",
+)
 def test_fashion_mnist_from_debian_package():
     s = load_splits("fashion-mnist", 64, HALF, HALF, train_subset=500, eval_subset=200)
     assert s.num_classes == 10 and s.class_names[9] == "Ankle boot"
@@ -59,7 +61,8 @@ def test_fashion_mnist_from_torchvision_layout(tmp_path, monkeypatch):
         imgs = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
         labels = (np.arange(n) % 10).astype(np.uint8)
         (raw / f"{split}-images-idx3-ubyte").write_bytes(
-            b"\x00\x00\x08\x03" + np.array([n, 28, 28], ">u4").tobytes() + imgs.tobytes())
+            b"\x00\x00\x08\x03" + np.array([n, 28, 28], ">u4").tobytes() + imgs.tobytes()
+        )
         with gzip.open(raw / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
             f.write(b"\x00\x00\x08\x01" + np.array([n], ">u4").tobytes() + labels.tobytes())
     s = load_splits("fashion-mnist", 28, HALF, HALF, root=tmp_path, download=False)

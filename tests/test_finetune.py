@@ -4,12 +4,11 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import TINY
 from craft_deploy import CraftError
 from craft_deploy.config import FinetuneConfig
 from craft_deploy.finetune import OPTIMIZERS, build_method, run
 from craft_deploy.models import load_bundle
-
-from conftest import TINY
 
 
 def _net():
@@ -51,7 +50,9 @@ def test_sam_steps_with_the_gradient_at_the_perturbed_point():
         assert torch.allclose(g_sam, p.grad, rtol=1e-4, atol=1e-7)
     assert not all(torch.allclose(a, b) for a, b in zip(seen["grads"], grads))  # not the clean gradient
     bn = model[1]  # the perturbed pass left the running statistics as the first pass set them
-    assert torch.allclose(bn.running_mean, stats_after_first[0]) and torch.allclose(bn.running_var, stats_after_first[1])
+    assert torch.allclose(bn.running_mean, stats_after_first[0]) and torch.allclose(
+        bn.running_var, stats_after_first[1]
+    )
     assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 1
 
 

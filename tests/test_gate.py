@@ -20,8 +20,9 @@ def _invoke(args):
 def baseline(tiny_w8a8_onnx, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gate")
     path = tmp / "baseline.json"
-    res = _invoke(["bench", str(tiny_w8a8_onnx), *FAST, "--baseline", str(path), "--update-baseline",
-                   "--out", str(tmp / "b0")])
+    res = _invoke(
+        ["bench", str(tiny_w8a8_onnx), *FAST, "--baseline", str(path), "--update-baseline", "--out", str(tmp / "b0")]
+    )
     assert res.exit_code == 0, res.output
     assert "baseline written" in res.output and path.is_file()
     return path
@@ -36,8 +37,19 @@ def _edit(src, dst, fn):
 
 def test_same_model_passes(tiny_w8a8_onnx, baseline, tmp_path):
     # generous latency threshold: this checks the plumbing; real noise is measured in benchmarks/
-    res = _invoke(["bench", str(tiny_w8a8_onnx), *FAST, "--baseline", str(baseline),
-                   "--max-latency-regression", "5.0", "--out", str(tmp_path / "b")])
+    res = _invoke(
+        [
+            "bench",
+            str(tiny_w8a8_onnx),
+            *FAST,
+            "--baseline",
+            str(baseline),
+            "--max-latency-regression",
+            "5.0",
+            "--out",
+            str(tmp_path / "b"),
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert "gate: passed" in res.output
     gate = json.loads((tmp_path / "b" / "bench.json").read_text())["gate"]
@@ -63,8 +75,19 @@ def test_higher_baseline_accuracy_fails(tiny_w8a8_onnx, baseline, tmp_path):
             r["top1"] += 5.0
 
     acc = _edit(baseline, tmp_path / "acc.json", better)
-    res = _invoke(["bench", str(tiny_w8a8_onnx), *FAST, "--baseline", str(acc), "--max-latency-regression", "5.0",
-                   "--out", str(tmp_path / "b")])
+    res = _invoke(
+        [
+            "bench",
+            str(tiny_w8a8_onnx),
+            *FAST,
+            "--baseline",
+            str(acc),
+            "--max-latency-regression",
+            "5.0",
+            "--out",
+            str(tmp_path / "b"),
+        ]
+    )
     assert res.exit_code == EXIT_REGRESSION, res.output
     assert "top-1 -5.00 pt > 0.50 pt" in res.output
 
@@ -82,8 +105,11 @@ def test_mismatched_rows_are_listed(baseline):
 
 
 def test_baseline_of_another_model_or_schema_is_refused(tiny_w8a8_onnx, baseline, tmp_path):
-    other = _edit(baseline, tmp_path / "other.json",
-                  lambda rec: [m.update(architecture="resnet50") for m in rec["models"].values()])
+    other = _edit(
+        baseline,
+        tmp_path / "other.json",
+        lambda rec: [m.update(architecture="resnet50") for m in rec["models"].values()],
+    )
     res = _invoke(["bench", str(tiny_w8a8_onnx), *FAST, "--baseline", str(other), "--out", str(tmp_path / "b")])
     assert res.exit_code == 1 and "is another model" in res.output
     old = _edit(baseline, tmp_path / "old.json", lambda rec: rec.update(bench_schema="craft-deploy/bench/v0"))
@@ -117,6 +143,9 @@ def test_noisy_rows_are_remeasured(tiny_w8a8_onnx, tmp_path):
     from craft_deploy.config import BenchConfig
 
     # a CV threshold nothing can meet forces every row through its re-measurements
-    rec = run(BenchConfig(batch_sizes=(1,), iters=5, min_seconds=0.0, eval_subset=32, max_cv=1e-9, retries=2),
-              tiny_w8a8_onnx, tmp_path / "b")
+    rec = run(
+        BenchConfig(batch_sizes=(1,), iters=5, min_seconds=0.0, eval_subset=32, max_cv=1e-9, retries=2),
+        tiny_w8a8_onnx,
+        tmp_path / "b",
+    )
     assert rec["results"][0]["remeasured"] == 2

@@ -4,25 +4,17 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_model_and_calib
 from craft_deploy import CraftError
 from craft_deploy.compress import PruneConfig
 from craft_deploy.compress.primitives import as_input_groups, row_mask
 from craft_deploy.compress.prune import _input_feature_norms, prune, recalibrate_batchnorm
-from craft_deploy.models import load_model
 
 PATTERNS = [dict(n=2, m=4), dict(n=4, m=8), dict(n=16, m=32), dict(n=32, m=64), dict(ratio=0.3), dict(ratio=0.7)]
 
 
 def _setup(name="test_efficientnet"):
-    torch.manual_seed(0)
-    model = load_model(name, num_classes=10, pretrained=False).eval()
-    data = torch.randn(24, 3, 32, 32)
-
-    def calib(m):
-        with torch.no_grad():
-            for chunk in data.split(8):
-                m(chunk)
-
+    model, calib, _ = tiny_model_and_calib(name)
     return model, calib
 
 
@@ -135,8 +127,13 @@ def test_data_hungry_options_need_calibration(cfg):
         prune(model, cfg, None)
 
 
-@pytest.mark.parametrize("kw, message", [(dict(ratio=0.5, score="snip"), "--prune-method 'snip'"),
-                                         (dict(ratio=0.5, granularity="block"), "--granularity 'block'")])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(ratio=0.5, score="snip"), "--prune-method 'snip'"),
+        (dict(ratio=0.5, granularity="block"), "--granularity 'block'"),
+    ],
+)
 def test_unknown_options_are_named(kw, message):
     with pytest.raises(CraftError, match=message):
         PruneConfig(**kw)

@@ -34,18 +34,22 @@ def resolve_model(path: str | Path, needs: str) -> tuple[Path, dict[str, Any]]:
         raise CraftError(f"{path} does not exist")
     if needs == "bundle":
         return path, read_manifest(path)
-    if needs == "engine":
+    if needs in ("engine", "ep"):
         meta = path / "metadata.json" if path.is_dir() else path.with_name("metadata.json")
-        engine = path / "model.engine" if path.is_dir() else path
-        if not engine.is_file() or not meta.is_file():
-            raise CraftError(f"{path} is not an engine directory (model.engine + metadata.json from craft-deploy export)")
-        return engine, json.loads(meta.read_text())
+        artifact = path / f"model.{needs}" if path.is_dir() else path
+        if not artifact.is_file() or not meta.is_file():
+            raise CraftError(
+                f"{path} is not a {needs} directory (model.{needs} + metadata.json from craft-deploy export)"
+            )
+        return artifact, json.loads(meta.read_text())
     if path.is_dir():
         if (path / "model.onnx").is_file():
             path = path / "model.onnx"
         elif (path / MANIFEST).is_file():
-            raise CraftError(f"{path} is a model bundle; export it first (craft-deploy export {path} --out DIR) "
-                             "or bench it with --backend pytorch")
+            raise CraftError(
+                f"{path} is a model bundle; export it first (craft-deploy export {path} --out DIR) "
+                "or bench it with --backend pytorch"
+            )
         else:
             raise CraftError(f"{path} holds neither model.onnx nor a model bundle")
     import onnx
@@ -57,8 +61,9 @@ def resolve_model(path: str | Path, needs: str) -> tuple[Path, dict[str, Any]]:
     except Exception as e:
         raise CraftError(f"{path} is not an ONNX model ({type(e).__name__}: {str(e)[:200]})") from e
     if meta is None:
-        raise CraftError(f"{path} carries no craft-deploy metadata (input size, mean/std); export it with "
-                         "`craft-deploy export`")
+        raise CraftError(
+            f"{path} carries no craft-deploy metadata (input size, mean/std); export it with `craft-deploy export`"
+        )
     return path, meta
 
 
@@ -75,11 +80,16 @@ def _timed(backend: Backend, batch: np.ndarray, cfg: BenchConfig) -> dict[str, A
 
 
 def _model_identity(meta: dict[str, Any], path: Path) -> dict[str, Any]:
-    return {"file": str(path), "size_bytes": path.stat().st_size if path.is_file() else
-            sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
-            **{k: meta.get(k) for k in ("architecture", "num_classes", "input_size", "dataset", "quantization",
-                                         "sparsity")},
-            "producer_git_sha": _producer_sha(meta)}
+    return {
+        "file": str(path),
+        "size_bytes": path.stat().st_size
+        if path.is_file()
+        else sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
+        **{
+            k: meta.get(k) for k in ("architecture", "num_classes", "input_size", "dataset", "quantization", "sparsity")
+        },
+        "producer_git_sha": _producer_sha(meta),
+    }
 
 
 def _producer_sha(meta: dict[str, Any]) -> str | None:
@@ -87,8 +97,21 @@ def _producer_sha(meta: dict[str, Any]) -> str | None:
     return meta.get("producer_git_sha") or (stages[-1].get("git_sha") if stages else None)
 
 
-def run(cfg: BenchConfig, model_paths: list[str | Path] | str | Path, out: str | Path,
-        overwrite: bool = False) -> dict[str, Any]:
+def _memory() -> dict[str, float]:
+    """Peak host RSS of this process and, on a GPU, the device memory in use (all processes, as the driver reports)."""
+    import torch
+
+    mem = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        mem["device_used_mb"] = (total - free) / 2**20
+        mem["torch_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return mem
+
+
+def run(
+    cfg: BenchConfig, model_paths: list[str | Path] | str | Path, out: str | Path, overwrite: bool = False
+) -> dict[str, Any]:
     """Measure every model on `cfg.backend`; write bench.json, report.md and plots to `out`; gate on a baseline."""
     if isinstance(model_paths, (str, Path)):
         model_paths = [model_paths]
@@ -110,27 +133,53 @@ def run(cfg: BenchConfig, model_paths: list[str | Path] | str | Path, out: str |
             images = next(iter(DataLoader(ds, batch_size=max(cfg.batch_sizes))))[0].numpy()
             for bs in cfg.batch_sizes:
                 batch = np.ascontiguousarray(np.resize(images, (bs, *images.shape[1:])))
-                results.append({
-                    "model": name, "backend": cfg.backend, "batch": bs, **_timed(backend, batch, cfg),
-                    "top1": accuracy["top1"], "top5": accuracy["top5"], "samples": accuracy["samples"],
-                    "dataset": splits.info["dataset"], "split": cfg.split, "model_size_bytes": models[name]["size_bytes"],
-                })
-        record_fields = {"bench_schema": BENCH_SCHEMA, "models": models, "results": results,
-                         "memory": {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}}
+                results.append(
+                    {
+                        "model": name,
+                        "backend": cfg.backend,
+                        "batch": bs,
+                        **_timed(backend, batch, cfg),
+                        "top1": accuracy["top1"],
+                        "top5": accuracy["top5"],
+                        "samples": accuracy["samples"],
+                        "dataset": splits.info["dataset"],
+                        "split": cfg.split,
+                        "model_size_bytes": models[name]["size_bytes"],
+                    }
+                )
+        record_fields = {
+            "bench_schema": BENCH_SCHEMA,
+            "models": models,
+            "results": results,
+            "memory": _memory(),
+        }
         gate = None
         if baseline is not None:
-            verdict = compare({"models": models, "results": results}, baseline, cfg.max_latency_regression,
-                              cfg.max_accuracy_drop)
-            gate = {"baseline": cfg.baseline, "thresholds": {"max_latency_regression": cfg.max_latency_regression,
-                                                             "max_accuracy_drop": cfg.max_accuracy_drop},
-                    **verdict.to_dict(), "table": format_verdict(verdict)}
+            verdict = compare(
+                {"models": models, "results": results}, baseline, cfg.max_latency_regression, cfg.max_accuracy_drop
+            )
+            gate = {
+                "baseline": cfg.baseline,
+                "thresholds": {
+                    "max_latency_regression": cfg.max_latency_regression,
+                    "max_accuracy_drop": cfg.max_accuracy_drop,
+                },
+                **verdict.to_dict(),
+                "table": format_verdict(verdict),
+            }
         plots = write_plots(results, stage)
-        record = write_record(stage, "bench", cfg.to_dict(), **record_fields, gate=gate, plots=plots,
-                              timings={"total_seconds": time.perf_counter() - t0})
+        record = write_record(
+            stage,
+            "bench",
+            cfg.to_dict(),
+            **record_fields,
+            gate=gate,
+            plots=plots,
+            timings={"total_seconds": time.perf_counter() - t0},
+        )
         write_markdown(record, stage / "report.md")
     if cfg.update_baseline:
         if not cfg.baseline:
             raise CraftError("--update-baseline needs --baseline PATH: the file to (re)write")
         atomic_write_json(cfg.baseline, record)
     return record
-

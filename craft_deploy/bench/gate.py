@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from craft_deploy import CraftError
+from craft_deploy.artifacts import read_json
 
 BENCH_SCHEMA = "craft-deploy/bench/v1"
 EXIT_REGRESSION = 3
@@ -28,23 +28,23 @@ class Verdict:
         return any(r["failed"] for r in self.rows)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": not self.failed, "rows": self.rows, "only_in_run": self.only_in_run,
-                "only_in_baseline": self.only_in_baseline}
+        return {
+            "passed": not self.failed,
+            "rows": self.rows,
+            "only_in_run": self.only_in_run,
+            "only_in_baseline": self.only_in_baseline,
+        }
 
 
 def read_baseline(path: str | Path) -> dict[str, Any]:
     """Load a previous bench.json, refusing other schemas with a message that says what was found."""
-    path = Path(path)
-    if not path.is_file():
-        raise CraftError(f"baseline {path} does not exist; create one with --baseline {path} --update-baseline")
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CraftError(f"baseline {path} is not JSON: {e}") from e
+    record = read_json(path, "baseline", f"; create one with --baseline {path} --update-baseline")
     schema = record.get("bench_schema") if isinstance(record, dict) else None
     if schema != BENCH_SCHEMA:
-        raise CraftError(f"baseline {path} has bench schema {schema!r}; this craft-deploy compares {BENCH_SCHEMA!r} "
-                         "records (re-create it with --update-baseline)")
+        raise CraftError(
+            f"baseline {path} has bench schema {schema!r}; this craft-deploy compares {BENCH_SCHEMA!r} "
+            "records (re-create it with --update-baseline)"
+        )
     return record
 
 
@@ -52,8 +52,9 @@ def _key(row: dict[str, Any]) -> str:
     return f"{row['model']} / {row['backend']} / batch {row['batch']}"
 
 
-def compare(run: dict[str, Any], baseline: dict[str, Any], max_latency_regression: float,
-            max_accuracy_drop: float) -> Verdict:
+def compare(
+    run: dict[str, Any], baseline: dict[str, Any], max_latency_regression: float, max_accuracy_drop: float
+) -> Verdict:
     """Judge every (model, backend, batch) row present in both records.
 
     Latency fails when p50 grew by more than `max_latency_regression` (a fraction); accuracy fails when top-1 fell by
@@ -66,16 +67,21 @@ def compare(run: dict[str, Any], baseline: dict[str, Any], max_latency_regressio
             continue
         diff = {k: (base.get(k), model.get(k)) for k in IDENTITY if base.get(k) != model.get(k)}
         if diff:
-            raise CraftError(f"baseline model {name!r} is another model: {diff} (baseline, this run); "
-                             "compare like with like or re-create the baseline with --update-baseline")
+            raise CraftError(
+                f"baseline model {name!r} is another model: {diff} (baseline, this run); "
+                "compare like with like or re-create the baseline with --update-baseline"
+            )
     base_rows = {_key(r): r for r in baseline.get("results", [])}
     run_rows = {_key(r): r for r in run["results"]}
-    verdict = Verdict(only_in_run=sorted(set(run_rows) - set(base_rows)),
-                      only_in_baseline=sorted(set(base_rows) - set(run_rows)))
+    verdict = Verdict(
+        only_in_run=sorted(set(run_rows) - set(base_rows)), only_in_baseline=sorted(set(base_rows) - set(run_rows))
+    )
     if not set(run_rows) & set(base_rows):
-        raise CraftError(f"no row of this run matches the baseline: it has {sorted(base_rows)[:4]}, this run "
-                         f"{sorted(run_rows)[:4]}; rows match on (model, backend, batch)")
-    for key in sorted(set(run_rows) & set(base_rows)):
+        raise CraftError(
+            f"no row of this run matches the baseline: it has {sorted(base_rows)[:4]}, this run "
+            f"{sorted(run_rows)[:4]}; rows match on (model, backend, batch)"
+        )
+    for key in [k for k in run_rows if k in base_rows]:  # in the order they were measured
         cur, base = run_rows[key], base_rows[key]
         latency_change = cur["p50_ms"] / base["p50_ms"] - 1.0
         accuracy_drop = base["top1"] - cur["top1"]
@@ -84,25 +90,38 @@ def compare(run: dict[str, Any], baseline: dict[str, Any], max_latency_regressio
             reasons.append(f"p50 +{100 * latency_change:.1f}% > {100 * max_latency_regression:.1f}%")
         if accuracy_drop > max_accuracy_drop:
             reasons.append(f"top-1 -{accuracy_drop:.2f} pt > {max_accuracy_drop:.2f} pt")
-        verdict.rows.append({
-            "row": key, "baseline_p50_ms": base["p50_ms"], "p50_ms": cur["p50_ms"], "latency_change": latency_change,
-            "baseline_top1": base["top1"], "top1": cur["top1"], "accuracy_drop": accuracy_drop,
-            "cv": cur["cv"], "remeasured": cur.get("remeasured", 0), "failed": bool(reasons), "reasons": reasons,
-        })
+        verdict.rows.append(
+            {
+                "row": key,
+                "baseline_p50_ms": base["p50_ms"],
+                "p50_ms": cur["p50_ms"],
+                "latency_change": latency_change,
+                "baseline_top1": base["top1"],
+                "top1": cur["top1"],
+                "accuracy_drop": accuracy_drop,
+                "cv": cur["cv"],
+                "remeasured": cur.get("remeasured", 0),
+                "failed": bool(reasons),
+                "reasons": reasons,
+            }
+        )
     return verdict
 
 
 def format_verdict(verdict: Verdict) -> str:
     """A table of deltas, then the unmatched rows and the verdict."""
-    lines = [f"{'row':<46} {'p50 base':>9} {'p50 now':>9} {'change':>8} {'top1 base':>9} {'top1 now':>9} "
-             f"{'cv':>6}  verdict"]
+    lines = [
+        f"{'row':<46} {'p50 base':>9} {'p50 now':>9} {'change':>8} {'top1 base':>9} {'top1 now':>9} {'cv':>6}  verdict"
+    ]
     for r in verdict.rows:
         note = "FAIL: " + "; ".join(r["reasons"]) if r["failed"] else "ok"
         if r["remeasured"]:
             note += f" (noisy, re-measured {r['remeasured']}x)"
-        lines.append(f"{r['row']:<46} {r['baseline_p50_ms']:>9.2f} {r['p50_ms']:>9.2f} "
-                     f"{100 * r['latency_change']:>+7.1f}% {r['baseline_top1']:>9.2f} {r['top1']:>9.2f} "
-                     f"{r['cv']:>6.3f}  {note}")
+        lines.append(
+            f"{r['row']:<46} {r['baseline_p50_ms']:>9.2f} {r['p50_ms']:>9.2f} "
+            f"{100 * r['latency_change']:>+7.1f}% {r['baseline_top1']:>9.2f} {r['top1']:>9.2f} "
+            f"{r['cv']:>6.3f}  {note}"
+        )
     for key in verdict.only_in_run:
         lines.append(f"{key:<46} not in the baseline: not judged")
     for key in verdict.only_in_baseline:

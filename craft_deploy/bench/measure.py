@@ -50,8 +50,13 @@ def measure_latency(
 def measure_accuracy(backend: Backend, ds: Dataset, batch_size: int = 32) -> dict[str, Any]:
     """Top-1/top-5 (percent) of the backend's logits on every image of `ds`."""
     c1 = c5 = n = 0
-    for x, y in tqdm(DataLoader(ds, batch_size=batch_size), desc=f"accuracy ({backend.name})", unit="batch",
-                     leave=False, disable=None):
+    for x, y in tqdm(
+        DataLoader(ds, batch_size=batch_size),
+        desc=f"accuracy ({backend.name})",
+        unit="batch",
+        leave=False,
+        disable=None,
+    ):
         logits = backend.run(backend.prepare(x.numpy()))
         top = np.argsort(-logits, axis=1)[:, :5]
         y = y.numpy()

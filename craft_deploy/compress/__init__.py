@@ -22,7 +22,17 @@ from craft_deploy.evaluate import evaluate
 from craft_deploy.models import load_bundle, save_bundle
 from craft_deploy.records import stage_entry, write_record
 
-__all__ = ["METHODS", "CalibLoop", "MethodConfig", "PruneConfig", "QuantConfig", "bundle_sparsity", "calib_loop", "register_method", "run"]
+__all__ = [
+    "METHODS",
+    "CalibLoop",
+    "MethodConfig",
+    "PruneConfig",
+    "QuantConfig",
+    "bundle_sparsity",
+    "calib_loop",
+    "register_method",
+    "run",
+]
 
 
 def method_configs(cfg: CompressConfig) -> list[MethodConfig]:
@@ -32,9 +42,17 @@ def method_configs(cfg: CompressConfig) -> list[MethodConfig]:
     if sparsity is not None:
         kind, value = sparsity
         kw = {"n": value[0], "m": value[1]} if kind == "nm" else {"ratio": value}
-        methods.append(PruneConfig(include=cfg.include, exclude=cfg.exclude, score=cfg.prune_method,
-                                   granularity=cfg.granularity, sequential=cfg.sequential,
-                                   bn_recalibrate=cfg.bn_recalibrate, **kw))
+        methods.append(
+            PruneConfig(
+                include=cfg.include,
+                exclude=cfg.exclude,
+                score=cfg.prune_method,
+                granularity=cfg.granularity,
+                sequential=cfg.sequential,
+                bn_recalibrate=cfg.bn_recalibrate,
+                **kw,
+            )
+        )
     quant = parse_quant(cfg.quant)
     if quant is not None:
         methods.append(QuantConfig(include=cfg.include, exclude=cfg.exclude, w_bits=quant[0], a_bits=quant[1]))
@@ -46,8 +64,9 @@ def calib_loop(ds: Dataset, batch_size: int = 64) -> CalibLoop:
 
     @torch.no_grad()
     def loop(model: nn.Module) -> None:
-        for x, _ in tqdm(DataLoader(ds, batch_size=batch_size), desc="calibrate", unit="batch", leave=False,
-                         disable=None):
+        for x, _ in tqdm(
+            DataLoader(ds, batch_size=batch_size), desc="calibrate", unit="batch", leave=False, disable=None
+        ):
             model(x)
 
     return loop
@@ -76,20 +95,36 @@ def run(cfg: CompressConfig, bundle_path: str | Path, out: str | Path, overwrite
                 sparsity = sparsity_report(model, report["layers"], mcfg.n, mcfg.m)
                 report["model_zero_fraction"] = sparsity["model_zero_fraction"]
                 report["layers"] = sparsity["layers"]
-                manifest["sparsity"] = {"pattern": mcfg.pattern, "score": mcfg.score, "granularity": mcfg.granularity,
-                                        "layers": {n: mcfg.pattern for n in report["layers"]}}
+                manifest["sparsity"] = {
+                    "pattern": mcfg.pattern,
+                    "score": mcfg.score,
+                    "granularity": mcfg.granularity,
+                    "layers": {n: mcfg.pattern for n in report["layers"]},
+                }
             else:
-                manifest["quantization"] = {"config": report["config"], "calibration": report["calibration"],
-                                            "layers": report["layers"]}
+                manifest["quantization"] = {
+                    "config": report["config"],
+                    "calibration": report["calibration"],
+                    "layers": report["layers"],
+                }
         after = evaluate(model.eval(), splits.test, desc="test (after)")
         manifest["stages"].append(stage_entry("compress", cfg.to_dict(), test_top1=after["top1"]))
         save_bundle(model, stage, manifest)
         record = write_record(
-            stage, "compress", cfg.to_dict(), source=str(bundle_path), data=splits.info,
+            stage,
+            "compress",
+            cfg.to_dict(),
+            source=str(bundle_path),
+            data=splits.info,
             calibration={"samples": len(calib), "split": "train"},
-            metrics={"test_top1_before": before["top1"], "test_top1_after": after["top1"],
-                     "test_top1_drop": before["top1"] - after["top1"], "test_top5_after": after["top5"]},
-            methods=reports, timings={**timings, "total_seconds": time.perf_counter() - t_start},
+            metrics={
+                "test_top1_before": before["top1"],
+                "test_top1_after": after["top1"],
+                "test_top1_drop": before["top1"] - after["top1"],
+                "test_top5_after": after["top5"],
+            },
+            methods=reports,
+            timings={**timings, "total_seconds": time.perf_counter() - t_start},
         )
     return record
 
@@ -104,8 +139,11 @@ def bundle_sparsity(bundle_path: str | Path) -> dict[str, Any]:
     n, m = parsed[1] if parsed and parsed[0] == "nm" else (None, None)
     target = (1 - n / m) if n else (parsed[1] if parsed else None)
     pruned = recorded.get("layers", {})
-    layers = {name: {"target": target if name in pruned else None}
-              for name, mod in bundle.model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))}
+    layers = {
+        name: {"target": target if name in pruned else None}
+        for name, mod in bundle.model.named_modules()
+        if isinstance(mod, (nn.Linear, nn.Conv2d))
+    }
     report = sparsity_report(bundle.model, layers, n, m)
     for name, row in report["layers"].items():
         if name not in pruned:

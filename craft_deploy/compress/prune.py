@@ -67,8 +67,11 @@ def _input_feature_norms(model: nn.Module, layers: dict[str, nn.Module], calib: 
     def hook(name: str):
         def fn(mod: nn.Module, args: tuple) -> None:
             x = args[0].detach().float()
-            s = x.pow(2).sum(dim=[d for d in range(x.ndim) if d != 1]) if isinstance(mod, nn.Conv2d) else \
-                x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+            s = (
+                x.pow(2).sum(dim=[d for d in range(x.ndim) if d != 1])
+                if isinstance(mod, nn.Conv2d)
+                else x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+            )
             sumsq[name] = sumsq[name] + s if name in sumsq else s
 
         return fn
@@ -96,6 +99,7 @@ def _block_groups(model: nn.Module, names: list[str]) -> list[list[str]]:
     """Selected layer names grouped by the model's blocks (timm's `blocks`, flattened), in forward order."""
     blocks: list[str] = []
     if isinstance(getattr(model, "blocks", None), nn.Module):
+
         def walk(prefix: str, mod: nn.Module) -> None:
             if isinstance(mod, nn.Sequential):
                 for child_name, child in mod.named_children():
@@ -138,8 +142,13 @@ def prune(model: nn.Module, cfg: PruneConfig, calib: CalibLoop | None = None) ->
         what = "Wanda scores" if cfg.score == "wanda" else "BatchNorm re-calibration"
         raise CraftError(f"{what} need calibration data: give --calib-samples N (images from the training split)")
     layers, skipped = select_layers(model, cfg.include, cfg.exclude)
-    report: dict[str, Any] = {"pattern": cfg.pattern, "score": cfg.score, "granularity": cfg.granularity,
-                              "layers": {}, "skipped": dict(skipped)}
+    report: dict[str, Any] = {
+        "pattern": cfg.pattern,
+        "score": cfg.score,
+        "granularity": cfg.granularity,
+        "layers": {},
+        "skipped": dict(skipped),
+    }
     for name, mod in list(layers.items()):
         dim = as_input_groups(mod.weight).shape[-1]
         if cfg.n is not None and dim % cfg.m:
@@ -151,8 +160,11 @@ def prune(model: nn.Module, cfg: PruneConfig, calib: CalibLoop | None = None) ->
     def apply(name: str, keep: torch.Tensor) -> None:
         w = layers[name].weight
         w.copy_(from_input_groups(as_input_groups(w) * keep, w))
-        report["layers"][name] = {"target": cfg.target, "achieved": float((w == 0).float().mean()),
-                                  "shape": list(w.shape)}
+        report["layers"][name] = {
+            "target": cfg.target,
+            "achieved": float((w == 0).float().mean()),
+            "shape": list(w.shape),
+        }
 
     if cfg.granularity == "global" and cfg.n is None:
         norms = _input_feature_norms(model, layers, calib) if cfg.score == "wanda" else {}
@@ -173,8 +185,9 @@ def prune(model: nn.Module, cfg: PruneConfig, calib: CalibLoop | None = None) ->
                 if cfg.n is not None:
                     keep = nm_mask(score, cfg.n, cfg.m)
                 elif cfg.granularity == "row":
-                    keep = as_input_groups(row_mask(from_input_groups(score, mod.weight).flatten(1), cfg.ratio)
-                                           .reshape(mod.weight.shape))
+                    keep = as_input_groups(
+                        row_mask(from_input_groups(score, mod.weight).flatten(1), cfg.ratio).reshape(mod.weight.shape)
+                    )
                 else:
                     keep = unstructured_mask(score, cfg.ratio)
                 apply(name, keep)

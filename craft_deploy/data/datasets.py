@@ -96,8 +96,11 @@ def _official(name: str, root: Path | None, img_size: int, mean, std, download: 
 
         xtr, ytr = load_fashion_mnist("train", root, download)
         xte, yte = load_fashion_mnist("test", root, download)
-        return (ArrayImageDataset(xtr, ytr, img_size, mean, std), ArrayImageDataset(xte, yte, img_size, mean, std),
-                CLASSES)
+        return (
+            ArrayImageDataset(xtr, ytr, img_size, mean, std),
+            ArrayImageDataset(xte, yte, img_size, mean, std),
+            CLASSES,
+        )
     if name in _TORCHVISION:
         import torchvision.datasets as tvd
 
@@ -199,8 +202,15 @@ def _imagefolder(path: Path, img_size: int, mean, std, seed: int):
             test = ImageFolder(str(path / ("test" if (path / "test").is_dir() else "val")), transform=tf)
             perm = _seeded_perm(len(train), seed)
             n_val = max(1, len(train) // 10)
-            return (train, train, test, perm[n_val:], perm[:n_val], _seeded_perm(len(test), seed + 1),
-                    list(train.classes))
+            return (
+                train,
+                train,
+                test,
+                perm[n_val:],
+                perm[:n_val],
+                _seeded_perm(len(test), seed + 1),
+                list(train.classes),
+            )
         full = ImageFolder(str(path), transform=tf)
     except (FileNotFoundError, RuntimeError) as e:
         raise CraftError(f"imagefolder:{path}: {e}") from e
@@ -220,7 +230,9 @@ def calibration_subset(train: Dataset, n: int, seed: int = 0) -> Subset:
 
 
 def splits_for_manifest(
-    manifest: dict[str, Any], data_root: str | Path | None = None, eval_subset: int | None = None,
+    manifest: dict[str, Any],
+    data_root: str | Path | None = None,
+    eval_subset: int | None = None,
     dataset: str | None = None,
 ) -> Splits:
     """The splits a model bundle (or an exported model's metadata) was fine-tuned on: same data, seed, input size."""
@@ -229,6 +241,11 @@ def splits_for_manifest(
     if not name:
         raise CraftError("the model does not record its dataset; pass --data NAME")
     return load_splits(
-        name, int(manifest["input_size"][-1]), manifest["mean"], manifest["std"], data_root or data.get("root"),
-        eval_subset=eval_subset, seed=int(data.get("seed", 0)),
+        name,
+        int(manifest["input_size"][-1]),
+        manifest["mean"],
+        manifest["std"],
+        data_root or data.get("root"),
+        eval_subset=eval_subset,
+        seed=int(data.get("seed", 0)),
     )

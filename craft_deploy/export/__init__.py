@@ -101,9 +101,17 @@ def run(cfg: ExportConfig, bundle_path: str | Path, out: str | Path, overwrite: 
             check["error"] = "pruned weights are not exactly zero in the exported initializers"
         check["passed"] = ok
         record = write_record(
-            stage, "export", cfg.to_dict(), source=str(bundle_path), format="onnx",
-            precision="int8-qdq" if quantized else "fp32", file="model.onnx", size_bytes=path.stat().st_size,
-            weights_folded_to_int8=folded, ops=ops, verification=check,
+            stage,
+            "export",
+            cfg.to_dict(),
+            source=str(bundle_path),
+            format="onnx",
+            precision="int8-qdq" if quantized else "fp32",
+            file="model.onnx",
+            size_bytes=path.stat().st_size,
+            weights_folded_to_int8=folded,
+            ops=ops,
+            verification=check,
             timings={"export_seconds": export_seconds, "total_seconds": time.perf_counter() - t0},
         )
         if not ok:

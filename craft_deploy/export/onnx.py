@@ -24,8 +24,15 @@ def export_model(model: nn.Module, input_size: list[int], opset: int) -> onnx.Mo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice; it is the one that writes Q/DQ
         torch.onnx.export(
-            model, (dummy,), buf, dynamo=False, opset_version=opset, input_names=["input"], output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, do_constant_folding=True,
+            model,
+            (dummy,),
+            buf,
+            dynamo=False,
+            opset_version=opset,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            do_constant_folding=True,
         )
     return onnx.load_from_string(buf.getvalue())
 
@@ -88,8 +95,18 @@ def fold_weight_quantizers(proto: onnx.ModelProto) -> int:
 
 def set_metadata(proto: onnx.ModelProto, manifest: dict[str, Any]) -> None:
     """Store what a consumer needs (input size, mean/std, classes, data) in the model's metadata_props."""
-    keep = ("architecture", "num_classes", "input_size", "mean", "std", "class_names", "dataset", "data",
-            "quantization", "sparsity")
+    keep = (
+        "architecture",
+        "num_classes",
+        "input_size",
+        "mean",
+        "std",
+        "class_names",
+        "dataset",
+        "data",
+        "quantization",
+        "sparsity",
+    )
     meta = {k: manifest.get(k) for k in keep}
     stages = manifest.get("stages") or []
     meta["producer_git_sha"] = stages[-1].get("git_sha") if stages else None

@@ -8,12 +8,11 @@ from typing import Any
 
 import torch
 
-from craft_deploy import CraftError
 from craft_deploy.artifacts import staged_dir
 from craft_deploy.config import FinetuneConfig
 from craft_deploy.data import load_splits
 from craft_deploy.evaluate import evaluate
-from craft_deploy.finetune.optimizers import OPTIMIZERS, build_method, register_optimizer
+from craft_deploy.finetune.optimizers import OPTIMIZERS, build_method, optimizer_class, register_optimizer
 from craft_deploy.finetune.trainer import train
 from craft_deploy.models import data_config, load_model, save_bundle
 from craft_deploy.models.bundle import make_manifest
@@ -24,8 +23,7 @@ __all__ = ["OPTIMIZERS", "build_method", "register_optimizer", "run"]
 
 def run(cfg: FinetuneConfig, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Fine-tune `cfg.model` on `cfg.data` and write the bundle and `finetune.json` into `out`."""
-    if cfg.optimizer not in OPTIMIZERS:
-        raise CraftError(f"unknown optimizer {cfg.optimizer!r}; registered: {', '.join(sorted(OPTIMIZERS))}")
+    optimizer_class(cfg.optimizer)  # fail on a bad name before any work
     with staged_dir(out, overwrite) as stage:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -34,7 +32,13 @@ def run(cfg: FinetuneConfig, out: str | Path, overwrite: bool = False) -> dict[s
         model = load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint)
         dcfg = data_config(model, cfg.img_size)
         splits = load_splits(
-            cfg.data, cfg.img_size, dcfg["mean"], dcfg["std"], cfg.data_root, cfg.train_subset, cfg.eval_subset,
+            cfg.data,
+            cfg.img_size,
+            dcfg["mean"],
+            dcfg["std"],
+            cfg.data_root,
+            cfg.train_subset,
+            cfg.eval_subset,
             cfg.seed,
         )
         model.reset_classifier(splits.num_classes)
@@ -46,13 +50,24 @@ def run(cfg: FinetuneConfig, out: str | Path, overwrite: bool = False) -> dict[s
         manifest["data"] = splits.info
         manifest["stages"].append(stage_entry("finetune", cfg.to_dict(), test_top1=test["top1"]))
         save_bundle(model, stage, manifest)
-        metrics = {"val_top1": result["best_val_top1"], "test_top1": test["top1"], "test_top5": test["top5"],
-                   "test_loss": test["loss"]}
+        metrics = {
+            "val_top1": result["best_val_top1"],
+            "test_top1": test["top1"],
+            "test_top5": test["top5"],
+            "test_loss": test["loss"],
+        }
         record = write_record(
-            stage, "finetune", cfg.to_dict(), data=splits.info, metrics=metrics, history=result["history"],
+            stage,
+            "finetune",
+            cfg.to_dict(),
+            data=splits.info,
+            metrics=metrics,
+            history=result["history"],
             best_epoch=result["best_epoch"],
-            timings={"train_seconds": result["train_seconds"], "seconds_per_epoch": result["seconds_per_epoch"],
-                     "total_seconds": time.perf_counter() - t_start},
+            timings={
+                "train_seconds": result["train_seconds"],
+                "seconds_per_epoch": result["seconds_per_epoch"],
+                "total_seconds": time.perf_counter() - t_start,
+            },
         )
     return record
-

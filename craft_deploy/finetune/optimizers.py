@@ -10,20 +10,14 @@ from torch import nn
 
 from craft_deploy import CraftError
 from craft_deploy.config import FinetuneConfig
+from craft_deploy.registry import name_registrar
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OPTIMIZERS: dict[str, type[StepMethod]] = {}
 
 
-def register_optimizer(name: str):
-    """Class decorator adding a StepMethod to the registry under `name`."""
-
-    def deco(cls: type[StepMethod]) -> type[StepMethod]:
-        OPTIMIZERS[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
+register_optimizer = name_registrar(OPTIMIZERS)
+"""Class decorator adding a class to OPTIMIZERS under a name."""
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -124,8 +118,13 @@ class SAM(StepMethod):
         return loss.item()
 
 
+def optimizer_class(name: str) -> type[StepMethod]:
+    """The method registered as `name`, or an error listing the registered ones."""
+    if name not in OPTIMIZERS:
+        raise CraftError(f"unknown optimizer {name!r}; registered: {', '.join(sorted(OPTIMIZERS))}")
+    return OPTIMIZERS[name]
+
+
 def build_method(model: nn.Module, cfg: FinetuneConfig) -> StepMethod:
-    """The registered method named by `cfg.optimizer`, or an error listing the registered ones."""
-    if cfg.optimizer not in OPTIMIZERS:
-        raise CraftError(f"unknown optimizer {cfg.optimizer!r}; registered: {', '.join(sorted(OPTIMIZERS))}")
-    return OPTIMIZERS[cfg.optimizer](model, cfg)
+    """An instance of the method `cfg.optimizer` names, for `model`."""
+    return optimizer_class(cfg.optimizer)(model, cfg)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from craft_deploy import CraftError
-from craft_deploy.artifacts import atomic_write_bytes, atomic_write_json
+from craft_deploy.artifacts import atomic_write_bytes, atomic_write_json, read_json
 
 BUNDLE_SCHEMA = "craft-deploy/bundle/v1"
 WEIGHTS = "model.safetensors"
@@ -79,10 +77,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise CraftError(f"{path} is not a model bundle: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise CraftError(f"bundle manifest {mpath} is corrupt: {e}") from e
+    manifest = read_json(mpath, "bundle manifest")
     if not isinstance(manifest, dict) or manifest.get("schema") != BUNDLE_SCHEMA:
         got = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
         raise CraftError(f"{mpath} has schema {got!r}; this craft-deploy reads {BUNDLE_SCHEMA!r}")
