@@ -66,6 +66,7 @@ def test_halved_baseline_latency_fails_with_exit_3(tiny_w8a8_onnx, baseline, tmp
     res = _invoke(["bench", str(tiny_w8a8_onnx), *FAST, "--baseline", str(fast), "--out", str(tmp_path / "b")])
     assert res.exit_code == EXIT_REGRESSION, res.output
     assert "gate: FAILED" in res.output and "p50 +" in res.output
+    assert "latency re-checked 2x" in res.output  # a latency failure must reproduce before it fails the build
     assert (tmp_path / "b" / "bench.json").is_file()  # the evidence is kept
 
 

@@ -137,3 +137,20 @@ def test_data_hungry_options_need_calibration(cfg):
 def test_unknown_options_are_named(kw, message):
     with pytest.raises(CraftError, match=message):
         PruneConfig(**kw)
+
+
+@pytest.mark.gpu
+def test_our_2_4_mask_is_accepted_by_semi_structured_sparse_kernels():
+    """A Linear pruned 2:4 by craft-deploy converts to torch's semi-structured sparse format and computes the same."""
+    from torch.sparse import to_sparse_semi_structured
+
+    torch.manual_seed(0)
+    lin = nn.Linear(1024, 512, bias=False).half().cuda().eval()
+    model = nn.Sequential(lin, nn.Linear(512, 2))
+    model.pretrained_cfg = {"classifier": "1", "first_conv": ""}
+    prune(model, PruneConfig(n=2, m=4), None)
+    x = torch.randn(128, 1024, dtype=torch.half, device="cuda")
+    dense = lin(x)
+    lin.weight = nn.Parameter(to_sparse_semi_structured(lin.weight))
+    sparse = lin(x)
+    assert torch.allclose(dense, sparse, rtol=1e-2, atol=1e-2)

@@ -117,13 +117,15 @@ def run(
         model_paths = [model_paths]
     if not model_paths:
         raise CraftError("give at least one model (an ONNX file, an export directory, or a bundle for pytorch)")
+    if cfg.update_baseline and not cfg.baseline:
+        raise CraftError("--update-baseline needs --baseline PATH: the file to (re)write")
     check_out_dir(out, overwrite)
     backend_cls = get_backend(cfg.backend)
     resolved = [(os.path.normpath(str(p)), *resolve_model(p, backend_cls.needs)) for p in model_paths]
     baseline = read_baseline(cfg.baseline) if cfg.baseline and not cfg.update_baseline else None
     with staged_dir(out, overwrite) as stage:
         t0 = time.perf_counter()
-        results, models = [], {}
+        results, models, runners = [], {}, {}
         for name, path, meta in resolved:
             backend = backend_cls(path, cfg.threads, compile=cfg.compile, include_transfer=cfg.include_transfer)
             splits = splits_for_manifest(meta, cfg.data_root, cfg.eval_subset, dataset=cfg.data)
@@ -133,6 +135,7 @@ def run(
             images = next(iter(DataLoader(ds, batch_size=max(cfg.batch_sizes))))[0].numpy()
             for bs in cfg.batch_sizes:
                 batch = np.ascontiguousarray(np.resize(images, (bs, *images.shape[1:])))
+                runners[(name, bs)] = (backend, batch)
                 results.append(
                     {
                         "model": name,
@@ -158,6 +161,11 @@ def run(
             verdict = compare(
                 {"models": models, "results": results}, baseline, cfg.max_latency_regression, cfg.max_accuracy_drop
             )
+            if verdict.failed and cfg.retries:
+                _confirm_latency_failures(verdict, results, runners, cfg)
+                verdict = compare(
+                    {"models": models, "results": results}, baseline, cfg.max_latency_regression, cfg.max_accuracy_drop
+                )
             gate = {
                 "baseline": cfg.baseline,
                 "thresholds": {
@@ -179,7 +187,24 @@ def run(
         )
         write_markdown(record, stage / "report.md")
     if cfg.update_baseline:
-        if not cfg.baseline:
-            raise CraftError("--update-baseline needs --baseline PATH: the file to (re)write")
         atomic_write_json(cfg.baseline, record)
     return record
+
+
+def _confirm_latency_failures(verdict, results: list[dict[str, Any]], runners: dict, cfg: BenchConfig) -> None:
+    """Re-measure each row that failed on latency; a regression must reproduce in every re-measurement.
+
+    A shared machine can slow down for minutes at a time with a steady CV (seen here: +20-45% on every row of an
+    unchanged model), so a single slow measurement is not enough to fail a build. The fastest attempt is kept.
+    """
+    failing = {r["row"] for r in verdict.rows if any(reason.startswith("p50") for reason in r["reasons"])}
+    for row in results:
+        key = f"{row['model']} / {row['backend']} / batch {row['batch']}"
+        if key not in failing:
+            continue
+        backend, batch = runners[(row["model"], row["batch"])]
+        for _ in range(cfg.retries):
+            again = _timed(backend, batch, cfg)
+            row["confirmations"] = row.get("confirmations", 0) + 1
+            if again["p50_ms"] < row["p50_ms"]:
+                row.update({k: v for k, v in again.items() if k != "remeasured"})

@@ -101,6 +101,7 @@ def compare(
                 "accuracy_drop": accuracy_drop,
                 "cv": cur["cv"],
                 "remeasured": cur.get("remeasured", 0),
+                "confirmations": cur.get("confirmations", 0),
                 "failed": bool(reasons),
                 "reasons": reasons,
             }
@@ -117,6 +118,8 @@ def format_verdict(verdict: Verdict) -> str:
         note = "FAIL: " + "; ".join(r["reasons"]) if r["failed"] else "ok"
         if r["remeasured"]:
             note += f" (noisy, re-measured {r['remeasured']}x)"
+        if r["confirmations"]:
+            note += f" (latency re-checked {r['confirmations']}x, fastest kept)"
         lines.append(
             f"{r['row']:<46} {r['baseline_p50_ms']:>9.2f} {r['p50_ms']:>9.2f} "
             f"{100 * r['latency_change']:>+7.1f}% {r['baseline_top1']:>9.2f} {r['top1']:>9.2f} "
