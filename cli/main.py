@@ -20,6 +20,9 @@ def _guard(fn):
         except CraftError as e:
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            click.secho("interrupted; nothing was written to --out (finetune: continue with --resume OUT)", err=True)
+            sys.exit(130)
 
     return wrapper
 
@@ -68,25 +71,29 @@ def main() -> None:
 @click.option("--epochs", default=2, show_default=True, type=int)
 @click.option("--batch-size", default=32, show_default=True, type=int)
 @click.option("--img-size", default=64, show_default=True, type=int)
+@click.option("--warmup-steps", default=50, show_default=True, type=int, help="Linear LR warm-up before cosine decay.")
+@click.option("--label-smoothing", default=0.1, show_default=True, type=float)
 @click.option("--train-subset", type=int, help="Train on the first N images of a seeded permutation.")
 @click.option("--eval-subset", type=int, help="Evaluate on the first N val/test images of a seeded permutation.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--threads", type=int, help="CPU threads for PyTorch.")
+@click.option("--resume", type=click.Path(), help="Continue a killed run: its --out (or its checkpoint).")
 @out_option
 @overwrite_option
 @_guard
-def finetune(out, overwrite, **kw) -> None:
+def finetune(out, overwrite, resume, **kw) -> None:
     """Fine-tune a pretrained timm model on a dataset; writes a model bundle and finetune.json.
 
     \b
     Examples:
       craft-deploy finetune --data fashion-mnist --optimizer adam --epochs 2 --train-subset 8000 --out runs/adam
       craft-deploy finetune --optimizer sam --rho 0.05 --out runs/sam
+      craft-deploy finetune --optimizer sam --rho 0.05 --out runs/sam --resume runs/sam   # after a kill
     """
     from craft_deploy.config import FinetuneConfig
     from craft_deploy.finetune import run
 
-    rec = run(FinetuneConfig(**kw), out, overwrite)
+    rec = run(FinetuneConfig(**kw), out, overwrite, resume=resume)
     m, t = rec["metrics"], rec["timings"]
     click.echo(
         f"\nfinetune {kw['model']} on {kw['data']} with {kw['optimizer']}: val top-1 {m['val_top1']:.2f}%, "
@@ -324,7 +331,7 @@ def info() -> None:
     click.echo("backends:")
     for name, cls in BACKENDS.items():
         ok, why = cls.availability()
-        click.echo(f"  {name:<10} {'usable' if ok else 'unavailable: ' + why}")
+        click.echo(f"  {name:<15} {'usable' if ok else 'unavailable: ' + why}")
 
 
 if __name__ == "__main__":

@@ -64,19 +64,32 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
-@contextlib.contextmanager
-def staged_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a staging directory beside `out`; on success it replaces `out`, on any failure it is removed.
+def partial_dir(out: str | os.PathLike) -> Path:
+    """Where a resumable stage writing to `out` keeps its work until it completes: a hidden sibling of `out`."""
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
 
-    A stage writes everything into the staging directory, so `out` only ever holds a complete result.
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike, overwrite: bool = False, resumable: bool = False) -> Iterator[Path]:
+    """Yield a staging directory beside `out`; on success it replaces `out`.
+
+    On failure the staging directory is removed, unless `resumable`: then it is `partial_dir(out)` and is kept when it
+    holds anything, so a killed or interrupted run can be continued from what it wrote there. Either way `out` only ever holds a complete
+    result.
     """
     out = check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    if resumable:
+        stage = partial_dir(out)
+        stage.mkdir(exist_ok=True)
+    else:
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         yield stage
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        if not resumable or not any(stage.iterdir()):  # keep a resumable stage only if it holds work to resume
+            shutil.rmtree(stage, ignore_errors=True)
         raise
     if out.exists():
         old = out.with_name(f".{out.name}.old")

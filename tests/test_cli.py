@@ -70,7 +70,7 @@ def test_help_shows_examples():
 
 def test_info_lists_backends():
     out = _ok(["info"])
-    assert "ort-cpu    usable" in out and "tensorrt" in out
+    assert "ort-cpu         usable" in out and "tensorrt" in out
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import io
 import math
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from craft_deploy import CraftError
+from craft_deploy.artifacts import atomic_write_bytes
 from craft_deploy.config import FinetuneConfig
 from craft_deploy.data import Splits
 from craft_deploy.evaluate import evaluate
@@ -31,8 +35,45 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train(model: nn.Module, splits: Splits, cfg: FinetuneConfig) -> dict[str, Any]:
-    """Fine-tune `model` in place (ending at its best-on-val weights); returns the per-epoch history and totals."""
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_VERSION = 1
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a training checkpoint atomically (tensors, numbers and strings only: it loads with weights_only=True)."""
+    buf = io.BytesIO()
+    torch.save({"version": CHECKPOINT_VERSION, **state}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint`, with a clear error when it is missing or corrupt."""
+    if not path.is_file():
+        raise CraftError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CraftError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        raise CraftError(f"{path} is not a craft-deploy training checkpoint (version {CHECKPOINT_VERSION})")
+    return state
+
+
+def train(
+    model: nn.Module,
+    splits: Splits,
+    cfg: FinetuneConfig,
+    checkpoint_dir: Path | None = None,
+    resume: dict[str, Any] | None = None,
+    on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune `model` in place (ending at its best-on-val weights); returns the per-epoch history and totals.
+
+    With `checkpoint_dir`, everything needed to continue (weights, optimizer, schedule, data order, RNG, history, the
+    best weights so far) is written there atomically after every epoch; `resume` is such a checkpoint, and training
+    continues with the next epoch exactly as an uninterrupted run would. `on_epoch` is called with the history after
+    every epoch (to stream records).
+    """
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(splits.train, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=gen)
     if len(loader) == 0:
@@ -43,8 +84,16 @@ def train(model: nn.Module, splits: Splits, cfg: FinetuneConfig) -> dict[str, An
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     history: list[dict[str, Any]] = []
     best = {"val_top1": -1.0, "epoch": 0, "state": None}
-    model.to(memory_format=torch.channels_last)  # 1.4x faster convolutions on CPU (measured on 2 Xeon cores)
-    for epoch in range(1, cfg.epochs + 1):
+    start = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        method.load_state_dict(resume["method"])
+        sched.load_state_dict(resume["scheduler"])
+        gen.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        history, best, start = list(resume["history"]), dict(resume["best"]), int(resume["epoch"]) + 1
+    model.to(memory_format=torch.channels_last)  # 1.4x faster convolutions on CPU (measured on 2 EPYC vCPUs)
+    for epoch in range(start, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
         loss_sum, seen = 0.0, 0
@@ -73,6 +122,23 @@ def train(model: nn.Module, splits: Splits, cfg: FinetuneConfig) -> dict[str, An
         )
         if val["top1"] > best["val_top1"]:
             best = {"val_top1": val["top1"], "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+        if checkpoint_dir is not None:
+            save_checkpoint(
+                checkpoint_dir / CHECKPOINT,
+                {
+                    "config": cfg.to_dict(),
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "method": method.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "history": history,
+                    "best": best,
+                },
+            )
+        if on_epoch is not None:
+            on_epoch(history)
     model.to(memory_format=torch.contiguous_format)
     model.load_state_dict(best["state"])
     return {
