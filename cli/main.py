@@ -64,8 +64,37 @@ def main() -> None:
     "food101, or imagefolder:PATH.",
 )
 @data_root_option
-@click.option("--optimizer", default="adam", show_default=True, help="adam (AdamW baseline) or sam.")
-@click.option("--rho", default=0.05, show_default=True, type=float, help="SAM neighbourhood radius.")
+@click.option(
+    "--optimizer",
+    default="adam",
+    show_default=True,
+    help="adam or sgd (baselines), sam (with --sam-every K: efficient SAM), asam, cram.",
+)
+@click.option(
+    "--base",
+    default="adam",
+    show_default=True,
+    type=click.Choice(["adam", "sgd"]),
+    help="Base optimizer of sam/asam/cram.",
+)
+@click.option(
+    "--rho", default=None, type=float, help="Perturbation radius [default: 0.05 for sam and cram, 0.5 for asam]."
+)
+@click.option(
+    "--sam-every",
+    default=1,
+    show_default=True,
+    type=int,
+    help="sam/asam: a fresh ascent direction every K steps, reused in between (cost ~(K+1)/K of the base).",
+)
+@click.option(
+    "--cram-sparsities",
+    default="0.5,0.7,0.9",
+    show_default=True,
+    help="cram: sparsities drawn per step for global magnitude compression.",
+)
+@click.option("--cram-nm", default=None, help="cram: compress to N:M (e.g. 2:4) instead of global magnitude.")
+@click.option("--cram-plus", is_flag=True, help="cram: add the clean gradient (CrAM+).")
 @click.option("--lr", default=1e-3, show_default=True, type=float)
 @click.option("--weight-decay", default=0.05, show_default=True, type=float)
 @click.option("--epochs", default=2, show_default=True, type=int)
@@ -93,6 +122,12 @@ def finetune(out, overwrite, resume, **kw) -> None:
     from craft_deploy.config import FinetuneConfig
     from craft_deploy.finetune import run
 
+    try:
+        kw["cram_sparsities"] = tuple(float(v) for v in kw["cram_sparsities"].split(",") if v.strip())
+    except ValueError:
+        raise CraftError(
+            f"--cram-sparsities {kw['cram_sparsities']!r} must be comma-separated ratios, e.g. 0.5,0.7,0.9"
+        )
     rec = run(FinetuneConfig(**kw), out, overwrite, resume=resume)
     m, t = rec["metrics"], rec["timings"]
     click.echo(

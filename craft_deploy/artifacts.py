@@ -75,8 +75,8 @@ def staged_dir(out: str | os.PathLike, overwrite: bool = False, resumable: bool 
     """Yield a staging directory beside `out`; on success it replaces `out`.
 
     On failure the staging directory is removed, unless `resumable`: then it is `partial_dir(out)` and is kept when it
-    holds anything, so a killed or interrupted run can be continued from what it wrote there. Either way `out` only ever holds a complete
-    result.
+    holds anything, so a killed or interrupted run can be continued from what it wrote there. Either way `out` only
+    ever holds a complete result.
     """
     out = check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)

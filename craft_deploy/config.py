@@ -71,7 +71,12 @@ class FinetuneConfig(_Config):
     pretrained: bool = True
     checkpoint: str | None = None
     optimizer: str = "adam"
-    rho: float = 0.05
+    base: str = "adam"
+    rho: float | None = None
+    sam_every: int = 1
+    cram_sparsities: tuple[float, ...] = (0.5, 0.7, 0.9)
+    cram_nm: str | None = None
+    cram_plus: bool = False
     lr: float = 1e-3
     weight_decay: float = 0.05
     epochs: int = 2
@@ -85,8 +90,21 @@ class FinetuneConfig(_Config):
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        if self.rho <= 0:
+        object.__setattr__(self, "cram_sparsities", tuple(float(v) for v in self.cram_sparsities))
+        if self.rho is not None and self.rho <= 0:
             raise CraftError(f"--rho must be positive (SAM's neighbourhood radius, e.g. 0.05), got {self.rho}")
+        if self.base not in ("adam", "sgd"):
+            raise CraftError(f"--base must be adam or sgd, got {self.base!r}")
+        if self.sam_every < 1:
+            raise CraftError(
+                f"--sam-every must be >= 1 (1 = a fresh SAM perturbation every step), got {self.sam_every}"
+            )
+        if not self.cram_sparsities or not all(0.0 < v < 1.0 for v in self.cram_sparsities):
+            raise CraftError(
+                f"--cram-sparsities must be ratios in (0, 1), e.g. 0.5,0.7,0.9, got {self.cram_sparsities}"
+            )
+        if self.cram_nm is not None and (parse_sparsity(self.cram_nm) or ("",))[0] != "nm":
+            raise CraftError(f"--cram-nm must be an N:M pattern such as 2:4, got {self.cram_nm!r}")
         if self.lr <= 0:
             raise CraftError(f"--lr must be positive, got {self.lr}")
         if self.epochs < 1:

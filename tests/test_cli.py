@@ -79,7 +79,7 @@ def test_info_lists_backends():
         (["finetune", "--model", "resnet9000", "--data", "digits"], "unknown model 'resnet9000'"),
         (["finetune", *TINY[:3], "--data", "mnist-3d"], "unknown dataset 'mnist-3d'"),
         (["finetune", *TINY, "--rho", "-1"], "--rho must be positive"),
-        (["finetune", *TINY, "--optimizer", "lion"], "registered: adam, sam"),
+        (["finetune", *TINY, "--optimizer", "lion"], "registered: adam, asam, cram, sam, sgd"),
     ],
 )
 def test_bad_finetune_input(tmp_path, args, message):

@@ -56,12 +56,12 @@ def test_sam_steps_with_the_gradient_at_the_perturbed_point():
     assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 1
 
 
-def test_adam_is_registered_with_sam():
-    assert {"adam", "sam"} <= set(OPTIMIZERS)
+def test_the_optimizer_family_is_registered():
+    assert {"adam", "sgd", "sam", "asam", "cram"} <= set(OPTIMIZERS)
 
 
 def test_unknown_optimizer_lists_registered_ones_and_writes_nothing(tmp_path):
-    with pytest.raises(CraftError, match="unknown optimizer 'lion'; registered: adam, sam"):
+    with pytest.raises(CraftError, match="unknown optimizer .lion.; registered: adam, asam, cram, sam, sgd"):
         run(FinetuneConfig(**{**TINY, "optimizer": "lion"}), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -103,3 +103,142 @@ def test_default_model_learns_fashion_mnist():
     model = load_model(num_classes=10)
     train(model, splits, cfg)
     assert evaluate(model, splits.test)["top1"] > 70.0
+
+
+def _spy(method, model):
+    """Record weights and gradients at the moment the base optimizer steps."""
+    seen = {}
+    original = method.optimizer.step
+
+    def spy_step():
+        seen["weights"] = [p.detach().clone() for p in model.parameters()]
+        seen["grads"] = [p.grad.clone() for p in model.parameters()]
+        original()
+
+    method.optimizer.step = spy_step
+    return seen
+
+
+def _grads_at(point_fn, x, y):
+    """Gradient of a fresh copy of _net() after moving its weights with point_fn(params, clean_grads)."""
+    ref = _net().train()
+    loss_fn = nn.CrossEntropyLoss()
+    loss_fn(ref(x), y).backward()
+    params = list(ref.parameters())
+    clean = [p.grad.clone() for p in params]
+    with torch.no_grad():
+        point_fn(params, clean)
+    ref.zero_grad()
+    ref[1].momentum = 0.0
+    loss_fn(ref(x), y).backward()
+    return [p.grad for p in params], clean
+
+
+def test_asam_scales_the_neighbourhood_by_weight_magnitude():
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    model = _net().train()
+    start = [p.detach().clone() for p in model.parameters()]
+    method = build_method(model, FinetuneConfig(optimizer="asam"))
+    assert method.rho == 0.5  # ASAM's larger default radius
+    seen = _spy(method, model)
+    method.step(x, y, nn.CrossEntropyLoss())
+
+    def asam_point(params, g):
+        t = [(p.abs() + 0.01) * gi for p, gi in zip(params, g)]
+        norm = torch.linalg.vector_norm(torch.stack([ti.norm() for ti in t]))
+        for p, ti in zip(params, t):
+            p.add_((p.abs() + 0.01) * ti * 0.5 / norm)
+
+    expected, _ = _grads_at(asam_point, x, y)
+    for w0, w in zip(start, seen["weights"]):
+        assert torch.allclose(w0, w, atol=1e-7)
+    for g, e in zip(seen["grads"], expected):
+        assert torch.allclose(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_efficient_sam_computes_a_fresh_direction_every_k_steps():
+    """--sam-every 3: 2 passes on steps 1 and 4, 1 pass (at w + the stored direction) on the steps between."""
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    model = _net().train()
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(1))
+    method = build_method(model, FinetuneConfig(optimizer="sam", sam_every=3))
+    passes = []
+    for _ in range(5):
+        before = len(calls)
+        method.step(x, y, nn.CrossEntropyLoss())
+        passes.append(len(calls) - before)
+    assert passes == [2, 1, 1, 2, 1]
+    # a stale step: the gradient comes from w + e_stored and w is restored before the base step
+    seen = _spy(method, model)
+    start = [p.detach().clone() for p in model.parameters()]
+    stored = {id(p): e.clone() for p, e in method.stale}  # keyed by parameter: groups order them differently
+    method.step(x, y, nn.CrossEntropyLoss())
+    for w0, w in zip(start, seen["weights"]):
+        assert torch.allclose(w0, w, atol=1e-7)
+    probe = _net().train()
+    probe.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p, w0, own in zip(probe.parameters(), start, model.parameters()):
+            p.copy_(w0 + stored[id(own)])
+    nn.CrossEntropyLoss()(probe(x), y).backward()
+    for g, p in zip(seen["grads"], probe.parameters()):
+        assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_cram_takes_the_gradient_at_the_compressed_ascent_point(plus):
+    from craft_deploy.finetune.optimizers import CrAM
+
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    model = _net().train()
+    model.pretrained_cfg = {"classifier": "3", "first_conv": ""}  # layer 0 is compressed, the head is not
+    start = [p.detach().clone() for p in model.parameters()]
+    method = build_method(model, FinetuneConfig(optimizer="cram", cram_sparsities=(0.5,), cram_plus=plus))
+    assert isinstance(method, CrAM) and len(method.layers) == 1
+    seen = _spy(method, model)
+    method.step(x, y, nn.CrossEntropyLoss())
+
+    def cram_point(params, g):
+        for p, gi in zip(params, g):
+            p.add_(gi, alpha=0.05)
+        w = params[0]
+        k = int(round(0.5 * w.numel()))
+        w.mul_(w.abs() > w.abs().flatten().kthvalue(k).values)
+
+    expected, clean = _grads_at(cram_point, x, y)
+    for w0, w in zip(start, seen["weights"]):
+        assert torch.allclose(w0, w, atol=1e-7)  # dense weights restored; compression only shaped the gradient
+    for g, e, c in zip(seen["grads"], expected, clean):
+        assert torch.allclose(g, e + c if plus else e, rtol=1e-4, atol=1e-6)
+
+
+def test_cram_nm_compresses_along_the_input_dimension():
+    model = _net()
+    model.pretrained_cfg = {"classifier": "3", "first_conv": ""}
+    method = build_method(model, FinetuneConfig(optimizer="cram", cram_nm="2:4"))
+    with torch.no_grad():
+        method.compress()
+    w = model[0].weight  # 8 x 6: 6 inputs are not a multiple of 4, so this layer stays dense
+    assert torch.count_nonzero(w) == w.numel()
+
+
+def test_sgd_base():
+    model = _net()
+    assert isinstance(build_method(model, FinetuneConfig(optimizer="sgd")).optimizer, torch.optim.SGD)
+    assert isinstance(build_method(model, FinetuneConfig(optimizer="sam", base="sgd")).optimizer, torch.optim.SGD)
+    assert isinstance(build_method(model, FinetuneConfig(optimizer="sam")).optimizer, torch.optim.AdamW)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(base="lion"), "--base must be adam or sgd"),
+        (dict(sam_every=0), "--sam-every must be >= 1"),
+        (dict(cram_sparsities=(1.2,)), "--cram-sparsities"),
+        (dict(cram_nm="0.5"), "--cram-nm must be an N:M"),
+    ],
+)
+def test_optimizer_options_are_validated(kw, message):
+    with pytest.raises(CraftError, match=message):
+        FinetuneConfig(**kw)

@@ -49,16 +49,28 @@ class StepMethod:
     """One optimisation step on a batch; wraps a torch optimizer (exposed as `.optimizer` for the LR schedule)."""
 
     name = "base"
+    default_rho: float | None = None  # a perturbation method's radius when --rho is not given
 
     def __init__(self, model: nn.Module, cfg: FinetuneConfig):
         self.model = model
         self.cfg = cfg
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+        self.rho = cfg.rho if cfg.rho is not None else self.default_rho
+        groups = param_groups(model, cfg.weight_decay)
+        if self.base_name() == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+
+    def base_name(self) -> str:
+        return self.cfg.base
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
         loss = loss_fn(self.model(x), y)
         loss.backward()
         return loss.detach()
+
+    def params(self) -> list[nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
 
     def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> float:
         raise NotImplementedError
@@ -74,6 +86,9 @@ class StepMethod:
 class Adam(StepMethod):
     """AdamW, the baseline."""
 
+    def base_name(self) -> str:
+        return "adam"
+
     def step(self, x, y, loss_fn):
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.forward_backward(x, y, loss_fn)
@@ -81,39 +96,138 @@ class Adam(StepMethod):
         return loss.item()
 
 
+@register_optimizer("sgd")
+class SGD(Adam):
+    """SGD with Nesterov momentum 0.9, the other baseline."""
+
+    def base_name(self) -> str:
+        return "sgd"
+
+
 @register_optimizer("sam")
 class SAM(StepMethod):
-    """Sharpness-aware minimisation (Foret et al.) around AdamW.
+    """Sharpness-aware minimisation (Foret et al.) around the base optimizer (--base adam|sgd).
 
     Ascend to w + rho * g / ||g|| (one global norm), take the gradient there with BatchNorm running statistics
-    frozen, restore w and let the base optimizer step with that gradient.
+    frozen, restore w and let the base optimizer step with that gradient. With --sam-every K > 1 (an efficient SAM)
+    the ascent direction is computed fresh only every K steps; the steps between reuse it, so they cost one forward
+    and backward pass like the base optimizer: about (K + 1) / K of its time instead of 2x.
     """
 
-    def _params(self) -> list[nn.Parameter]:
-        return [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+    default_rho = 0.05
+
+    def __init__(self, model: nn.Module, cfg: FinetuneConfig):
+        super().__init__(model, cfg)
+        self.steps = 0
+        self.stale: list[tuple[nn.Parameter, torch.Tensor]] = []
 
     @torch.no_grad()
-    def _perturb(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        params = self._params()
+    def ascent(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
+        """The perturbation e for each parameter, from the gradients they hold."""
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-        scale = self.cfg.rho / (norm + 1e-12)
-        moved = []
-        for p in params:
-            e = p.grad * scale
-            p.add_(e)
-            moved.append((p, e))
-        return moved
+        scale = self.rho / (norm + 1e-12)
+        return [p.grad * scale for p in params]
+
+    def step(self, x, y, loss_fn):
+        self.optimizer.zero_grad(set_to_none=True)
+        fresh = self.steps % self.cfg.sam_every == 0 or not self.stale
+        self.steps += 1
+        if fresh:
+            loss = self.forward_backward(x, y, loss_fn)
+            params = self.params()
+            moved = list(zip(params, self.ascent(params)))
+            if self.cfg.sam_every > 1:
+                self.stale = moved
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            moved = self.stale
+        with torch.no_grad():
+            for p, e in moved:
+                p.add_(e)
+        if fresh:
+            with frozen_bn_stats(self.model):
+                self.forward_backward(x, y, loss_fn)
+        else:  # the only pass of this step: BatchNorm statistics update as in a base step
+            loss = self.forward_backward(x, y, loss_fn)
+        with torch.no_grad():
+            for p, e in moved:
+                p.sub_(e)
+        self.optimizer.step()
+        return loss.item()
+
+
+@register_optimizer("asam")
+class ASAM(SAM):
+    """Adaptive SAM (Kwon et al.): the neighbourhood is scaled per weight by |w| + eta, so rho is larger (0.5)."""
+
+    default_rho = 0.5
+    eta = 0.01
+
+    @torch.no_grad()
+    def ascent(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
+        scaled = [(p.abs() + self.eta) * p.grad for p in params]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in scaled]))
+        return [(p.abs() + self.eta) * t * (self.rho / (norm + 1e-12)) for p, t in zip(params, scaled)]
+
+
+@register_optimizer("cram")
+class CrAM(StepMethod):
+    """CrAM (Peste et al.): the gradient is taken at C(w + rho * g), the compressed ascent point, and applied at w.
+
+    C keeps the largest weights globally at a sparsity drawn each step from --cram-sparsities, or keeps N of every M
+    along the input dimension per layer with --cram-nm. The classifier head, stem and depthwise convs stay dense.
+    With --cram-plus (CrAM+) the clean gradient at w is added to the update.
+    """
+
+    default_rho = 0.05
+
+    def __init__(self, model: nn.Module, cfg: FinetuneConfig):
+        super().__init__(model, cfg)
+        from craft_deploy.compress.layers import select_layers
+
+        self.layers = list(select_layers(model)[0].values())
+        self.nm = tuple(int(v) for v in cfg.cram_nm.split(":")) if cfg.cram_nm else None
+
+    @torch.no_grad()
+    def compress(self) -> None:
+        """Zero the weights C removes, in place."""
+        from craft_deploy.compress.primitives import as_input_groups, from_input_groups, nm_mask
+
+        if self.nm is not None:
+            for mod in self.layers:
+                rows = as_input_groups(mod.weight)
+                if rows.shape[-1] % self.nm[1] == 0:
+                    mod.weight.copy_(from_input_groups(rows * nm_mask(rows.abs(), *self.nm), mod.weight))
+            return
+        choices = self.cfg.cram_sparsities
+        sparsity = choices[int(torch.randint(len(choices), ()))]
+        scores = torch.cat([mod.weight.abs().flatten() for mod in self.layers])
+        k = int(round(sparsity * scores.numel()))
+        if k > 0:
+            threshold = scores.kthvalue(k).values
+            for mod in self.layers:
+                mod.weight.mul_(mod.weight.abs() > threshold)
 
     def step(self, x, y, loss_fn):
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.forward_backward(x, y, loss_fn)
-        moved = self._perturb()
+        params = self.params()
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in params]
+            clean = [p.grad.clone() for p in params] if self.cfg.cram_plus else None
+            for p in params:
+                p.add_(p.grad, alpha=self.rho)
+            self.compress()
         self.optimizer.zero_grad(set_to_none=True)
         with frozen_bn_stats(self.model):
             self.forward_backward(x, y, loss_fn)
         with torch.no_grad():
-            for p, e in moved:
-                p.sub_(e)
+            for i, p in enumerate(params):
+                p.copy_(saved[i])
+                if p.grad is None:  # pruned to nothing downstream: no gradient at the compressed point
+                    p.grad = torch.zeros_like(p)
+                if clean is not None:
+                    p.grad.add_(clean[i])
         self.optimizer.step()
         return loss.item()
 
