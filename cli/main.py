@@ -95,6 +95,7 @@ def main() -> None:
 )
 @click.option("--cram-nm", default=None, help="cram: compress to N:M (e.g. 2:4) instead of global magnitude.")
 @click.option("--cram-plus", is_flag=True, help="cram: add the clean gradient (CrAM+).")
+@click.option("--analyze", is_flag=True, help="Also write analyze.json (lambda_max, weight rank, activation ranges).")
 @click.option("--lr", default=1e-3, show_default=True, type=float)
 @click.option("--weight-decay", default=0.05, show_default=True, type=float)
 @click.option("--epochs", default=2, show_default=True, type=int)
@@ -349,6 +350,50 @@ def bench(models, out, overwrite, batch_sizes, **kw) -> None:
         click.echo("\n" + rec["gate"]["table"])
         if not rec["gate"]["passed"]:
             sys.exit(EXIT_REGRESSION)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option(
+    "--lambda-images",
+    default=64,
+    show_default=True,
+    type=int,
+    help="Fixed training images for the Hessian's largest eigenvalue.",
+)
+@click.option("--lambda-iters", default=20, show_default=True, type=int, help="Power iterations at most.")
+@click.option(
+    "--lambda-tol", default=1e-3, show_default=True, type=float, help="Relative change that counts as converged."
+)
+@click.option("--calib-samples", default=256, show_default=True, type=int, help="Images for activation ranges.")
+@data_root_option
+@click.option("--seed", default=0, show_default=True, type=int)
+@out_option
+@overwrite_option
+@_guard
+def analyze(bundle, out, overwrite, **kw) -> None:
+    """Sharpness (lambda_max of the loss Hessian), weight rank and activation ranges; analyze.json and analyze.png.
+
+    \b
+    Example:
+      craft-deploy analyze runs/sam --out runs/sam-analyze
+    """
+    from craft_deploy.analyze import run
+    from craft_deploy.config import AnalyzeConfig
+
+    rec = run(AnalyzeConfig(**kw), bundle, out, overwrite)
+    s = rec["sharpness"]
+    ranks = [r["rank_fraction_80"] for r in rec["weight_rank"].values()]
+    worst = max(rec["activation_ranges"].items(), key=lambda kv: kv[1]["outlier_ratio"])
+    click.echo(
+        f"\nanalyze {bundle}: lambda_max {s['lambda_max']:.3f} ({s['iterations']} power iterations on "
+        f"{s['images']} images, {'converged' if s['converged'] else 'NOT converged'}, {s['seconds']:.0f} s)"
+    )
+    click.echo(
+        f"  weight rank: median layer needs {100 * sorted(ranks)[len(ranks) // 2]:.0f}% of its components "
+        "for 80% of its energy"
+    )
+    click.echo(f"  activations: largest outlier ratio {worst[1]['outlier_ratio']:.1f} in {worst[0]}; report: {out}")
 
 
 @main.command()

@@ -77,6 +77,7 @@ class FinetuneConfig(_Config):
     cram_sparsities: tuple[float, ...] = (0.5, 0.7, 0.9)
     cram_nm: str | None = None
     cram_plus: bool = False
+    analyze: bool = False
     lr: float = 1e-3
     weight_decay: float = 0.05
     epochs: int = 2
@@ -217,3 +218,23 @@ class BenchConfig(_Config):
             raise CraftError(f"--split must be val or test, got {self.split!r}")
         if self.iters < 1 or self.warmup < 0:
             raise CraftError(f"--iters must be >= 1 and --warmup >= 0, got {self.iters} and {self.warmup}")
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig(_Config):
+    """Sharpness and structure diagnostics of a bundle."""
+
+    data_root: str | None = None
+    lambda_images: int = 64
+    lambda_iters: int = 20
+    lambda_tol: float = 1e-3
+    calib_samples: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lambda_images < 1 or self.lambda_iters < 1:
+            raise CraftError(
+                f"--lambda-images and --lambda-iters must be >= 1, got {self.lambda_images}, {self.lambda_iters}"
+            )
+        if self.calib_samples < 1:
+            raise CraftError(f"--calib-samples must be positive, got {self.calib_samples}")

@@ -128,5 +128,13 @@ def run(
                 "total_seconds": time.perf_counter() - t_start,
             },
         )
+        if cfg.analyze:
+            from craft_deploy.analyze import analyze_model, write_plots
+            from craft_deploy.config import AnalyzeConfig
+
+            acfg = AnalyzeConfig(data_root=cfg.data_root, seed=cfg.seed)
+            result = analyze_model(model, splits.train, acfg)
+            write_record(stage, "analyze", acfg.to_dict(), source=str(out), plots=write_plots(result, stage), **result)
+            record["sharpness"] = {k: v for k, v in result["sharpness"].items() if k != "trace"}
         (stage / CHECKPOINT).unlink()  # the bundle is the result; the checkpoint was only for resuming
     return record

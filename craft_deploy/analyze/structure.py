@@ -1,0 +1,92 @@
+"""Weight rank (CrAFT Figure 1) and activation ranges (CrAFT Figure 2) of a model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def weight_rank(model: nn.Module, fractions: tuple[float, ...] = (0.8, 0.9)) -> dict[str, dict[str, Any]]:
+    """Per Linear/Conv layer: how many principal components (singular directions) explain each fraction of the
+    weight's energy, relative to its full rank, and the effective rank exp(entropy of the normalised spectrum)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)) or min(mod.weight.shape[0], mod.weight[0].numel()) < 2:
+            continue
+        w = mod.weight.detach().float().reshape(mod.weight.shape[0], -1)
+        s2 = torch.linalg.svdvals(w).pow(2)
+        p = s2 / s2.sum()
+        cum = p.cumsum(0)
+        full = len(s2)
+        row: dict[str, Any] = {
+            "shape": list(mod.weight.shape),
+            "rank": full,
+            "effective_rank": float(torch.exp(-(p * torch.log(p.clamp(min=1e-30))).sum())),
+        }
+        for f in fractions:
+            k = int((cum < f).sum()) + 1
+            row[f"components_{int(f * 100)}"] = k
+            row[f"rank_fraction_{int(f * 100)}"] = k / full
+        out[name] = row
+    return out
+
+
+def _blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """timm's blocks (nested Sequentials flattened), or the top-level children when there are none."""
+    found: dict[str, nn.Module] = {}
+    if isinstance(getattr(model, "blocks", None), nn.Module):
+
+        def walk(prefix: str, mod: nn.Module) -> None:
+            if isinstance(mod, nn.Sequential):
+                for child_name, child in mod.named_children():
+                    walk(f"{prefix}.{child_name}", child)
+            else:
+                found[prefix] = mod
+
+        walk("blocks", model.blocks)
+    return found or dict(model.named_children())
+
+
+@torch.no_grad()
+def activation_ranges(model: nn.Module, calib: Callable[[nn.Module], None]) -> dict[str, dict[str, Any]]:
+    """Per block output: per-channel min and max over the calibration data, and the outlier ratio
+    (largest channel |range| over the median one: 1 is flat, large means a few channels dominate the scale)."""
+    lo: dict[str, torch.Tensor] = {}
+    hi: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def fn(mod: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if not isinstance(output, torch.Tensor) or output.ndim < 2:
+                return
+            # channels: dim 1 for (N, C, H, W) feature maps, the last dim for (N, tokens, C) sequences
+            x = output.transpose(1, -1) if output.ndim == 4 else output
+            x = x.reshape(-1, x.shape[-1]).float()
+            mn, mx = x.min(0).values, x.max(0).values
+            lo[name] = torch.minimum(lo[name], mn) if name in lo else mn
+            hi[name] = torch.maximum(hi[name], mx) if name in hi else mx
+
+        return fn
+
+    handles = [mod.register_forward_hook(hook(name)) for name, mod in _blocks(model).items()]
+    try:
+        model.eval()
+        calib(model)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name in lo:
+        absmax = torch.maximum(lo[name].abs(), hi[name].abs())
+        out[name] = {
+            "channels": len(absmax),
+            "min": lo[name].tolist(),
+            "max": hi[name].tolist(),
+            "absmax": float(absmax.max()),
+            "median_channel_absmax": float(absmax.median()),
+            "outlier_ratio": float(absmax.max() / absmax.median().clamp(min=1e-12)),
+        }
+    return out
