@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from craft_deploy.compress.layers import model_blocks
+
 
 @torch.no_grad()
 def weight_rank(model: nn.Module, fractions: tuple[float, ...] = (0.8, 0.9)) -> dict[str, dict[str, Any]]:
@@ -35,22 +37,6 @@ def weight_rank(model: nn.Module, fractions: tuple[float, ...] = (0.8, 0.9)) -> 
     return out
 
 
-def _blocks(model: nn.Module) -> dict[str, nn.Module]:
-    """timm's blocks (nested Sequentials flattened), or the top-level children when there are none."""
-    found: dict[str, nn.Module] = {}
-    if isinstance(getattr(model, "blocks", None), nn.Module):
-
-        def walk(prefix: str, mod: nn.Module) -> None:
-            if isinstance(mod, nn.Sequential):
-                for child_name, child in mod.named_children():
-                    walk(f"{prefix}.{child_name}", child)
-            else:
-                found[prefix] = mod
-
-        walk("blocks", model.blocks)
-    return found or dict(model.named_children())
-
-
 @torch.no_grad()
 def activation_ranges(model: nn.Module, calib: Callable[[nn.Module], None]) -> dict[str, dict[str, Any]]:
     """Per block output: per-channel min and max over the calibration data, and the outlier ratio
@@ -71,7 +57,10 @@ def activation_ranges(model: nn.Module, calib: Callable[[nn.Module], None]) -> d
 
         return fn
 
-    handles = [mod.register_forward_hook(hook(name)) for name, mod in _blocks(model).items()]
+    handles = [
+        mod.register_forward_hook(hook(name))
+        for name, mod in (model_blocks(model) or dict(model.named_children())).items()
+    ]
     try:
         model.eval()
         calib(model)

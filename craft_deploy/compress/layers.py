@@ -55,3 +55,20 @@ def select_layers(
         else:
             selected[name] = mod
     return selected, skipped
+
+
+def model_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """timm's `blocks` (nested Sequentials, e.g. EfficientNet stages, flattened) by name, in forward order; empty
+    for models without them."""
+    found: dict[str, nn.Module] = {}
+
+    def walk(prefix: str, mod: nn.Module) -> None:
+        if isinstance(mod, nn.Sequential):
+            for child_name, child in mod.named_children():
+                walk(f"{prefix}.{child_name}", child)
+        else:
+            found[prefix] = mod
+
+    if isinstance(getattr(model, "blocks", None), nn.Module):
+        walk("blocks", model.blocks)
+    return found

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from craft_deploy import CraftError
-from craft_deploy.compress.layers import select_layers
+from craft_deploy.compress.layers import model_blocks, select_layers
 from craft_deploy.compress.primitives import as_input_groups, from_input_groups, nm_mask, row_mask, unstructured_mask
 from craft_deploy.compress.registry import CalibLoop, MethodConfig, register_method
 
@@ -97,17 +97,7 @@ def _score_rows(mod: nn.Module, norms: torch.Tensor | None) -> torch.Tensor:
 
 def _block_groups(model: nn.Module, names: list[str]) -> list[list[str]]:
     """Selected layer names grouped by the model's blocks (timm's `blocks`, flattened), in forward order."""
-    blocks: list[str] = []
-    if isinstance(getattr(model, "blocks", None), nn.Module):
-
-        def walk(prefix: str, mod: nn.Module) -> None:
-            if isinstance(mod, nn.Sequential):
-                for child_name, child in mod.named_children():
-                    walk(f"{prefix}.{child_name}", child)
-            else:
-                blocks.append(prefix)
-
-        walk("blocks", model.blocks)
+    blocks = list(model_blocks(model))
     groups: dict[str, list[str]] = {}
     for name in names:
         key = next((b for b in blocks if name.startswith(b + ".")), name)
