@@ -103,6 +103,7 @@ def main() -> None:
 @click.option("--img-size", default=64, show_default=True, type=int)
 @click.option("--warmup-steps", default=50, show_default=True, type=int, help="Linear LR warm-up before cosine decay.")
 @click.option("--label-smoothing", default=0.1, show_default=True, type=float)
+@click.option("--clip-grad", default=None, type=float, help="Clip the global gradient norm before each base step.")
 @click.option("--train-subset", type=int, help="Train on the first N images of a seeded permutation.")
 @click.option("--eval-subset", type=int, help="Evaluate on the first N val/test images of a seeded permutation.")
 @click.option("--seed", default=0, show_default=True, type=int)

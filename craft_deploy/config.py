@@ -87,6 +87,7 @@ class FinetuneConfig(_Config):
     eval_subset: int | None = None
     warmup_steps: int = 50
     label_smoothing: float = 0.1
+    clip_grad: float | None = None
     seed: int = 0
     threads: int | None = None
 
@@ -114,6 +115,8 @@ class FinetuneConfig(_Config):
             raise CraftError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.img_size < 8:
             raise CraftError(f"--img-size must be at least 8 pixels, got {self.img_size}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise CraftError(f"--clip-grad must be a positive gradient norm, e.g. 1.0, got {self.clip_grad}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise CraftError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
 

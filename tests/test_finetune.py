@@ -242,3 +242,17 @@ def test_sgd_base():
 def test_optimizer_options_are_validated(kw, message):
     with pytest.raises(CraftError, match=message):
         FinetuneConfig(**kw)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sam", "cram"])
+def test_clip_grad_bounds_the_norm_the_base_step_sees(optimizer):
+    x, y = torch.randn(16, 6) * 50, torch.randint(0, 3, (16,))
+    model = _net().train()
+    model.pretrained_cfg = {"classifier": "3", "first_conv": ""}
+    method = build_method(model, FinetuneConfig(optimizer=optimizer, clip_grad=0.01))
+    seen = _spy(method, model)
+    method.step(x, y, nn.CrossEntropyLoss())
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in seen["grads"]]))
+    assert norm <= 0.01 * (1 + 1e-4)
+    with pytest.raises(CraftError, match="--clip-grad must be a positive"):
+        FinetuneConfig(clip_grad=0.0)

@@ -75,6 +75,12 @@ class StepMethod:
     def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> float:
         raise NotImplementedError
 
+    def base_step(self) -> None:
+        """The base optimizer's step with the gradients the method left, clipped to --clip-grad (global norm)."""
+        if self.cfg.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(self.params(), self.cfg.clip_grad)
+        self.optimizer.step()
+
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict()}
 
@@ -92,7 +98,7 @@ class Adam(StepMethod):
     def step(self, x, y, loss_fn):
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.forward_backward(x, y, loss_fn)
-        self.optimizer.step()
+        self.base_step()
         return loss.item()
 
 
@@ -152,7 +158,7 @@ class SAM(StepMethod):
         with torch.no_grad():
             for p, e in moved:
                 p.sub_(e)
-        self.optimizer.step()
+        self.base_step()
         return loss.item()
 
 
@@ -228,7 +234,7 @@ class CrAM(StepMethod):
                     p.grad = torch.zeros_like(p)
                 if clean is not None:
                     p.grad.add_(clean[i])
-        self.optimizer.step()
+        self.base_step()
         return loss.item()
 
 
