@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from craft_deploy.compress.layers import model_blocks
+from craft_deploy.compress.registry import calibrate_with_hooks
 
 
 @torch.no_grad()
@@ -61,12 +62,7 @@ def activation_ranges(model: nn.Module, calib: Callable[[nn.Module], None]) -> d
         mod.register_forward_hook(hook(name))
         for name, mod in (model_blocks(model) or dict(model.named_children())).items()
     ]
-    try:
-        model.eval()
-        calib(model)
-    finally:
-        for h in handles:
-            h.remove()
+    calibrate_with_hooks(model, calib, handles)
     out = {}
     for name in lo:
         absmax = torch.maximum(lo[name].abs(), hi[name].abs())

@@ -17,7 +17,7 @@ from torch import nn
 from craft_deploy import CraftError
 from craft_deploy.compress.layers import model_blocks, select_layers
 from craft_deploy.compress.primitives import as_input_groups, from_input_groups, nm_mask, row_mask, unstructured_mask
-from craft_deploy.compress.registry import CalibLoop, MethodConfig, register_method
+from craft_deploy.compress.registry import CalibLoop, MethodConfig, calibrate_with_hooks, register_method
 
 SCORES = ("magnitude", "wanda")
 GRANULARITIES = ("layer", "row", "global")
@@ -77,12 +77,7 @@ def _input_feature_norms(model: nn.Module, layers: dict[str, nn.Module], calib: 
         return fn
 
     handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in layers.items()]
-    try:
-        model.eval()
-        calib(model)
-    finally:
-        for h in handles:
-            h.remove()
+    calibrate_with_hooks(model, calib, handles)
     missing = set(layers) - set(sumsq)
     if missing:
         raise CraftError(f"calibration never reached layers {sorted(missing)[:3]}; cannot score them with Wanda")

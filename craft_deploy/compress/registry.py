@@ -20,6 +20,16 @@ class MethodConfig:
     exclude: tuple[str, ...] = ()
 
 
+def calibrate_with_hooks(model: nn.Module, calib: CalibLoop, handles: list) -> None:
+    """Run `calib` on `model` in eval mode with forward hooks `handles` installed, removing them afterwards."""
+    try:
+        model.eval()
+        calib(model)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 METHODS: dict[type[MethodConfig], Callable[..., dict[str, Any]]] = {}
 
 

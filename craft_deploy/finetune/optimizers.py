@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from craft_deploy import CraftError
+from craft_deploy.compress.layers import select_layers
+from craft_deploy.compress.primitives import as_input_groups, from_input_groups, nm_mask
 from craft_deploy.config import FinetuneConfig
 from craft_deploy.registry import name_registrar
 
@@ -189,16 +191,12 @@ class CrAM(StepMethod):
 
     def __init__(self, model: nn.Module, cfg: FinetuneConfig):
         super().__init__(model, cfg)
-        from craft_deploy.compress.layers import select_layers
-
         self.layers = list(select_layers(model)[0].values())
         self.nm = tuple(int(v) for v in cfg.cram_nm.split(":")) if cfg.cram_nm else None
 
     @torch.no_grad()
     def compress(self) -> None:
         """Zero the weights C removes, in place."""
-        from craft_deploy.compress.primitives import as_input_groups, from_input_groups, nm_mask
-
         if self.nm is not None:
             for mod in self.layers:
                 rows = as_input_groups(mod.weight)
