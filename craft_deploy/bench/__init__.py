@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import time
@@ -13,7 +12,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from craft_deploy import CraftError
-from craft_deploy.artifacts import atomic_write_json, check_out_dir, staged_dir
+from craft_deploy.artifacts import atomic_write_json, check_out_dir, read_json, staged_dir
 from craft_deploy.bench.backends import BACKENDS, Backend, get_backend, register_backend
 from craft_deploy.bench.gate import BENCH_SCHEMA, EXIT_REGRESSION, compare, format_verdict, read_baseline
 from craft_deploy.bench.measure import measure_accuracy, measure_latency
@@ -41,7 +40,7 @@ def resolve_model(path: str | Path, needs: str) -> tuple[Path, dict[str, Any]]:
             raise CraftError(
                 f"{path} is not a {needs} directory (model.{needs} + metadata.json from craft-deploy export)"
             )
-        return artifact, json.loads(meta.read_text())
+        return artifact, read_json(meta, "engine metadata")
     if path.is_dir():
         if (path / "model.onnx").is_file():
             path = path / "model.onnx"

@@ -126,13 +126,3 @@ def read_metadata(proto_or_path: onnx.ModelProto | str) -> dict[str, Any] | None
         if prop.key == META_KEY:
             return json.loads(prop.value)
     return None
-
-
-def initializer_zero_fraction(proto: onnx.ModelProto, names: list[str] | None = None) -> dict[str, float]:
-    """Fraction of exact zeros in each multi-dimensional initializer (to check pruned weights survive export)."""
-    out = {}
-    for t in proto.graph.initializer:
-        if len(t.dims) > 1 and (names is None or t.name in names):
-            a = numpy_helper.to_array(t)
-            out[t.name] = float((a == 0).mean())
-    return out
