@@ -167,6 +167,31 @@ def finetune(out, overwrite, resume, **kw) -> None:
 )
 @click.option("--quant", help="Post-training quantization wXaY: w8a8, w6a6, w6a16, w4a16 (a16 = float activations).")
 @click.option(
+    "--calib-method",
+    default="minmax",
+    show_default=True,
+    type=click.Choice(["minmax", "percentile", "mse", "entropy", "ptq4vit"]),
+    help="Activation ranges: min-max, a percentile of |x|, the MSE-optimal clip, TensorRT's entropy (KL) threshold, "
+    "or PTQ4ViT (twin-uniform softmax/GELU quantizers, Hessian-guided scale search; ViTs, else mse).",
+)
+@click.option("--percentile", default=99.99, show_default=True, type=float, help="For --calib-method percentile.")
+@click.option(
+    "--weight-calib",
+    type=click.Choice(["minmax", "mse"]),
+    help="Weight scales: min-max, or the MSE-optimal clip per channel/group. [default: minmax for --calib-method "
+    "minmax, else mse]",
+)
+@click.option(
+    "--weight-granularity",
+    default="channel",
+    show_default=True,
+    type=click.Choice(["channel", "tensor"]),
+    help="One weight scale per output channel or per tensor.",
+)
+@click.option("--group-size", type=int, help="Weight-only (wXa16): one scale per this many weights of a channel.")
+@click.option("--act-asymmetric", is_flag=True, help="Asymmetric activation ranges (zero point), e.g. post-ReLU.")
+@click.option("--quant-attention", is_flag=True, help="ViTs: also quantize the Q K^T and softmax x V matmul inputs.")
+@click.option(
     "--calib-samples",
     default=256,
     show_default=True,

@@ -131,6 +131,13 @@ class CompressConfig(_Config):
     sequential: bool = True
     bn_recalibrate: bool = False
     quant: str | None = None
+    calib_method: str = "minmax"
+    percentile: float = 99.99
+    weight_calib: str | None = None
+    weight_granularity: str = "channel"
+    group_size: int | None = None
+    act_asymmetric: bool = False
+    quant_attention: bool = False
     calib_samples: int = 256
     eval_subset: int | None = None
     data_root: str | None = None
@@ -142,11 +149,41 @@ class CompressConfig(_Config):
         if self.sparsity is None and self.quant is None:
             raise CraftError("nothing to do: give --sparsity (e.g. 2:4 or 0.5) and/or --quant (e.g. w8a8)")
         parse_sparsity(self.sparsity)
-        parse_quant(self.quant)
+        quant = parse_quant(self.quant)
+        if quant is None and (self.calib_method != "minmax" or self.group_size or self.act_asymmetric):
+            raise CraftError("--calib-method, --group-size and --act-asymmetric need --quant (e.g. --quant w8a8)")
+        if self.group_size is not None and self.group_size < 2:
+            raise CraftError(f"--group-size must be >= 2 weights (e.g. 64 or 128), got {self.group_size}")
+        if self.group_size is not None and self.weight_granularity not in ("channel", "group"):
+            raise CraftError(f"--group-size sets group granularity; drop --weight-granularity {self.weight_granularity}")
+        if quant is not None:
+            self.quant_config()  # validates the quantization options with errors that name the flag
         if self.calib_samples <= 0:
             raise CraftError(f"--calib-samples must be positive, got {self.calib_samples}")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+
+
+    def quant_config(self):
+        """The QuantConfig that `--quant` and the calibration flags describe (None without --quant)."""
+        from craft_deploy.compress.quant import QuantConfig
+
+        quant = parse_quant(self.quant)
+        if quant is None:
+            return None
+        return QuantConfig(
+            include=self.include,
+            exclude=self.exclude,
+            w_bits=quant[0],
+            a_bits=quant[1],
+            calib_method=self.calib_method,
+            percentile=self.percentile,
+            weight_calib=self.weight_calib,
+            w_granularity="group" if self.group_size else self.weight_granularity,
+            group_size=self.group_size or 0,
+            act_asymmetric=self.act_asymmetric,
+            quant_attention=self.quant_attention,
+        )
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ def tiny_model_and_calib(name: str = "test_efficientnet", images: int = 24):
     from craft_deploy.models import load_model
 
     torch.manual_seed(0)
-    model = load_model(name, num_classes=10, pretrained=False).eval()
+    model = load_model(name, num_classes=10, pretrained=False, img_size=32).eval()
     data = torch.randn(images, 3, 32, 32)
 
     def calib(m):

@@ -16,7 +16,7 @@ from craft_deploy.artifacts import check_out_dir, staged_dir
 from craft_deploy.compress.prune import PruneConfig, sparsity_report
 from craft_deploy.compress.quant import QuantConfig
 from craft_deploy.compress.registry import METHODS, CalibLoop, MethodConfig, apply_method, register_method
-from craft_deploy.config import CompressConfig, parse_quant, parse_sparsity
+from craft_deploy.config import CompressConfig, parse_sparsity
 from craft_deploy.data import calibration_subset, splits_for_manifest
 from craft_deploy.evaluate import evaluate
 from craft_deploy.models import load_bundle, save_bundle
@@ -53,9 +53,9 @@ def method_configs(cfg: CompressConfig) -> list[MethodConfig]:
                 **kw,
             )
         )
-    quant = parse_quant(cfg.quant)
+    quant = cfg.quant_config()
     if quant is not None:
-        methods.append(QuantConfig(include=cfg.include, exclude=cfg.exclude, w_bits=quant[0], a_bits=quant[1]))
+        methods.append(quant)
     return methods
 
 
@@ -105,7 +105,9 @@ def run(cfg: CompressConfig, bundle_path: str | Path, out: str | Path, overwrite
                 manifest["quantization"] = {
                     "config": report["config"],
                     "calibration": report["calibration"],
+                    "weight_calibration": report["weight_calibration"],
                     "layers": report["layers"],
+                    "matmuls": report["matmuls"],
                 }
         after = evaluate(model.eval(), splits.test, desc="test (after)")
         manifest["stages"].append(stage_entry("compress", cfg.to_dict(), test_top1=after["top1"]))

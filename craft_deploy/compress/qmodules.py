@@ -1,79 +1,224 @@
-"""Quantizer modules attached to Conv/Linear layers; they trace to ONNX QuantizeLinear/DequantizeLinear pairs.
+"""Quantizer modules attached to Conv/Linear layers and attention matmuls; uniform ones trace to ONNX Q/DQ pairs.
 
-Weights get a parametrization (per-output-channel symmetric fake-quant), inputs a forward pre-hook running an
-activation quantizer (per-tensor symmetric, static scale from calibration). Both use torch's fake_quantize ops on
-the int8 range, which the TorchScript ONNX exporter writes as Q/DQ; narrower grids (INT6, INT5, ...) are exact on it
-because weights never leave [-qmax, qmax] and activations are clamped to the narrow range first.
+Weights get a parametrization (symmetric fake-quant per output channel, per tensor, or per group of input weights),
+layer inputs a forward pre-hook running an activation quantizer (per tensor, static scale from calibration; symmetric
+or asymmetric). Both use torch's fake_quantize ops on the int8 range, which the TorchScript ONNX exporter writes as
+Q/DQ; narrower grids (INT6, INT5, ...) are exact on it because values are clamped to the narrow grid first.
+PTQ4ViT's twin-uniform quantizer (two scales, one for small values) has no Q/DQ equivalent and is simulation only.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from craft_deploy.compress.primitives import choose_qparams, qmax_for
+from craft_deploy import CraftError
+from craft_deploy.compress.calibrators import RangeObserver, int_grid, mse_weight_scale
 
 
 class WeightQuantizer(nn.Module):
-    """Per-output-channel symmetric fake-quant of a weight (axis 0)."""
+    """Symmetric fake-quant of a weight on [-qmax, qmax]: per output channel, per tensor, or per group.
 
-    def __init__(self, channels: int, bits: int):
+    Groups are `group_size` consecutive weights of an output channel's flattened (in, kh, kw) weights.
+    """
+
+    def __init__(self, shape: torch.Size | tuple[int, ...], bits: int, granularity: str = "channel", group_size: int = 0):
         super().__init__()
-        self.bits = bits
-        self.register_buffer("scale", torch.ones(channels))
-        self.register_buffer("zero_point", torch.zeros(channels, dtype=torch.int32))
+        self.bits, self.granularity, self.group_size = bits, granularity, group_size
+        per_row = math.prod(shape[1:])
+        if granularity == "group":
+            if group_size <= 0 or per_row % group_size:
+                raise CraftError(f"group size {group_size} does not divide the {per_row} weights per output channel")
+            rows = shape[0] * (per_row // group_size)
+        else:
+            rows = shape[0]
+        self.enabled = True
+        self.pre_clamped = False  # set by export once the weight itself holds only values inside the grid
+        self.register_buffer("scale", torch.ones(rows))
+        self.register_buffer("zero_point", torch.zeros(rows, dtype=torch.int32))
+
+    def rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.reshape(self.scale.numel(), -1)
 
     @torch.no_grad()
-    def calibrate(self, weight: torch.Tensor) -> None:
-        amax = weight.detach().abs().reshape(weight.shape[0], -1).amax(dim=1)
-        self.scale.copy_(choose_qparams(amax, self.bits))
+    def calibrate(self, weight: torch.Tensor, method: str = "minmax") -> None:
+        rows = self.rows(weight.detach().float())
+        if method == "mse":
+            scale = mse_weight_scale(rows if self.granularity != "tensor" else rows.reshape(1, -1), self.bits)
+        else:
+            amax = rows.abs().amax(dim=1) if self.granularity != "tensor" else rows.abs().amax().reshape(1)
+            scale = amax.clamp(min=1e-8) / int_grid(self.bits, True)[1]
+        self.scale.copy_(scale.expand_as(self.scale))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        if self.granularity == "group":  # one scale per row of (channels * groups, group_size)
+            rows = self.rows(weight)
+            rows = rows if self.pre_clamped else self.clamp(rows)
+            return torch.fake_quantize_per_channel_affine(rows, self.scale, self.zero_point, 0, -128, 127).reshape(
+                weight.shape
+            )
+        weight = weight if self.pre_clamped else self.clamp(weight)  # no reshape: DQ feeds the Conv/Gemm directly
         return torch.fake_quantize_per_channel_affine(weight, self.scale, self.zero_point, 0, -128, 127)
+
+    def clamp(self, w: torch.Tensor) -> torch.Tensor:
+        """Clip weights (or weight rows) to [-qmax, qmax] steps: a clipped (MSE) or narrow (INT6, INT4) grid stays
+        exact."""
+        lim = (self.scale * int_grid(self.bits, True)[1]).reshape(-1, *[1] * (w.ndim - 1))
+        return torch.clamp(w, -lim, lim)
+
+
+def _act_grid(bits: int) -> tuple[int, int]:
+    """Activations use the full signed grid [-2^(b-1), 2^(b-1) - 1]; symmetric scales map amax to 2^(b-1) - 1."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
 class ActQuantizer(nn.Module):
-    """Per-tensor symmetric fake-quant of a layer's input, with min-max calibration."""
+    """Per-tensor fake-quant of an activation with a static, calibrated range; symmetric or asymmetric."""
 
-    def __init__(self, bits: int):
+    def __init__(self, bits: int, symmetric: bool = True):
         super().__init__()
-        self.bits = bits
-        self.calibrating = False
+        self.bits, self.symmetric = bits, symmetric
+        self.observer: RangeObserver | None = None
+        self.enabled = True
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
-        self.register_buffer("amax", torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.calibrating:
-            self.amax.copy_(torch.maximum(self.amax, x.detach().abs().amax()))
+        if self.observer is not None:
+            self.observer.observe(x)
             return x
-        if self.bits < 8:  # keep the narrow grid exact when it is written as int8 Q/DQ
-            lim = self.scale * qmax_for(self.bits)
-            x = torch.clamp(x, -lim - self.scale, lim)
+        if not self.enabled:
+            return x
+        qmin, qmax = _act_grid(self.bits)
+        if self.bits < 8:  # keep a narrower grid exact when it is written as int8 Q/DQ
+            zp = self.zero_point.to(x.dtype)
+            x = torch.clamp(x, (qmin - zp) * self.scale, (qmax - zp) * self.scale)
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, -128, 127)
 
-    def finish_calibration(self) -> None:
-        self.calibrating = False
-        self.scale.copy_(choose_qparams(self.amax, self.bits))
+    @torch.no_grad()
+    def set_range(self, lo: float, hi: float) -> None:
+        """Scale (and zero point) mapping [lo, hi] onto the integer grid; symmetric uses max(|lo|, |hi|)."""
+        qmin, qmax = _act_grid(self.bits)
+        if self.symmetric:
+            self.scale.fill_(max(abs(lo), abs(hi), 1e-8) / qmax)
+            self.zero_point.zero_()
+        else:
+            lo, hi = min(lo, 0.0), max(hi, 0.0)
+            scale = max(hi - lo, 1e-8) / (qmax - qmin)
+            self.scale.fill_(scale)
+            self.zero_point.fill_(int(min(max(qmin - round(lo / scale), qmin), qmax)))
+
+    def range(self) -> tuple[float, float]:
+        """The calibrated range: (-amax, amax) when symmetric, else the grid's ends."""
+        qmin, qmax = _act_grid(self.bits)
+        s, zp = float(self.scale), int(self.zero_point)
+        return (-qmax * s, qmax * s) if self.symmetric else ((qmin - zp) * s, (qmax - zp) * s)
+
+
+class TwinActQuantizer(nn.Module):
+    """PTQ4ViT's twin-uniform quantizer: two grids of 2^(b-1) levels, a fine one (delta1) for small values.
+
+    `softmax` (post-softmax values in [0, 1]): values below 2^(b-1) * delta1 use delta1, the rest delta2 (fixed at
+    1 / 2^(b-1) so the coarse grid spans [0, 1)). `gelu` (post-GELU values): negatives use delta1, positives delta2.
+    The sign / range bit takes one of the b bits. delta2 = 2^m * delta1, as the paper requires for cheap rescaling.
+    """
+
+    def __init__(self, bits: int, mode: str):
+        super().__init__()
+        if mode not in ("softmax", "gelu"):
+            raise ValueError(f"twin-uniform mode must be softmax or gelu, got {mode!r}")
+        self.bits, self.mode = bits, mode
+        self.observer: RangeObserver | None = None
+        self.enabled = True
+        self.register_buffer("delta1", torch.full((1,), 1.0 / 2 ** (bits + 4)))
+        self.register_buffer("delta2", torch.full((1,), 1.0 / 2 ** (bits - 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer.observe(x)
+            return x
+        if not self.enabled:
+            return x
+        levels = 2 ** (self.bits - 1)
+        d1, d2 = self.delta1, self.delta2
+        if self.mode == "softmax":
+            fine = torch.clamp(torch.round(x / d1), 0, levels - 1) * d1
+            coarse = torch.clamp(torch.round(x / d2), 0, levels - 1) * d2
+            return torch.where(x < levels * d1, fine, coarse)
+        fine = torch.clamp(torch.round(x / d1), -levels, 0) * d1
+        coarse = torch.clamp(torch.round(x / d2), 0, levels - 1) * d2
+        return torch.where(x < 0, fine, coarse)
+
+    @torch.no_grad()
+    def set_deltas(self, delta2: float, m: int) -> None:
+        self.delta2.fill_(delta2)
+        self.delta1.fill_(delta2 / 2**m)
+
+    @torch.no_grad()
+    def set_range(self, lo: float, hi: float) -> None:
+        """Initial deltas from a min-max range: the coarse grid covers `hi`, the fine one the negatives (gelu)."""
+        levels = 2 ** (self.bits - 1)
+        if self.mode == "softmax":
+            self.set_deltas(1.0 / levels, 4)
+        else:
+            d2 = max(hi, 1e-8) / (levels - 1)
+            self.set_deltas(d2, self.gelu_m(d2, lo))
+
+    def gelu_m(self, delta2: float, lo: float) -> int:
+        """The finest delta1 = delta2 / 2^m whose 2^(b-1) levels still reach the most negative value `lo`."""
+        levels = 2 ** (self.bits - 1)
+        if lo >= 0:
+            return 0
+        return max(0, math.floor(math.log2(delta2 * levels / -lo)))
 
 
 def _quantize_input(module: nn.Module, args: tuple) -> tuple:
     return (module.input_quantizer(args[0]), *args[1:])
 
 
-def attach_quantizers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
-    """Attach weight/input quantizers to the named layers: `{name: {"w_bits": 8, "a_bits": 8}}` (a_bits 16 = float)."""
+def make_act_quantizer(spec: dict[str, Any], bits_key: str = "a_bits") -> nn.Module:
+    twin = spec.get("a_twin")
+    if twin:
+        return TwinActQuantizer(spec[bits_key], twin)
+    return ActQuantizer(spec[bits_key], symmetric=spec.get("a_symmetric", True))
+
+
+def attach_quantizers(
+    model: nn.Module, layers: dict[str, dict[str, Any]], matmuls: dict[str, dict[str, Any]] | None = None
+) -> None:
+    """Attach weight/input quantizers to the named layers and, for ViTs, to the attention matmuls.
+
+    `layers`: `{name: {"w_bits": 8, "a_bits": 8, "w_granularity": "channel", "group_size": 0, "a_symmetric": True,
+    "a_twin": None}}` (a_bits 16 = float inputs). `matmuls`: `{attention module name: {"a_bits": 8, "a_symmetric":
+    True, "probs_twin": False}}`.
+    """
     for name, spec in layers.items():
         mod = model.get_submodule(name)
-        parametrize.register_parametrization(mod, "weight", WeightQuantizer(mod.weight.shape[0], spec["w_bits"]))
+        wq = WeightQuantizer(
+            mod.weight.shape, spec["w_bits"], spec.get("w_granularity", "channel"), spec.get("group_size", 0)
+        )
+        parametrize.register_parametrization(mod, "weight", wq)
         if spec["a_bits"] < 16:
-            mod.input_quantizer = ActQuantizer(spec["a_bits"])
+            mod.input_quantizer = make_act_quantizer(spec)
             mod.register_forward_pre_hook(_quantize_input)
+    if matmuls:
+        from craft_deploy.compress.attention import quantize_attention
+
+        for name, spec in matmuls.items():
+            quantize_attention(model.get_submodule(name), spec)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers of `model` that carry a weight quantizer."""
     return {n: m for n, m in model.named_modules() if parametrize.is_parametrized(m, "weight")}
+
+
+def activation_quantizers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every activation quantizer of `model` (layer inputs and attention matmul inputs) by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (ActQuantizer, TwinActQuantizer))}

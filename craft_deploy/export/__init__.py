@@ -61,12 +61,26 @@ def verify_onnx(path: Path, model: torch.nn.Module, images: torch.Tensor) -> dic
     }
 
 
+def check_exportable(manifest: dict[str, Any]) -> None:
+    """Refuse quantizers that ONNX Q/DQ cannot express, before any file is written."""
+    quant = manifest.get("quantization") or {}
+    twin = any(s.get("a_twin") for s in quant.get("layers", {}).values()) or any(
+        s.get("probs_twin") for s in (quant.get("matmuls") or {}).values()
+    )
+    if twin:
+        raise CraftError(
+            "this bundle uses PTQ4ViT's twin-uniform quantizers (two scales per tensor), which ONNX Q/DQ cannot "
+            "express; quantize with --calib-method mse, percentile or entropy to export"
+        )
+
+
 def run(cfg: ExportConfig, bundle_path: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Export the bundle at `bundle_path` to `out/model.onnx`, verify it, and write `out/export.json`."""
     check_out_dir(out, overwrite)
     bundle = load_bundle(bundle_path)
     manifest = bundle.manifest
     quantized = bool(manifest.get("quantization"))
+    check_exportable(manifest)
     with staged_dir(out, overwrite) as stage:
         t0 = time.perf_counter()
         proto = export_model(bundle.model, manifest["input_size"], cfg.opset)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import warnings
@@ -16,9 +17,22 @@ from torch import nn
 META_KEY = "craft_deploy"
 
 
+@torch.no_grad()
+def pre_clamp_weights(model: nn.Module) -> None:
+    """Clip every quantized weight onto its grid in place, so the exported graph is Q/DQ on a constant (foldable)."""
+    from craft_deploy.compress.qmodules import quantized_layers
+
+    for mod in quantized_layers(model).values():
+        wq = mod.parametrizations.weight[0]
+        w = mod.parametrizations.weight.original
+        w.copy_(wq.clamp(wq.rows(w)).reshape(w.shape) if wq.granularity == "group" else wq.clamp(w))
+        wq.pre_clamped = True
+
+
 def export_model(model: nn.Module, input_size: list[int], opset: int) -> onnx.ModelProto:
-    """Trace `model` to ONNX with a dynamic batch axis (input "input", output "logits")."""
-    model = model.eval()
+    """Trace a copy of `model` to ONNX with a dynamic batch axis (input "input", output "logits")."""
+    model = copy.deepcopy(model).eval()
+    pre_clamp_weights(model)
     dummy = torch.zeros(1, *input_size)
     buf = io.BytesIO()
     with warnings.catch_warnings():

@@ -80,7 +80,7 @@ def run(
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         t_start = time.perf_counter()
-        model = load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint)
+        model = load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, img_size=cfg.img_size)
         dcfg = data_config(model, cfg.img_size)
         splits = load_splits(
             cfg.data,

@@ -103,11 +103,16 @@ def load_bundle(path: str | Path) -> Bundle:
         state = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError) as e:
         raise CraftError(f"bundle weights {wpath} are corrupt or truncated ({e})") from e
-    model = load_model(manifest["architecture"], num_classes=int(manifest["num_classes"]), pretrained=False)
+    model = load_model(
+        manifest["architecture"],
+        num_classes=int(manifest["num_classes"]),
+        pretrained=False,
+        img_size=int(manifest["input_size"][-1]),
+    )
     if manifest.get("quantization"):
         from craft_deploy.compress.qmodules import attach_quantizers
 
-        attach_quantizers(model, manifest["quantization"]["layers"])
+        attach_quantizers(model, manifest["quantization"]["layers"], manifest["quantization"].get("matmuls"))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

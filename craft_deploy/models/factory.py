@@ -48,6 +48,7 @@ def load_model(
     num_classes: int | None = None,
     pretrained: bool = True,
     checkpoint: str | Path | None = None,
+    img_size: int | None = None,
 ) -> nn.Module:
     """Create timm model `name`, load weights, and reset its classifier to `num_classes` (None keeps the head).
 
@@ -58,9 +59,17 @@ def load_model(
             for any other model timm's pretrained weights (needs the hub to be reachable).
         checkpoint: a local state dict (`.safetensors` or `.pth`) to load instead of pretrained weights; a head of
             another size is dropped and re-initialised.
+        img_size: input size for architectures built for a fixed one (ViTs: the position embedding is sized, and
+            pretrained weights resampled, once here instead of on every forward, which ONNX could not export).
     """
+    size_kw = {}
+    if img_size is not None and timm.is_model(name):
+        from timm.models import get_pretrained_cfg_value
+
+        if get_pretrained_cfg_value(name, "fixed_input_size"):
+            size_kw = {"img_size": img_size}
     if checkpoint is not None:
-        model = _create(name, pretrained=False)
+        model = _create(name, pretrained=False, **size_kw)
         sd = read_state_dict(checkpoint)
         head_weight = sd.get(f"{model.pretrained_cfg.get('classifier', 'classifier')}.weight")
         if head_weight is not None and head_weight.shape[0] != model.num_classes:
@@ -75,7 +84,7 @@ def load_model(
         load_bundled_pretrained(model, name)
     else:
         try:
-            model = _create(name, pretrained=pretrained)
+            model = _create(name, pretrained=pretrained, **size_kw)
         except CraftError:
             raise
         except Exception as e:  # hub unreachable, no weights for this name, ...
