@@ -29,6 +29,8 @@ def train(args: argparse.Namespace) -> None:
     root = Path(args.runs)
     for seed in args.seeds:
         for label, kw in RUNS.items():
+            if args.only and label not in args.only:
+                continue
             out = root / f"{label}-s{seed}"
             if (out / "finetune.json").is_file():
                 continue
@@ -46,11 +48,92 @@ def train(args: argparse.Namespace) -> None:
                               "seconds_per_epoch": rec["timings"]["seconds_per_epoch"]}), flush=True)
 
 
+COMPRESSIONS = {
+    "W8A8": {"quant": (8, 8)},
+    "W6A6": {"quant": (6, 6)},
+    "W4A16": {"quant": (4, 16)},
+    "2:4+BN": {"prune": (2, 4)},
+}
+LAMBDA_IMAGES = 128
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    """FP32 top-1, lambda_max and compressed top-1 of every finished run, then mean +- std over seeds."""
+    import copy
+    import statistics
+
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from craft_deploy.analyze import lambda_max
+    from craft_deploy.compress import PruneConfig, QuantConfig, calib_loop
+    from craft_deploy.compress.registry import apply_method
+    from craft_deploy.data import calibration_subset, splits_for_manifest
+    from craft_deploy.evaluate import evaluate as top1_of
+    from craft_deploy.models import load_bundle
+
+    torch.set_num_threads(args.threads)
+    root, out = Path(args.runs), Path(args.out)
+    cache = out / "seed_sweep_runs.json"
+    rows = json.loads(cache.read_text()) if cache.is_file() else {}
+    for run_dir in sorted(p for p in root.iterdir() if (p / "finetune.json").is_file()):
+        if run_dir.name in rows:
+            continue
+        rec = json.loads((run_dir / "finetune.json").read_text())
+        bundle = load_bundle(run_dir)
+        splits = splits_for_manifest(bundle.manifest, eval_subset=args.eval_subset)
+        # the same training images for every run (seed 1 of the calibration draw), batches of 32
+        fixed = list(DataLoader(calibration_subset(splits.train, LAMBDA_IMAGES, seed=1), batch_size=32))
+        sharp = lambda_max(copy.deepcopy(bundle.model), nn.CrossEntropyLoss(), fixed, iters=30, tol=1e-3)
+        calib = calib_loop(calibration_subset(splits.train, 512))
+        row = {
+            "run": run_dir.name,
+            "seed": rec["config"]["seed"],
+            "method": run_dir.name.rsplit("-s", 1)[0],
+            "fp32": rec["metrics"]["test_top1"],
+            "seconds_per_epoch": rec["timings"]["seconds_per_epoch"],
+            "lambda_max": sharp["lambda_max"],
+            "lambda_converged": sharp["converged"],
+        }
+        for name, spec in COMPRESSIONS.items():
+            model = copy.deepcopy(bundle.model)
+            if "quant" in spec:
+                ccfg = QuantConfig(w_bits=spec["quant"][0], a_bits=spec["quant"][1], calib_method="mse")
+            else:
+                ccfg = PruneConfig(n=spec["prune"][0], m=spec["prune"][1], bn_recalibrate=True)
+            apply_method(model, ccfg, calib)
+            row[name] = top1_of(model, splits.test)["top1"]
+        rows[run_dir.name] = row
+        print(json.dumps(row), flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(rows, indent=2) + "\n")
+    cols = ["fp32", "lambda_max", *COMPRESSIONS]
+    lines = [
+        "| fine-tune | seeds | s/epoch | FP32 | lambda_max | " + " | ".join(COMPRESSIONS) + " |",
+        "|---|---|---|---|---|" + "---|" * len(COMPRESSIONS),
+    ]
+    for method in RUNS:
+        group = [r for r in rows.values() if r["method"] == method]
+        if not group:
+            continue
+        cells = []
+        for c in cols:
+            vals = [r[c] for r in group]
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            cells.append(f"{statistics.mean(vals):.0f} +- {sd:.0f}" if c == "lambda_max" else f"{statistics.mean(vals):.2f} +- {sd:.2f}")
+        spe = statistics.mean(r["seconds_per_epoch"] for r in group)
+        lines.append(f"| {method} | {len(group)} | {spe:.0f} | " + " | ".join(cells) + " |")
+    (out / "seed_sweep.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--phase", choices=["train", "evaluate"], required=True)
     ap.add_argument("--runs", default="runs/seed_sweep")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--only", nargs="+", help=f"a subset of {', '.join(RUNS)}")
     ap.add_argument("--train-subset", type=int, default=6000)
     ap.add_argument("--eval-subset", type=int, default=2000)
     ap.add_argument("--epochs", type=int, default=2)

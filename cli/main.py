@@ -104,6 +104,13 @@ def main() -> None:
 @click.option("--warmup-steps", default=50, show_default=True, type=int, help="Linear LR warm-up before cosine decay.")
 @click.option("--label-smoothing", default=0.1, show_default=True, type=float)
 @click.option("--clip-grad", default=None, type=float, help="Clip the global gradient norm before each base step.")
+@click.option(
+    "--amp", type=click.Choice(["bf16", "fp16"]), help="Mixed precision (fp16 with loss scaling needs a CUDA GPU)."
+)
+@click.option(
+    "--grad-accum", default=1, show_default=True, type=int, help="Split each batch into this many micro-batches."
+)
+@click.option("--device", help="cpu or cuda[:N] (default: cuda when a GPU is visible). Under torchrun: one per rank.")
 @click.option("--train-subset", type=int, help="Train on the first N images of a seeded permutation.")
 @click.option("--eval-subset", type=int, help="Evaluate on the first N val/test images of a seeded permutation.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -131,6 +138,8 @@ def finetune(out, overwrite, resume, **kw) -> None:
             f"--cram-sparsities {kw['cram_sparsities']!r} must be comma-separated ratios, e.g. 0.5,0.7,0.9"
         )
     rec = run(FinetuneConfig(**kw), out, overwrite, resume=resume)
+    if not rec:  # a torchrun rank other than 0: rank 0 reports
+        return
     m, t = rec["metrics"], rec["timings"]
     click.echo(
         f"\nfinetune {kw['model']} on {kw['data']} with {kw['optimizer']}: val top-1 {m['val_top1']:.2f}%, "

@@ -88,6 +88,9 @@ class FinetuneConfig(_Config):
     warmup_steps: int = 50
     label_smoothing: float = 0.1
     clip_grad: float | None = None
+    amp: str | None = None
+    grad_accum: int = 1
+    device: str | None = None
     seed: int = 0
     threads: int | None = None
 
@@ -117,6 +120,15 @@ class FinetuneConfig(_Config):
             raise CraftError(f"--img-size must be at least 8 pixels, got {self.img_size}")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise CraftError(f"--clip-grad must be a positive gradient norm, e.g. 1.0, got {self.clip_grad}")
+        if self.amp not in (None, "bf16", "fp16"):
+            raise CraftError(f"--amp must be bf16 or fp16 (mixed precision), got {self.amp!r}")
+        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise CraftError(
+                f"--grad-accum {self.grad_accum} must be >= 1 and divide --batch-size {self.batch_size} "
+                "(the batch is split into that many micro-batches)"
+            )
+        if self.device is not None and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise CraftError(f"--device must be cpu or cuda, got {self.device!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise CraftError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
 

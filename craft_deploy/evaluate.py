@@ -15,8 +15,9 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 128, desc: str = "
     correct1 = correct5 = total = 0
     loss_sum = 0.0
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
+    device = next(model.parameters()).device
     for x, y in tqdm(loader, desc=desc, leave=False, unit="batch", disable=None):
-        logits = model(x)
+        logits = model(x.to(device)).float().cpu()
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct1 += (top[:, 0] == y).sum().item()

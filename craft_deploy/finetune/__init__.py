@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import shutil
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from craft_deploy.artifacts import atomic_write_bytes, check_out_dir, partial_di
 from craft_deploy.config import FinetuneConfig
 from craft_deploy.data import load_splits
 from craft_deploy.evaluate import evaluate
+from craft_deploy.finetune.distributed import Dist, setup, teardown
 from craft_deploy.finetune.optimizers import OPTIMIZERS, build_method, optimizer_class, register_optimizer
 from craft_deploy.finetune.trainer import CHECKPOINT, load_checkpoint, train
 from craft_deploy.models import data_config, load_model, save_bundle
@@ -74,31 +76,50 @@ def run(
                 f"a killed run left a checkpoint in {partial_dir(out)}; continue it with --resume {out}, "
                 "or pass --overwrite to start over"
             )
-        shutil.rmtree(partial_dir(out))
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 owns the output
+            shutil.rmtree(partial_dir(out))
+    dist = setup(cfg.device)
+    try:
+        if not dist.main:  # other torchrun ranks train in lockstep and write nothing
+            model, _, splits = _prepare(cfg)
+            train(model, splits, cfg, resume=state, dist=dist)
+            return {}
+        return _run_main(cfg, out, overwrite, state, dist)
+    finally:
+        teardown(dist)
+
+
+def _prepare(cfg: FinetuneConfig) -> tuple[torch.nn.Module, dict[str, Any], Any]:
+    """The seeded model (head reset to the dataset's classes), its data config and the splits."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model = load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, img_size=cfg.img_size)
+    dcfg = data_config(model, cfg.img_size)
+    splits = load_splits(
+        cfg.data,
+        cfg.img_size,
+        dcfg["mean"],
+        dcfg["std"],
+        cfg.data_root,
+        cfg.train_subset,
+        cfg.eval_subset,
+        cfg.seed,
+    )
+    model.reset_classifier(splits.num_classes)
+    return model, dcfg, splits
+
+
+def _run_main(cfg: FinetuneConfig, out: str | Path, overwrite: bool, state: dict | None, dist: Dist) -> dict[str, Any]:
     with staged_dir(out, overwrite, resumable=True) as stage:
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        torch.manual_seed(cfg.seed)
         t_start = time.perf_counter()
-        model = load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, img_size=cfg.img_size)
-        dcfg = data_config(model, cfg.img_size)
-        splits = load_splits(
-            cfg.data,
-            cfg.img_size,
-            dcfg["mean"],
-            dcfg["std"],
-            cfg.data_root,
-            cfg.train_subset,
-            cfg.eval_subset,
-            cfg.seed,
-        )
-        model.reset_classifier(splits.num_classes)
+        model, dcfg, splits = _prepare(cfg)
 
         def stream(history: list[dict[str, Any]]) -> None:
             write_record(stage, "finetune", cfg.to_dict(), status="running", data=splits.info, history=history)
             _write_history_csv(stage / "history.csv", history)
 
-        result = train(model, splits, cfg, checkpoint_dir=stage, resume=state, on_epoch=stream)
+        result = train(model, splits, cfg, checkpoint_dir=stage, resume=state, on_epoch=stream, dist=dist)
         test = evaluate(model, splits.test, desc="test")
         manifest = make_manifest(
             cfg.model, splits.num_classes, dcfg["input_size"], dcfg["mean"], dcfg["std"], splits.class_names, cfg.data
@@ -122,6 +143,8 @@ def run(
             metrics=metrics,
             history=result["history"],
             best_epoch=result["best_epoch"],
+            processes=dist.world,
+            device=str(dist.device),
             timings={
                 "train_seconds": result["train_seconds"],
                 "seconds_per_epoch": result["seconds_per_epoch"],

@@ -53,8 +53,9 @@ class StepMethod:
     name = "base"
     default_rho: float | None = None  # a perturbation method's radius when --rho is not given
 
-    def __init__(self, model: nn.Module, cfg: FinetuneConfig):
+    def __init__(self, model: nn.Module, cfg: FinetuneConfig, net: nn.Module | None = None):
         self.model = model
+        self.net = net if net is not None else model  # what runs forward: the model, or its DDP wrapper
         self.cfg = cfg
         self.rho = cfg.rho if cfg.rho is not None else self.default_rho
         groups = param_groups(model, cfg.weight_decay)
@@ -62,14 +63,35 @@ class StepMethod:
             self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        device = next(model.parameters()).device
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp or "")
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
 
     def base_name(self) -> str:
         return self.cfg.base
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
-        loss = loss_fn(self.model(x), y)
-        loss.backward()
-        return loss.detach()
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, sync: bool = True) -> torch.Tensor:
+        """Loss and gradients of the batch, in --grad-accum micro-batches (each loss weighted by its share).
+
+        Under DDP, gradients are all-reduced on the last micro-batch only, and not at all when `sync` is False (SAM's
+        ascent pass: each replica perturbs along its own gradient).
+        """
+        total = torch.zeros(())
+        chunks = list(zip(x.chunk(self.cfg.grad_accum), y.chunk(self.cfg.grad_accum)))
+        for i, (xc, yc) in enumerate(chunks):
+            local = not sync or i < len(chunks) - 1
+            ctx = self.net.no_sync() if local and hasattr(self.net, "no_sync") else contextlib.nullcontext()
+            with ctx:
+                with torch.autocast(self.device_type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                    loss = loss_fn(self.net(xc), yc).float() * (len(yc) / len(y))
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            total += loss.detach().cpu()
+        return total
+
+    def grad_scale(self) -> float:
+        """The factor fp16 loss scaling multiplied the gradients by (1 without it)."""
+        return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
 
     def params(self) -> list[nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -79,15 +101,26 @@ class StepMethod:
 
     def base_step(self) -> None:
         """The base optimizer's step with the gradients the method left, clipped to --clip-grad (global norm)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         if self.cfg.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(self.params(), self.cfg.clip_grad)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when the fp16 gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
+        state = {"optimizer": self.optimizer.state_dict()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
 
 @register_optimizer("adam")
@@ -124,8 +157,8 @@ class SAM(StepMethod):
 
     default_rho = 0.05
 
-    def __init__(self, model: nn.Module, cfg: FinetuneConfig):
-        super().__init__(model, cfg)
+    def __init__(self, model: nn.Module, cfg: FinetuneConfig, net: nn.Module | None = None):
+        super().__init__(model, cfg, net)
         self.steps = 0
         self.stale: list[tuple[nn.Parameter, torch.Tensor]] = []
 
@@ -133,6 +166,8 @@ class SAM(StepMethod):
     def ascent(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
         """The perturbation e for each parameter, from the gradients they hold."""
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        if not torch.isfinite(norm):  # an fp16 overflow: no perturbation this step
+            return [torch.zeros_like(p) for p in params]
         scale = self.rho / (norm + 1e-12)
         return [p.grad * scale for p in params]
 
@@ -141,7 +176,7 @@ class SAM(StepMethod):
         fresh = self.steps % self.cfg.sam_every == 0 or not self.stale
         self.steps += 1
         if fresh:
-            loss = self.forward_backward(x, y, loss_fn)
+            loss = self.forward_backward(x, y, loss_fn, sync=False)
             params = self.params()
             moved = list(zip(params, self.ascent(params)))
             if self.cfg.sam_every > 1:
@@ -175,6 +210,8 @@ class ASAM(SAM):
     def ascent(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
         scaled = [(p.abs() + self.eta) * p.grad for p in params]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in scaled]))
+        if not torch.isfinite(norm):
+            return [torch.zeros_like(p) for p in params]
         return [(p.abs() + self.eta) * t * (self.rho / (norm + 1e-12)) for p, t in zip(params, scaled)]
 
 
@@ -189,8 +226,8 @@ class CrAM(StepMethod):
 
     default_rho = 0.05
 
-    def __init__(self, model: nn.Module, cfg: FinetuneConfig):
-        super().__init__(model, cfg)
+    def __init__(self, model: nn.Module, cfg: FinetuneConfig, net: nn.Module | None = None):
+        super().__init__(model, cfg, net)
         self.layers = list(select_layers(model)[0].values())
         self.nm = tuple(int(v) for v in cfg.cram_nm.split(":")) if cfg.cram_nm else None
 
@@ -214,13 +251,13 @@ class CrAM(StepMethod):
 
     def step(self, x, y, loss_fn):
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.forward_backward(x, y, loss_fn)
+        loss = self.forward_backward(x, y, loss_fn, sync=self.cfg.cram_plus)
         params = self.params()
         with torch.no_grad():
             saved = [p.detach().clone() for p in params]
             clean = [p.grad.clone() for p in params] if self.cfg.cram_plus else None
             for p in params:
-                p.add_(p.grad, alpha=self.rho)
+                p.add_(torch.nan_to_num(p.grad, nan=0.0, posinf=0.0, neginf=0.0), alpha=self.rho / self.grad_scale())
             self.compress()
         self.optimizer.zero_grad(set_to_none=True)
         with frozen_bn_stats(self.model):
@@ -243,6 +280,6 @@ def optimizer_class(name: str) -> type[StepMethod]:
     return OPTIMIZERS[name]
 
 
-def build_method(model: nn.Module, cfg: FinetuneConfig) -> StepMethod:
-    """An instance of the method `cfg.optimizer` names, for `model`."""
-    return optimizer_class(cfg.optimizer)(model, cfg)
+def build_method(model: nn.Module, cfg: FinetuneConfig, net: nn.Module | None = None) -> StepMethod:
+    """An instance of the method `cfg.optimizer` names, for `model` (run forward through `net`, e.g. DDP, if given)."""
+    return optimizer_class(cfg.optimizer)(model, cfg, net)

@@ -1,0 +1,103 @@
+"""The CrAFT paper's Table 2 on our bundles: top-1 after W8A8, W6A6, W6A16, W5A16 and W4A16 PTQ with each calibrator,
+and the calibration time for 512 samples.
+
+    python benchmarks/ptq_sweep.py --bundles runs/seed_sweep/adam-s0 runs/seed_sweep/sam-0.05-s0 --out benchmarks/results
+
+Weight-only configurations (a16) have no activations to calibrate: percentile and entropy reduce to the MSE weight
+clip there, so they are listed once as `minmax` and `mse`. PTQ4ViT runs on bundles of ViTs (timm Attention blocks);
+there every calibrator also quantizes the attention matmuls (--quant-attention), so all quantize the same tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from craft_deploy.compress import QuantConfig, calib_loop
+from craft_deploy.compress.attention import attention_modules
+from craft_deploy.compress.registry import apply_method
+from craft_deploy.data import calibration_subset, splits_for_manifest
+from craft_deploy.evaluate import evaluate
+from craft_deploy.models import load_bundle
+
+CONFIGS = [(8, 8), (6, 6), (6, 16), (5, 16), (4, 16)]
+METHODS = ["minmax", "percentile", "mse", "entropy", "ptq4vit"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundles", nargs="+", required=True)
+    ap.add_argument("--eval-subset", type=int, default=2000)
+    ap.add_argument("--calib-samples", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--configs", nargs="+", default=[f"w{w}a{a}" for w, a in CONFIGS], help="e.g. w8a8 (timing run)")
+    ap.add_argument("--name", default="ptq_sweep")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for path in args.bundles:
+        bundle = load_bundle(path)
+        splits = splits_for_manifest(bundle.manifest, eval_subset=args.eval_subset)
+        calib = calib_loop(calibration_subset(splits.train, args.calib_samples))
+        fp32 = evaluate(bundle.model, splits.test)["top1"]
+        vit = bool(attention_modules(bundle.model))
+        row = {"bundle": Path(path).name, "fp32": fp32, "results": {}}
+        for w, a in CONFIGS:
+            if f"w{w}a{a}" not in args.configs:
+                continue
+            for method in METHODS:
+                if method == "ptq4vit" and not vit:
+                    continue
+                if a == 16 and method in ("percentile", "entropy", "ptq4vit"):
+                    continue
+                model = copy.deepcopy(bundle.model)
+                t0 = time.perf_counter()
+                qcfg = QuantConfig(w_bits=w, a_bits=a, calib_method=method, quant_attention=vit)  # ViTs: same quantizers
+                report = apply_method(model, qcfg, calib)
+                seconds = time.perf_counter() - t0
+                top1 = evaluate(model, splits.test)["top1"]
+                key = f"w{w}a{a}/{method}"
+                row["results"][key] = {"top1": top1, "calibration_seconds": seconds, "timings": report["timings"]}
+                print(json.dumps({"bundle": row["bundle"], "config": key, "top1": top1, "seconds": round(seconds, 1)}),
+                      flush=True)
+        rows.append(row)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    (out / f"{args.name}.md").write_text(table(rows) + "\n")
+    print(table(rows))
+
+
+def table(rows: list[dict]) -> str:
+    """Table 2 layout: one row per bundle and calibrator, top-1 (drop from FP32) per configuration."""
+    cols = [f"W{w}A{a}" for w, a in CONFIGS]
+    lines = ["| bundle | calibration | FP32 | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    for r in rows:
+        for method in METHODS:
+            cells = []
+            for w, a in CONFIGS:
+                key = f"w{w}a{a}/{method if a != 16 or method in ('minmax', 'mse') else 'mse'}"
+                res = r["results"].get(key)
+                cells.append(f"{res['top1']:.2f} ({res['top1'] - r['fp32']:+.2f})" if res else "-")
+            if all(c == "-" for c in cells):
+                continue
+            lines.append(f"| {r['bundle']} | {method} | {r['fp32']:.2f} | " + " | ".join(cells) + " |")
+    timing = ["", "Calibration time (s), every configuration with activations, 512 samples:", ""]
+    timing += ["| bundle | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
+    for r in rows:
+        cells = []
+        for method in METHODS:
+            res = r["results"].get(f"w8a8/{method}")
+            cells.append(f"{res['calibration_seconds']:.1f}" if res else "-")
+        timing.append(f"| {r['bundle']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + timing)
+
+
+if __name__ == "__main__":
+    main()
