@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--configs", nargs="+", default=[f"w{w}a{a}" for w, a in CONFIGS], help="e.g. w8a8 (timing run)")
     ap.add_argument("--name", default="ptq_sweep")
+    ap.add_argument("--methods", nargs="+", default=METHODS, help="re-run these calibrators; other results are kept")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -51,7 +52,7 @@ def main() -> None:
         for w, a in CONFIGS:
             if f"w{w}a{a}" not in args.configs:
                 continue
-            for method in METHODS:
+            for method in args.methods:
                 if method == "ptq4vit" and not vit:
                     continue
                 if a == 16 and method in ("percentile", "entropy", "ptq4vit"):
@@ -69,6 +70,13 @@ def main() -> None:
         rows.append(row)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    previous = out / f"{args.name}.json"
+    if previous.is_file():  # keep earlier results of calibrators not re-run
+        kept = {r["bundle"]: r for r in json.loads(previous.read_text())["rows"]}
+        for row in rows:
+            old = kept.pop(row["bundle"], {"results": {}})["results"]
+            row["results"] = {**old, **row["results"]}
+        rows += list(kept.values())
     (out / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
     (out / f"{args.name}.md").write_text(table(rows) + "\n")
     print(table(rows))
@@ -85,7 +93,8 @@ def table(rows: list[dict]) -> str:
                 key = f"w{w}a{a}/{method if a != 16 or method in ('minmax', 'mse') else 'mse'}"
                 res = r["results"].get(key)
                 cells.append(f"{res['top1']:.2f} ({res['top1'] - r['fp32']:+.2f})" if res else "-")
-            if all(c == "-" for c in cells):
+            ran = any(k.endswith(f"/{method}") for k in r["results"])
+            if not ran or all(c == "-" for c in cells):
                 continue
             lines.append(f"| {r['bundle']} | {method} | {r['fp32']:.2f} | " + " | ".join(cells) + " |")
     timing = ["", "Calibration time (s), every configuration with activations, 512 samples:", ""]

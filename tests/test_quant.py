@@ -55,6 +55,14 @@ def test_calibrators_on_known_distributions():
         assert compute_range(u, method, 8, 99.99)[1] > 0.9, method
 
 
+def test_entropy_ignores_the_zero_spike_of_post_relu_activations():
+    """70% exact zeros (post-ReLU6) must not drag the KL threshold down to its smallest candidate."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.zeros(70_000), torch.rand(29_000) * 3, torch.full((1_000,), 6.0)])
+    lo, hi = compute_range(_observe(x), "entropy", 8)
+    assert hi > 2.5  # the bulk (up to 3) stays inside; the old spike-driven answer was 128 bins = 0.375
+
+
 def test_asymmetric_observer_keeps_zero_in_range_and_uses_the_full_grid():
     x = torch.rand(10_000) * 6  # post-ReLU6-like: all >= 0
     obs = _observe(x, symmetric=False)

@@ -38,6 +38,7 @@ class RangeObserver:
         self.hi = -math.inf
         self.hist: torch.Tensor | None = None
         self.count = 0
+        self.zeros = 0  # exact zeros (post-ReLU), counted in pass 2
 
     def observe(self, x: torch.Tensor) -> None:
         x = x.detach().float()
@@ -48,6 +49,7 @@ class RangeObserver:
             self.hi = max(self.hi, float(x.max()))
         else:
             self.hist += torch.histc(x, self.bins, *self.edges_range)
+            self.zeros += int((x == 0).sum())
         self.count += x.numel()
 
     def start_histogram(self) -> None:
@@ -134,7 +136,10 @@ def _mse(obs: RangeObserver, bits: int, points: int = 100) -> tuple[float, float
 
 def _entropy(obs: RangeObserver, bits: int) -> float:
     """TensorRT's entropy calibration: the |x| threshold whose quantized histogram is closest in KL divergence."""
-    hist = obs.hist.numpy()
+    hist = obs.hist.numpy().copy()
+    # Exact zeros (most of a post-ReLU tensor) are exact at every threshold; left in, their spike in bin 0 makes
+    # KL prefer the smallest threshold (merging bin 0 with its neighbours costs more than clipping the tail).
+    hist[0] = max(hist[0] - obs.zeros, 0.0)
     width = obs.hi / obs.bins
     levels = 2 ** (bits - 1)
     best_i, best_kl = obs.bins, math.inf

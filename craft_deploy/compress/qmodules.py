@@ -78,23 +78,35 @@ def _act_grid(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
-class ActQuantizer(nn.Module):
-    """Per-tensor fake-quant of an activation with a static, calibrated range; symmetric or asymmetric."""
+class _ActivationQuantizer(nn.Module):
+    """Shared behaviour: pass values through to a calibration observer, or untouched while disabled."""
 
-    def __init__(self, bits: int, symmetric: bool = True):
+    def __init__(self, bits: int):
         super().__init__()
-        self.bits, self.symmetric = bits, symmetric
+        self.bits = bits
         self.observer: RangeObserver | None = None
         self.enabled = True
-        self.register_buffer("scale", torch.ones(1))
-        self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
             self.observer.observe(x)
             return x
-        if not self.enabled:
-            return x
+        return self.quantize(x) if self.enabled else x
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ActQuantizer(_ActivationQuantizer):
+    """Per-tensor fake-quant of an activation with a static, calibrated range; symmetric or asymmetric."""
+
+    def __init__(self, bits: int, symmetric: bool = True):
+        super().__init__(bits)
+        self.symmetric = symmetric
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = _act_grid(self.bits)
         if self.bits < 8:  # keep a narrower grid exact when it is written as int8 Q/DQ
             zp = self.zero_point.to(x.dtype)
@@ -121,7 +133,7 @@ class ActQuantizer(nn.Module):
         return (-qmax * s, qmax * s) if self.symmetric else ((qmin - zp) * s, (qmax - zp) * s)
 
 
-class TwinActQuantizer(nn.Module):
+class TwinActQuantizer(_ActivationQuantizer):
     """PTQ4ViT's twin-uniform quantizer: two grids of 2^(b-1) levels, a fine one (delta1) for small values.
 
     `softmax` (post-softmax values in [0, 1]): values below 2^(b-1) * delta1 use delta1, the rest delta2 (fixed at
@@ -130,21 +142,14 @@ class TwinActQuantizer(nn.Module):
     """
 
     def __init__(self, bits: int, mode: str):
-        super().__init__()
+        super().__init__(bits)
         if mode not in ("softmax", "gelu"):
             raise ValueError(f"twin-uniform mode must be softmax or gelu, got {mode!r}")
-        self.bits, self.mode = bits, mode
-        self.observer: RangeObserver | None = None
-        self.enabled = True
+        self.mode = mode
         self.register_buffer("delta1", torch.full((1,), 1.0 / 2 ** (bits + 4)))
         self.register_buffer("delta2", torch.full((1,), 1.0 / 2 ** (bits - 1)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer is not None:
-            self.observer.observe(x)
-            return x
-        if not self.enabled:
-            return x
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
         levels = 2 ** (self.bits - 1)
         d1, d2 = self.delta1, self.delta2
         if self.mode == "softmax":
