@@ -37,7 +37,6 @@ class RangeObserver:
         self.lo = math.inf
         self.hi = -math.inf
         self.hist: torch.Tensor | None = None
-        self.count = 0
         self.zeros = 0  # exact zeros (post-ReLU), counted in pass 2
 
     def observe(self, x: torch.Tensor) -> None:
@@ -48,9 +47,8 @@ class RangeObserver:
             self.lo = min(self.lo, float(x.min()))
             self.hi = max(self.hi, float(x.max()))
         else:
-            self.hist += torch.histc(x, self.bins, *self.edges_range)
+            self.hist += torch.histc(x, self.bins, self.lo, self.hi)
             self.zeros += int((x == 0).sum())
-        self.count += x.numel()
 
     def start_histogram(self) -> None:
         """End pass 1: fix the histogram range; later batches fill the histogram."""
@@ -60,11 +58,6 @@ class RangeObserver:
         if self.hi - self.lo < 1e-12:
             self.hi = self.lo + 1e-8
         self.hist = torch.zeros(self.bins, dtype=torch.float64)
-        self.count = 0
-
-    @property
-    def edges_range(self) -> tuple[float, float]:
-        return self.lo, self.hi
 
     def centers(self) -> np.ndarray:
         width = (self.hi - self.lo) / self.bins
@@ -101,19 +94,14 @@ def compute_range(obs: RangeObserver, method: str, bits: int, percentile: float 
     return lo, hi
 
 
-def _cdf_edge(hist: np.ndarray, lo: float, width: float, q: float) -> float:
-    cdf = np.cumsum(hist) / max(hist.sum(), 1.0)
-    i = int(np.searchsorted(cdf, q))
-    return lo + width * (min(i, len(hist) - 1) + 1)
-
-
 def _percentile(obs: RangeObserver, p: float) -> tuple[float, float]:
     hist = obs.hist.numpy()
     width = (obs.hi - obs.lo) / obs.bins
-    hi = _cdf_edge(hist, obs.lo, width, p / 100.0)
+    cdf = np.cumsum(hist) / max(hist.sum(), 1.0)
+    hi = obs.lo + width * (min(int(np.searchsorted(cdf, p / 100.0)), obs.bins - 1) + 1)
     if obs.symmetric:
         return 0.0, hi
-    lo = obs.lo + width * int(np.searchsorted(np.cumsum(hist) / max(hist.sum(), 1.0), 1 - p / 100.0))
+    lo = obs.lo + width * int(np.searchsorted(cdf, 1 - p / 100.0))
     return min(lo, 0.0), max(hi, 0.0)
 
 
