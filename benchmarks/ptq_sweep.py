@@ -6,6 +6,7 @@ and the calibration time for 512 samples.
 Weight-only configurations (a16) have no activations to calibrate: percentile and entropy reduce to the MSE weight
 clip there, so they are listed once as `minmax` and `mse`. PTQ4ViT runs on bundles of ViTs (timm Attention blocks);
 there every calibrator also quantizes the attention matmuls (--quant-attention), so all quantize the same tensors.
+`minmax+bn` and `mse+bn` add BatchNorm re-estimation under the quantized forward pass (models with BatchNorm only).
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import torch
 
 from craft_deploy.compress import QuantConfig, calib_loop
 from craft_deploy.compress.attention import attention_modules
+from craft_deploy.compress.batchnorm import batchnorms
 from craft_deploy.compress.registry import apply_method
 from craft_deploy.data import calibration_subset, splits_for_manifest
 from craft_deploy.evaluate import evaluate
 from craft_deploy.models import load_bundle
 
 CONFIGS = [(8, 8), (6, 6), (6, 16), (5, 16), (4, 16)]
-METHODS = ["minmax", "percentile", "mse", "entropy", "ptq4vit"]
+METHODS = ["minmax", "percentile", "mse", "entropy", "ptq4vit", "minmax+bn", "mse+bn"]  # +bn: --bn-recalibrate
 
 
 def main() -> None:
@@ -48,18 +50,22 @@ def main() -> None:
         calib = calib_loop(calibration_subset(splits.train, args.calib_samples))
         fp32 = evaluate(bundle.model, splits.test)["top1"]
         vit = bool(attention_modules(bundle.model))
+        has_bn = bool(batchnorms(bundle.model))
         row = {"bundle": Path(path).name, "fp32": fp32, "results": {}}
         for w, a in CONFIGS:
             if f"w{w}a{a}" not in args.configs:
                 continue
             for method in args.methods:
-                if method == "ptq4vit" and not vit:
+                calib_method, bn = method.removesuffix("+bn"), method.endswith("+bn")
+                if (calib_method == "ptq4vit" and not vit) or (bn and not has_bn):
                     continue
-                if a == 16 and method in ("percentile", "entropy", "ptq4vit"):
+                if a == 16 and calib_method in ("percentile", "entropy", "ptq4vit"):
                     continue
                 model = copy.deepcopy(bundle.model)
                 t0 = time.perf_counter()
-                qcfg = QuantConfig(w_bits=w, a_bits=a, calib_method=method, quant_attention=vit)  # ViTs: same quantizers
+                qcfg = QuantConfig(  # ViTs: every calibrator quantizes the same tensors
+                    w_bits=w, a_bits=a, calib_method=calib_method, quant_attention=vit, bn_recalibrate=bn
+                )
                 report = apply_method(model, qcfg, calib)
                 seconds = time.perf_counter() - t0
                 top1 = evaluate(model, splits.test)["top1"]
@@ -90,7 +96,8 @@ def table(rows: list[dict]) -> str:
         for method in METHODS:
             cells = []
             for w, a in CONFIGS:
-                key = f"w{w}a{a}/{method if a != 16 or method in ('minmax', 'mse') else 'mse'}"
+                weight_only = method.removesuffix("+bn") in ("minmax", "mse")
+                key = f"w{w}a{a}/{method if a != 16 or weight_only else 'mse'}"
                 res = r["results"].get(key)
                 cells.append(f"{res['top1']:.2f} ({res['top1'] - r['fp32']:+.2f})" if res else "-")
             ran = any(k.endswith(f"/{method}") for k in r["results"])

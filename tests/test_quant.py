@@ -159,6 +159,25 @@ def test_every_calibrator_quantizes_real_models(name, method):
         assert sqnr_db(ref, model(data)) > 20.0
 
 
+def test_bn_recalibration_re_estimates_statistics_under_the_quantized_forward():
+    model, calib, data = tiny_model_and_calib("test_efficientnet")
+    report = apply_method(model, QuantConfig(w_bits=4, a_bits=4, bn_recalibrate=True), calib)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert report["bn_recalibrated"] == len(bns) > 0 and report["timings"]["bn_recalibrate_seconds"] > 0
+    # the stem BN's running mean is now the per-channel mean of the quantized stem conv's outputs on the data
+    seen = []
+    handle = model.conv_stem.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        calib(model)
+    handle.remove()
+    out = torch.cat(seen)
+    assert torch.allclose(model.bn1.running_mean, out.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(model.bn1.running_var, out.transpose(0, 1).flatten(1).var(dim=1), rtol=1e-3, atol=1e-6)
+    vit, vit_calib, _ = tiny_model_and_calib("test_vit")
+    report = apply_method(vit, QuantConfig(w_bits=8, a_bits=8, bn_recalibrate=True), vit_calib)
+    assert report["bn_recalibrated"] == 0 and "no BatchNorm" in report["notes"][0]
+
+
 def test_attention_matmuls_get_quantizers_and_still_compute_attention():
     model, calib, data = tiny_model_and_calib("test_vit")
     with torch.no_grad():

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from craft_deploy import CraftError
+from craft_deploy.compress.batchnorm import recalibrate_batchnorm
 from craft_deploy.compress.layers import model_blocks, select_layers
 from craft_deploy.compress.primitives import as_input_groups, from_input_groups, nm_mask, row_mask, unstructured_mask
 from craft_deploy.compress.registry import CalibLoop, MethodConfig, calibrate_with_hooks, register_method
@@ -98,25 +99,6 @@ def _block_groups(model: nn.Module, names: list[str]) -> list[list[str]]:
         key = next((b for b in blocks if name.startswith(b + ".")), name)
         groups.setdefault(key, []).append(name)
     return list(groups.values())
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, calib: CalibLoop) -> int:
-    """Re-estimate every BatchNorm's running statistics on the calibration data (cumulative average)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [m.momentum for m in bns]
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    try:
-        calib(model)
-    finally:
-        for m, momentum in zip(bns, saved):
-            m.momentum = momentum
-        model.eval()
-    return len(bns)
 
 
 @register_method(PruneConfig)

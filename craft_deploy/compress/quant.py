@@ -15,6 +15,7 @@ from torch import nn
 
 from craft_deploy import CraftError
 from craft_deploy.compress.attention import attention_modules
+from craft_deploy.compress.batchnorm import batchnorms, recalibrate_batchnorm
 from craft_deploy.compress.calibrators import CALIB_METHODS, RangeObserver, compute_range
 from craft_deploy.compress.layers import select_layers
 from craft_deploy.compress.qmodules import ActQuantizer, activation_quantizers, attach_quantizers, quantized_layers
@@ -38,6 +39,7 @@ class QuantConfig(MethodConfig):
     quant_attention: bool = False
     search_points: int = 24
     search_rounds: int = 2
+    bn_recalibrate: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.w_bits <= 8:
@@ -80,7 +82,10 @@ class QuantConfig(MethodConfig):
 @register_method(QuantConfig)
 @torch.no_grad()
 def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dict[str, Any]:
-    """Attach quantizers to every selected layer (stem and depthwise included), calibrate, freeze the scales."""
+    """Attach quantizers to every selected layer (stem and depthwise included), calibrate, freeze the scales.
+
+    With `bn_recalibrate`, BatchNorm statistics are then re-estimated under the fully quantized forward pass.
+    """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     method = cfg.calib_method
@@ -128,6 +133,15 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dic
             timings["hessian_search_seconds"] = time.perf_counter() - t2
             notes.append(f"hessian-guided search over {len(search)} ops")
         ranges = {n: [round(v, 6) for v in q.range()] for n, q in act.items() if isinstance(q, ActQuantizer)}
+    bn_count = 0
+    if cfg.bn_recalibrate and batchnorms(model):
+        if calib is None:
+            raise CraftError("--bn-recalibrate re-estimates BatchNorm statistics and needs --calib-samples N")
+        t3 = time.perf_counter()
+        bn_count = recalibrate_batchnorm(model, calib)
+        timings["bn_recalibrate_seconds"] = time.perf_counter() - t3
+    elif cfg.bn_recalibrate:
+        notes.append("--bn-recalibrate: the model has no BatchNorm; nothing re-estimated")
     timings["total_seconds"] = time.perf_counter() - t0
     return {
         "config": cfg.name,
@@ -137,6 +151,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dic
         "matmuls": matmuls,
         "skipped": skipped,
         "activation_ranges": ranges,
+        "bn_recalibrated": bn_count,
         "notes": notes,
         "timings": timings,
     }
