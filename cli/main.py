@@ -172,7 +172,9 @@ def finetune(out, overwrite, resume, **kw) -> None:
     help="Wanda: gather statistics block by block on the partly pruned model.",
 )
 @click.option(
-    "--bn-recalibrate", is_flag=True, help="Re-estimate BatchNorm statistics on calibration data after pruning."
+    "--bn-recalibrate",
+    is_flag=True,
+    help="Re-estimate BatchNorm statistics on calibration data after pruning and/or quantization.",
 )
 @click.option("--quant", help="Post-training quantization wXaY: w8a8, w6a6, w6a16, w4a16 (a16 = float activations).")
 @click.option(
@@ -270,36 +272,68 @@ def sparsity(bundle) -> None:
 
 @main.command()
 @click.argument("bundle", type=click.Path())
-@click.option("--format", "format_", default="onnx", show_default=True, help="onnx.")
-@click.option("--opset", default=17, show_default=True, type=int)
+@click.option(
+    "--format",
+    "format_",
+    default="onnx",
+    show_default=True,
+    type=click.Choice(["onnx", "tensorrt", "torch-tensorrt"]),
+    help="onnx; tensorrt (an engine built from the ONNX); torch-tensorrt (a dynamo-compiled program).",
+)
+@click.option(
+    "--precision",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "fp32", "fp16", "int8"]),
+    help="auto: int8 Q/DQ for quantized bundles, fp32 otherwise; fp16 keeps LayerNorm/softmax in FP32.",
+)
+@click.option(
+    "--target",
+    default="tensorrt",
+    show_default=True,
+    type=click.Choice(["tensorrt", "ort-cpu"]),
+    help="Q/DQ flavour: tensorrt = int8 activations (S8S8); ort-cpu = uint8 activations, zero point 128 (U8S8).",
+)
+@click.option("--opset", type=int, help="ONNX opset (default 17, or 21 for INT4 weights).")
 @click.option(
     "--verify-samples",
     default=64,
     show_default=True,
     type=int,
-    help="Test images run through PyTorch and ONNX Runtime to verify the export.",
+    help="Test images run through PyTorch and the exported model to verify the export.",
 )
+@click.option("--batch-sizes", default="1,16", show_default=True, help="TensorRT profile: smallest..largest batch.")
+@click.option("--sparse", is_flag=True, help="TensorRT: SPARSE_WEIGHTS (2:4-pruned weights may get sparse kernels).")
+@click.option("--workspace-gb", default=4.0, show_default=True, type=float, help="TensorRT builder workspace.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache file (read and updated).")
 @data_root_option
 @out_option
 @overwrite_option
 @_guard
-def export(bundle, out, overwrite, format_, **kw) -> None:
-    """Export a bundle to ONNX (FP32, or Q/DQ INT8 when quantized), verified in ONNX Runtime.
+def export(bundle, out, overwrite, format_, batch_sizes, **kw) -> None:
+    """Export a bundle to ONNX, a TensorRT engine or a torch-tensorrt program, verified against PyTorch.
 
     \b
     Examples:
-      craft-deploy export runs/adam-w8a8 --format onnx --out runs/adam-w8a8-onnx
+      craft-deploy export runs/sam --precision fp16 --out runs/sam-fp16
+      craft-deploy export runs/sam-w8a8 --target ort-cpu --out runs/sam-w8a8-cpu
+      craft-deploy export runs/sam-24-w8a8 --format tensorrt --sparse --out runs/sam-24-w8a8-trt
     """
-    from craft_deploy.config import ExportConfig
+    from craft_deploy.config import ExportConfig, parse_batch_sizes
     from craft_deploy.export import run
 
-    rec = run(ExportConfig(format=format_, **kw), bundle, out, overwrite)
-    v = rec["verification"]
-    click.echo(
-        f"\nexport {bundle} -> {out}/model.onnx ({rec['precision']}, {rec['size_bytes'] / 1e6:.1f} MB): "
-        f"onnxruntime vs PyTorch on {v['samples']} images: max |diff| {v['max_abs_diff']:.2e}, "
-        f"top-1 agreement {100 * v['top1_agreement']:.1f}%"
+    cfg = ExportConfig(format=format_, batch_sizes=parse_batch_sizes(batch_sizes), **kw)
+    rec = run(cfg, bundle, out, overwrite)
+    checks = ", ".join(
+        f"{name}: max |diff| {v['max_abs_diff']:.2e}, top-1 agreement {100 * v['top1_agreement']:.1f}%"
+        for name, v in rec["verification"].items()
     )
+    click.echo(
+        f"\nexport {bundle} -> {out}/{rec['file']} ({rec['precision']}, weights {rec.get('weights', '-')}, "
+        f"{rec['size_bytes'] / 1e6:.1f} MB); vs PyTorch on {cfg.verify_samples} images: {checks}"
+    )
+    if rec.get("warning"):
+        click.echo(f"warning: {rec['warning']}", err=True)
 
 
 @main.command()

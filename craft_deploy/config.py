@@ -195,29 +195,55 @@ class CompressConfig(_Config):
             group_size=self.group_size or 0,
             act_asymmetric=self.act_asymmetric,
             quant_attention=self.quant_attention,
+            bn_recalibrate=self.bn_recalibrate,
         )
+
+
+EXPORT_FORMATS = ("onnx", "tensorrt", "torch-tensorrt")
+EXPORT_PRECISIONS = ("auto", "fp32", "fp16", "int8")
+EXPORT_TARGETS = ("tensorrt", "ort-cpu")
 
 
 @dataclass(frozen=True)
 class ExportConfig(_Config):
-    """Export of a bundle to a deployable format, verified against PyTorch."""
+    """Export of a bundle to a deployable format, verified against PyTorch.
+
+    `precision` auto is int8 (Q/DQ) for quantized bundles and fp32 otherwise. `target` picks the Q/DQ flavour:
+    tensorrt = symmetric int8 activations (S8S8), ort-cpu = uint8 activations with zero point 128 (U8S8, exact).
+    `opset` None is 17, or 21 when weights are INT4.
+    """
 
     format: str = "onnx"
-    opset: int = 17
+    precision: str = "auto"
+    target: str = "tensorrt"
+    opset: int | None = None
     verify_samples: int = 64
     data_root: str | None = None
     atol: float | None = None
+    batch_sizes: tuple[int, ...] = (1, 16)
+    sparse: bool = False
+    workspace_gb: float = 4.0
+    timing_cache: str | None = None
 
     def __post_init__(self) -> None:
-        if self.format != "onnx":
-            raise CraftError(
-                f"--format {self.format!r}: this version exports onnx; tensorrt and torch-tensorrt need TensorRT "
-                "(pip install 'craft-deploy[tensorrt]') and are not built yet"
-            )
-        if self.opset < 17:
+        object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))  # JSON round trips give lists
+        for flag, value, choices in (
+            ("--format", self.format, EXPORT_FORMATS),
+            ("--precision", self.precision, EXPORT_PRECISIONS),
+            ("--target", self.target, EXPORT_TARGETS),
+        ):
+            if value not in choices:
+                raise CraftError(f"{flag} {value!r} is not supported; choose one of {', '.join(choices)}")
+        if self.opset is not None and self.opset < 17:
             raise CraftError(f"--opset must be >= 17 (LayerNormalization, per-channel Q/DQ), got {self.opset}")
         if self.verify_samples <= 0:
             raise CraftError(f"--verify-samples must be positive, got {self.verify_samples}")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise CraftError(f"--batch-sizes must be positive integers, e.g. 1,16; got {self.batch_sizes}")
+        if self.sparse and self.format != "tensorrt":
+            raise CraftError("--sparse sets TensorRT's SPARSE_WEIGHTS flag: use it with --format tensorrt")
+        if self.workspace_gb <= 0:
+            raise CraftError(f"--workspace-gb must be positive, got {self.workspace_gb}")
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:

@@ -76,3 +76,13 @@ def tiny_w8a8_onnx(tiny_w8a8, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "w8a8-onnx"
     run(ExportConfig(verify_samples=32), tiny_w8a8, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_bundle(tmp_path_factory):
+    """test_vit (LayerNorm, GELU, attention) fine-tuned one epoch on digits at 32 px."""
+    from craft_deploy.finetune import run
+
+    out = tmp_path_factory.mktemp("tiny") / "vit"
+    run(FinetuneConfig(**{**TINY, "model": "test_vit"}), out)
+    return out

@@ -1,3 +1,5 @@
+import copy
+import io
 import json
 
 import numpy as np
@@ -5,37 +7,79 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
 
 from craft_deploy import CraftError
 from craft_deploy.compress import run as compress
 from craft_deploy.config import CompressConfig, ExportConfig
 from craft_deploy.export import run as export
-from craft_deploy.export.onnx import read_metadata
+from craft_deploy.export.onnx import fold_shape_constants, read_metadata, static_same_padding
 from craft_deploy.models import load_bundle
 
 
-def _check(out, bundle_path):
+def _check(out, bundle_path, batch=5):
+    """export.json, the model (full checker), and PyTorch vs ONNX Runtime logits on fresh inputs of a new batch size."""
     rec = json.loads((out / "export.json").read_text())
     proto = onnx.load(str(out / "model.onnx"))
     onnx.checker.check_model(proto, full_check=True)
     meta = read_metadata(proto)
     bundle = load_bundle(bundle_path)
     assert meta["input_size"] == bundle.manifest["input_size"] and meta["mean"] == bundle.manifest["mean"]
-    # run the file ourselves too, on fresh inputs with a batch size the export never saw
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    x = torch.randn(5, *bundle.input_size)
+    x = torch.randn(batch, *bundle.input_size)
     with torch.no_grad():
         ref = bundle.model(x).numpy()
     got = sess.run(None, {"input": x.numpy()})[0]
+    assert got.dtype == np.float32  # FP16 models keep FP32 input and output
     return rec, proto, ref, got
+
+
+def _inits(proto):
+    return {t.name: t for t in proto.graph.initializer}
+
+
+def _weight_dqs(proto):
+    inits = _inits(proto)
+    return [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+
+
+@pytest.fixture(scope="module")
+def tiny_w6a6(tiny_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "w6a6"
+    compress(CompressConfig(quant="w6a6", calib_samples=64, calib_method="mse"), tiny_bundle, out)
+    return out
 
 
 def test_fp32_export_matches_pytorch(tiny_bundle, tmp_path):
     rec = export(ExportConfig(verify_samples=32), tiny_bundle, tmp_path / "fp32")
     rec, proto, ref, got = _check(tmp_path / "fp32", tiny_bundle)
-    assert rec["verification"]["passed"] and rec["verification"]["top1_agreement"] == 1.0
+    v = rec["verification"]["onnxruntime"]
+    assert v["passed"] and v["top1_agreement"] == 1.0 and rec["precision"] == "fp32" and rec["opset"] == 17
     assert np.abs(ref - got).max() < 1e-3
-    assert not any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
+    assert not any(n.op_type in ("QuantizeLinear", "Shape", "ConstantOfShape") for n in proto.graph.node)
+
+
+@pytest.mark.parametrize("which", ["cnn", "vit"])
+def test_fp16_export_keeps_layernorm_and_softmax_in_fp32(which, tiny_bundle, tiny_vit_bundle, tmp_path):
+    bundle = tiny_bundle if which == "cnn" else tiny_vit_bundle
+    rec = export(ExportConfig(precision="fp16", verify_samples=32), bundle, tmp_path / "fp16")
+    rec, proto, ref, got = _check(tmp_path / "fp16", bundle)
+    assert rec["precision"] == "fp16" and rec["verification"]["onnxruntime"]["passed"]
+    inits = _inits(proto)
+    weights = [inits[n.input[1]] for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
+               if n.input[1] in inits]
+    assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    scale = max(1.0, np.abs(ref).max())
+    assert np.abs(ref - got).max() < 2e-2 * scale and (ref.argmax(1) == got.argmax(1)).mean() >= 0.8
+    if which == "vit":
+        # the FP32 islands: every LayerNormalization/Softmax reads FP32 (a Cast from FP16 in front of it)
+        producers = {o: n for n in proto.graph.node for o in n.output}
+        kept = [n for n in proto.graph.node if n.op_type in ("LayerNormalization", "Softmax")]
+        assert kept
+        for node in kept:
+            src = producers.get(node.input[0])
+            assert src is not None and src.op_type == "Cast"
+            assert next(a.i for a in src.attribute if a.name == "to") == onnx.TensorProto.FLOAT
 
 
 def test_w8a8_exports_qdq_with_int8_weights(tiny_w8a8, tiny_w8a8_onnx):
@@ -43,8 +87,11 @@ def test_w8a8_exports_qdq_with_int8_weights(tiny_w8a8, tiny_w8a8_onnx):
     ops = rec["ops"]
     n_layers = len(load_bundle(tiny_w8a8).manifest["quantization"]["layers"])
     assert ops["QuantizeLinear"] == n_layers  # one per quantized input; weight Qs folded away
-    assert ops["DequantizeLinear"] == 2 * n_layers and rec["weights_folded_to_int8"] == n_layers
-    inits = {t.name: t for t in proto.graph.initializer}
+    assert ops["DequantizeLinear"] == 2 * n_layers and rec["rewrites"]["weights_folded"] == n_layers
+    # BatchNorm folded into the Q/DQ convs (integers kept, scales and bias rescaled), so nothing sits between a Conv
+    # and the next QuantizeLinear but its activation
+    assert "BatchNormalization" not in ops and rec["rewrites"]["batchnorm_folded"] > 0
+    inits = _inits(proto)
     producers = {o: n for n in proto.graph.node for o in n.output}
     for node in proto.graph.node:
         if node.op_type == "Conv":
@@ -53,14 +100,141 @@ def test_w8a8_exports_qdq_with_int8_weights(tiny_w8a8, tiny_w8a8_onnx):
             assert inits[dq.input[0]].data_type == onnx.TensorProto.INT8
             assert producers[node.input[0]].op_type == "DequantizeLinear"
     assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.8
-    assert rec["verification"]["top1_agreement"] >= 0.95
+    assert rec["verification"]["onnxruntime"]["top1_agreement"] >= 0.95
+
+
+def test_ort_cpu_target_writes_uint8_activations_with_identical_results(tiny_w8a8, tiny_w8a8_onnx, tmp_path):
+    rec = export(ExportConfig(target="ort-cpu", verify_samples=32), tiny_w8a8, tmp_path / "u8")
+    proto = onnx.load(str(tmp_path / "u8" / "model.onnx"))
+    inits = _inits(proto)
+    acts = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert acts and rec["activations"] == "uint8" and rec["rewrites"]["uint8_activations"] == len(acts)
+    for q in acts:
+        zp = numpy_helper.to_array(inits[q.input[2]])
+        assert zp.dtype == np.uint8 and (zp == 128).all()  # symmetric int8 grid = uint8 grid around 128
+    for dq in _weight_dqs(proto):
+        assert inits[dq.input[0]].data_type == onnx.TensorProto.INT8  # U8S8
+    x = np.random.default_rng(0).standard_normal((8, *load_bundle(tiny_w8a8).input_size)).astype(np.float32)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the Q/DQ arithmetic, unfused
+    run = [ort.InferenceSession(str(p / "model.onnx"), opts, providers=["CPUExecutionProvider"]).run(None, {"input": x})
+           for p in (tiny_w8a8_onnx, tmp_path / "u8")]
+    np.testing.assert_allclose(run[0][0], run[1][0], rtol=0, atol=1e-5)
+
+
+def test_w7a8_runs_exactly_in_fused_integer_kernels(tiny_bundle, tmp_path):
+    # 7-bit weights cannot overflow the 16-bit u8 x s8 pair sums of AVX2 kernels, so fused kernels agree everywhere
+    compress(CompressConfig(quant="w7a8", calib_samples=32), tiny_bundle, tmp_path / "w7a8")
+    rec = export(ExportConfig(target="ort-cpu", verify_samples=32), tmp_path / "w7a8", tmp_path / "onnx")
+    fused = rec["verification"]["onnxruntime_fused_kernels"]
+    assert fused["within_tolerance"] and fused["top1_agreement"] >= 0.95 and "warning" not in rec
+
+
+def test_w6a6_exports_the_narrow_grid_exactly(tiny_w6a6, tmp_path):
+    rec = export(ExportConfig(verify_samples=32), tiny_w6a6, tmp_path / "w6a6")
+    _, proto, ref, got = _check(tmp_path / "w6a6", tiny_w6a6)
+    assert rec["verification"]["onnxruntime"]["passed"] and rec["weights"] == "int8"
+    inits = _inits(proto)
+    for dq in _weight_dqs(proto):
+        w = numpy_helper.to_array(inits[dq.input[0]])
+        assert w.dtype == np.int8 and np.abs(w.astype(int)).max() <= 31  # INT6 values in INT8 storage
+    assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.8
+
+
+@pytest.mark.parametrize("group", [0, 16])
+def test_w4a16_exports_int4_weights_at_opset_21(group, tiny_bundle, tmp_path):
+    extra = {"group_size": group} if group else {}
+    compress(CompressConfig(quant="w4a16", calib_samples=32, **extra), tiny_bundle, tmp_path / "w4")
+    with pytest.raises(CraftError, match="ort-cpu"):  # TensorRT has no INT4 convolutions
+        export(ExportConfig(), tmp_path / "w4", tmp_path / "trt")
+    with pytest.raises(CraftError, match="opset 21"):
+        export(ExportConfig(target="ort-cpu", opset=17), tmp_path / "w4", tmp_path / "o17")
+    assert not (tmp_path / "trt").exists() and not (tmp_path / "o17").exists()
+    rec = export(ExportConfig(target="ort-cpu", verify_samples=32), tmp_path / "w4", tmp_path / "onnx")
+    _, proto, ref, got = _check(tmp_path / "onnx", tmp_path / "w4")
+    assert rec["opset"] == 21 and rec["weights"] == "int4" and rec["activations"] == "fp32"
+    assert next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 21
+    inits = _inits(proto)
+    dqs = _weight_dqs(proto)
+    n_layers = len(load_bundle(tmp_path / "w4").manifest["quantization"]["layers"])
+    assert len(dqs) == n_layers == rec["rewrites"]["int4_weights"]
+    for dq in dqs:
+        assert inits[dq.input[0]].data_type == onnx.TensorProto.INT4
+        block = next((a.i for a in dq.attribute if a.name == "block_size"), 0)
+        assert block == group
+    assert not any(n.op_type == "QuantizeLinear" for n in proto.graph.node)  # weight-only: float activations
+    scale = max(1.0, np.abs(ref).max())
+    assert np.abs(ref - got).max() < 1e-3 * scale  # INT4 values dequantize exactly; only float rounding differs
+
+
+def test_vit_w8a8_with_attention_matmuls_exports(tiny_vit_bundle, tmp_path):
+    compress(CompressConfig(quant="w8a8", calib_samples=32, calib_method="mse", quant_attention=True),
+             tiny_vit_bundle, tmp_path / "q")
+    rec = export(ExportConfig(verify_samples=32), tmp_path / "q", tmp_path / "onnx")
+    _, proto, ref, got = _check(tmp_path / "onnx", tmp_path / "q")
+    matmuls = [n for n in proto.graph.node if n.op_type == "MatMul"]
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    assert any(all(producers[i].op_type == "DequantizeLinear" for i in n.input if i in producers) for n in matmuls)
+    assert rec["verification"]["onnxruntime"]["top1_agreement"] >= 0.95
 
 
 def test_pruned_weights_stay_zero_in_onnx(tiny_bundle, tmp_path):
     compress(CompressConfig(sparsity="2:4", quant="w8a8", calib_samples=32), tiny_bundle, tmp_path / "c")
     rec = export(ExportConfig(verify_samples=16), tmp_path / "c", tmp_path / "e")
-    v = rec["verification"]
-    assert v["weight_zeros_onnx"] >= v["weight_zeros_bundle"] > 0
+    v = rec["verification"]["onnxruntime"]
+    assert v["weight_zeros_onnx"] >= v["weight_zeros_bundle"] > 0 and v["passed"]
+
+
+def test_static_same_padding_matches_timm_and_exports_without_shape_arithmetic():
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        Conv2dSame(3, 8, 3, stride=2), Conv2dSame(8, 8, 5, stride=1), Conv2dSame(8, 4, 3, stride=2, groups=4)
+    ).eval()
+    static = {}
+    for size in (32, 33):
+        x = torch.randn(2, 3, size, size)
+        static[size] = copy.deepcopy(model)
+        assert static_same_padding(static[size], [3, size, size]) == 3
+        with torch.no_grad():
+            assert torch.equal(static[size](x), model(x))
+    # a stride-2 3x3 conv pads (0, 1) on an even input: a constant Pad; (1, 1) on an odd one, inside the conv
+    assert static[32][0].static_pad == (0, 1, 0, 1) and static[33][0].static_pad is None
+    assert static[32][1].static_pad is None and static[32][1].static_padding == (2, 2)  # stride-1 5x5
+    static = static[32]
+    buf = io.BytesIO()
+    torch.onnx.export(static, (torch.zeros(1, 3, 32, 32),), buf, dynamo=False, opset_version=17,
+                      dynamic_axes={"input": {0: "b"}}, input_names=["input"])
+    proto = onnx.load_from_string(buf.getvalue())
+    assert fold_shape_constants(proto) > 0
+    assert {n.op_type for n in proto.graph.node} <= {"Conv", "Pad"}
+    onnx.checker.check_model(proto, full_check=True)
+
+
+def test_bad_input_is_refused_before_anything_is_written(tiny_bundle, tiny_w8a8, tmp_path):
+    with pytest.raises(CraftError, match="compress .* --quant w8a8"):
+        export(ExportConfig(precision="int8"), tiny_bundle, tmp_path / "a")
+    with pytest.raises(CraftError, match="--precision int8"):
+        export(ExportConfig(precision="fp16"), tiny_w8a8, tmp_path / "b")
+    with pytest.raises(CraftError, match="choose one of onnx, tensorrt, torch-tensorrt"):
+        ExportConfig(format="openvino")
+    with pytest.raises(CraftError, match="--format tensorrt"):
+        ExportConfig(sparse=True)
+    assert not list(tmp_path.iterdir())
+
+
+def test_tensorrt_without_tensorrt_gives_the_install_hint(tiny_w8a8, tmp_path):
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here; the install hint is for machines without it")
+    except ImportError:
+        pass
+    with pytest.raises(CraftError, match=r"pip install 'craft-deploy\[tensorrt\]'"):
+        export(ExportConfig(format="tensorrt"), tiny_w8a8, tmp_path / "trt")
+    assert not list(tmp_path.iterdir())
 
 
 def test_truncated_bundle_fails_cleanly(tiny_bundle, tmp_path):
@@ -75,6 +249,23 @@ def test_truncated_bundle_fails_cleanly(tiny_bundle, tmp_path):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
-def test_unsupported_format_names_what_is_needed():
-    with pytest.raises(CraftError, match="tensorrt"):
-        ExportConfig(format="tensorrt")
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("sparse", [False, True])
+def test_tensorrt_engine_from_w8a8_and_2_4(sparse, tiny_bundle, tmp_path):
+    spec = {"sparsity": "2:4", "quant": "w8a8"} if sparse else {"quant": "w8a8"}
+    compress(CompressConfig(calib_samples=32, **spec), tiny_bundle, tmp_path / "q")
+    rec = export(ExportConfig(format="tensorrt", sparse=sparse, timing_cache=str(tmp_path / "cache.bin")),
+                 tmp_path / "q", tmp_path / "trt")
+    assert (tmp_path / "trt" / "model.engine").stat().st_size > 0 and (tmp_path / "trt" / "build.log").is_file()
+    assert rec["verification"]["tensorrt"]["passed"] and rec["engine"]["layers"]["int8"] > 0
+    assert (tmp_path / "cache.bin").stat().st_size > 0
+    meta = json.loads((tmp_path / "trt" / "metadata.json").read_text())
+    assert meta["engine"]["tensorrt"] and meta["input_size"] == load_bundle(tiny_bundle).manifest["input_size"]
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_torch_tensorrt_program(tiny_bundle, tmp_path):
+    rec = export(ExportConfig(format="torch-tensorrt", precision="fp16"), tiny_bundle, tmp_path / "tt")
+    assert (tmp_path / "tt" / "model.ep").is_file() and rec["verification"]["torch_tensorrt"]["passed"]

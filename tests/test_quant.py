@@ -263,7 +263,9 @@ def test_calibrated_scales_round_trip_through_the_bundle(tiny_bundle, tmp_path):
 
 
 def test_ptq4vit_bundles_are_refused_by_export_with_the_alternative():
-    from craft_deploy.export import check_exportable
+    from craft_deploy.config import ExportConfig
+    from craft_deploy.export import plan_export
 
+    manifest = {"quantization": {"config": "w8a8", "layers": {"a": {"a_twin": "gelu", "w_bits": 8}}, "matmuls": {}}}
     with pytest.raises(CraftError, match="--calib-method mse"):
-        check_exportable({"quantization": {"layers": {"a": {"a_twin": "gelu"}}, "matmuls": {}}})
+        plan_export(ExportConfig(), manifest, "runs/vit-w8a8")

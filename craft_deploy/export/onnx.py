@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import io
 import json
+import math
+import types
 import warnings
 from typing import Any
 
@@ -29,10 +31,57 @@ def pre_clamp_weights(model: nn.Module) -> None:
         wq.pre_clamped = True
 
 
+def _same_pad(size: int, k: int, s: int, d: int) -> tuple[int, int]:
+    """TensorFlow 'SAME' padding of one spatial axis: (before, after)."""
+    total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _static_same_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    if self.static_pad is not None:
+        x = torch.nn.functional.pad(x, self.static_pad)
+    return torch.nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.static_padding, self.dilation,
+                                      self.groups)
+
+
+@torch.no_grad()
+def static_same_padding(model: nn.Module, input_size: list[int]) -> int:
+    """Give every timm Conv2dSame fixed padding for `input_size`, in place; returns how many were changed.
+
+    Conv2dSame computes TensorFlow 'SAME' padding from the input's shape on every call, which the exporter writes as
+    Shape/Gather/arithmetic/Pad chains. The input size of a bundle is fixed, so the padding is a constant: symmetric
+    padding moves into the conv itself, an asymmetric one becomes a constant Pad.
+    """
+    from timm.layers import Conv2dSame
+
+    sizes: dict[nn.Module, tuple[int, int]] = {}
+    convs = [m for m in model.modules() if isinstance(m, Conv2dSame)]
+    hooks = [m.register_forward_pre_hook(lambda m, a: sizes.__setitem__(m, tuple(a[0].shape[-2:]))) for m in convs]
+    try:
+        model.eval()(torch.zeros(1, *input_size))
+    finally:
+        for h in hooks:
+            h.remove()
+    for m in convs:
+        (top, bottom), (left, right) = (
+            _same_pad(n, k, s, d) for n, k, s, d in zip(sizes[m], m.kernel_size, m.stride, m.dilation)
+        )
+        if top == bottom and left == right:
+            m.static_pad, m.static_padding = None, (top, left)
+        else:
+            m.static_pad, m.static_padding = (left, right, top, bottom), 0
+        m.forward = types.MethodType(_static_same_forward, m)
+    return len(convs)
+
+
 def export_model(model: nn.Module, input_size: list[int], opset: int) -> onnx.ModelProto:
-    """Trace a copy of `model` to ONNX with a dynamic batch axis (input "input", output "logits")."""
+    """Trace a copy of `model` to ONNX with a dynamic batch axis (input "input", output "logits").
+
+    The copy has its weights clipped onto their quantization grids and TensorFlow 'SAME' padding made static.
+    """
     model = copy.deepcopy(model).eval()
     pre_clamp_weights(model)
+    static_same_padding(model, input_size)
     dummy = torch.zeros(1, *input_size)
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -107,8 +156,137 @@ def fold_weight_quantizers(proto: onnx.ModelProto) -> int:
     return folded
 
 
-def set_metadata(proto: onnx.ModelProto, manifest: dict[str, Any]) -> None:
-    """Store what a consumer needs (input size, mean/std, classes, data) in the model's metadata_props."""
+def fold_batchnorm(proto: onnx.ModelProto) -> int:
+    """Fold every BatchNormalization that follows a Conv into the Conv, in place; returns how many were folded.
+
+    The exporter folds BatchNorm into float convs itself, but not into convs whose weight is DequantizeLinear(int8),
+    and a BatchNormalization between a Conv and the next QuantizeLinear keeps ONNX Runtime from fusing the Q/DQ conv
+    into one integer kernel. Per output channel k = gamma / sqrt(var + eps): a DQ weight keeps its integers and takes
+    scale |k| * scale (a channel with k < 0 has its integers negated, exact on the symmetric grid), a float weight is
+    multiplied by k, and the bias becomes (b - mean) * k + beta.
+    """
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+
+    def array(name: str) -> np.ndarray:
+        return numpy_helper.to_array(inits[name])
+
+    def put(name: str, value: np.ndarray) -> str:
+        """A fresh initializer (the old one may be shared)."""
+        new = f"{name}_bnfold"
+        while new in inits:
+            new += "_"
+        inits[new] = numpy_helper.from_array(value, new)
+        graph.initializer.append(inits[new])
+        return new
+
+    folded = []
+    for bn in [n for n in graph.node if n.op_type == "BatchNormalization"]:
+        conv = producers.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or uses.get(conv.output[0]) != 1 or len(bn.output) != 1:
+            continue
+        if not all(name in inits for name in bn.input[1:5]) or (len(conv.input) > 2 and conv.input[2] not in inits):
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (array(n).astype(np.float64) for n in bn.input[1:5])
+        k = gamma / np.sqrt(var + eps)
+        weight = conv.input[1]
+        dq = producers.get(weight)
+        if weight in inits:
+            w = array(weight)
+            conv.input[1] = put(weight, (w * k.reshape(-1, *[1] * (w.ndim - 1))).astype(w.dtype))
+        elif dq is not None and dq.op_type == "DequantizeLinear" and all(n in inits for n in dq.input):
+            if uses.get(dq.output[0]) != 1:
+                continue
+            q, scale = array(dq.input[0]), array(dq.input[1])
+            zp = array(dq.input[2]) if len(dq.input) > 2 else np.zeros_like(scale, dtype=q.dtype)
+            axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+            if (scale.size > 1 and axis != 0) or np.any(zp != 0) or q.dtype != np.int8 or (q == -128).any():
+                continue
+            sign = np.where(k < 0, -1, 1).astype(np.int8)
+            dq.input[0] = put(dq.input[0], q * sign.reshape(-1, *[1] * (q.ndim - 1)))
+            new_scale = (np.broadcast_to(scale, k.shape) * np.abs(k)).astype(scale.dtype)
+            dq.input[1] = put(dq.input[1], new_scale)
+            zp_name = put(dq.input[2] if len(dq.input) > 2 else dq.output[0] + "_zp", np.zeros(k.shape, q.dtype))
+            del dq.input[2:]
+            dq.input.append(zp_name)
+            for a in [a for a in dq.attribute if a.name == "axis"]:
+                dq.attribute.remove(a)
+            dq.attribute.append(helper.make_attribute("axis", 0))
+        else:
+            continue
+        bias = array(conv.input[2]).astype(np.float64) if len(conv.input) > 2 else np.zeros_like(k)
+        dtype = array(bn.input[1]).dtype
+        new_bias = put(f"{conv.name or conv.output[0]}_bias", ((bias - mean) * k + beta).astype(dtype))
+        if len(conv.input) > 2:
+            conv.input[2] = new_bias
+        else:
+            conv.input.append(new_bias)
+        conv.output[0] = bn.output[0]
+        folded.append(bn)
+    for bn in folded:
+        graph.node.remove(bn)
+    used = {name for node in graph.node for name in node.input}
+    for t in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(t)
+    for stale in [v for v in graph.value_info if v.name not in used]:
+        graph.value_info.remove(stale)
+    return len(folded)
+
+
+def fold_shape_constants(proto: onnx.ModelProto, max_elements: int = 1024) -> int:
+    """Evaluate nodes whose inputs are all small constants (shape and padding arithmetic) into initializers.
+
+    The exporter writes even a constant Pad as ConstantOfShape/Concat/Slice/Transpose/Cast chains; folding them leaves
+    a plain Pad with constant pads that every runtime fuses. Quantize/Dequantize nodes and anything with more than
+    `max_elements` values are kept as they are. Returns how many nodes were folded.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    graph = proto.graph
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer if int(np.prod(t.dims)) <= max_elements}
+    opset = [o for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    folded: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if not all(name in values for name in node.input if name):
+            continue
+        feeds = {name: values[name] for name in node.input if name}
+        sub = helper.make_graph(
+            [node], "fold", [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+                             for n, v in feeds.items()],
+            [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output],
+        )
+        outs = ReferenceEvaluator(helper.make_model(sub, opset_imports=opset)).run(None, feeds)
+        if any(np.asarray(o).size > max_elements for o in outs):
+            continue
+        for name, out in zip(node.output, outs):
+            values[name] = np.asarray(out)
+        folded.append(node)
+    if not folded:
+        return 0
+    consumed = {name for node in graph.node if node not in folded for name in node.input}
+    consumed |= {o.name for o in graph.output}
+    existing = {t.name for t in graph.initializer}
+    for node in folded:
+        graph.node.remove(node)
+        for name in node.output:
+            if name in consumed and name not in existing:
+                graph.initializer.append(numpy_helper.from_array(values[name], name))
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for t in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(t)
+    return len(folded)
+
+
+def export_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a consumer needs (input size, mean/std, classes, data, compression) from a bundle's manifest."""
     keep = (
         "architecture",
         "num_classes",
@@ -128,6 +306,11 @@ def set_metadata(proto: onnx.ModelProto, manifest: dict[str, Any]) -> None:
         meta["quantization"] = {k: v for k, v in meta["quantization"].items() if k != "layers"}
     if meta.get("sparsity"):
         meta["sparsity"] = {"pattern": meta["sparsity"]["pattern"], "layers": len(meta["sparsity"]["layers"])}
+    return meta
+
+
+def set_metadata(proto: onnx.ModelProto, meta: dict[str, Any]) -> None:
+    """Store `meta` (see export_metadata) in the model's metadata_props."""
     helper.set_model_props(proto, {META_KEY: json.dumps(meta)})
 
 

@@ -1,0 +1,191 @@
+"""Graph rewrites that fit an exported ONNX model to its precision and target runtime.
+
+- `to_fp16`: FP16 weights and compute, with LayerNormalization, Softmax and reductions kept in FP32 (decomposed or
+  not, LayerNorm's variance overflows FP16 on ViTs) and FP32 input/output so callers feed the same arrays.
+- `to_uint8_activations`: ONNX Runtime on x86 runs U8S8 (uint8 activations, int8 weights) far faster than S8S8. A
+  symmetric int8 activation grid [-128, 127] with zero point 0 is the uint8 grid [0, 255] with zero point 128, so
+  the rewrite moves every activation zero point by 128 and the computed values do not change.
+- `to_int4_weights`: weights of at most 4 bits stored as opset-21 INT4 initializers (two per byte), per channel or
+  blocked (`block_size`) for per-group quantization.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Erf")
+
+
+def _initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in graph.initializer}
+
+
+def to_fp16(proto: onnx.ModelProto, keep_fp32: tuple[str, ...] = FP32_OPS) -> onnx.ModelProto:
+    """FP16 copy of a float model: FP16 weights and activations; `keep_fp32` ops, the input and the output in FP32.
+
+    Every FP32 tensor becomes FP16 under its own name. A kept op reads FP32 through a Cast in front of each float
+    input and hands FP16 on through a Cast after each output; initializers only kept ops read stay FP32 (LayerNorm's
+    scale and bias). Weights beyond FP16's range are clipped to +-65504.
+    """
+    proto = onnx.shape_inference.infer_shapes(proto)
+    graph = proto.graph
+    F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    kept = {id(n) for n in graph.node if n.op_type in keep_fp32}
+    fp32_inits = {t.name for t in graph.initializer
+                  if t.data_type == F32 and all(id(c) in kept for c in consumers.get(t.name, []))}
+    for t in graph.initializer:
+        if t.data_type == F32 and t.name not in fp32_inits:
+            w = np.clip(numpy_helper.to_array(t), -65504, 65504).astype(np.float16)
+            t.CopyFrom(numpy_helper.from_array(w, t.name))
+    nodes: list[onnx.NodeProto] = []
+    for inp in graph.input:
+        if inp.type.tensor_type.elem_type == F32:
+            for c in consumers.get(inp.name, []):
+                c.input[:] = [inp.name + "_fp16" if n == inp.name else n for n in c.input]
+            nodes.append(helper.make_node("Cast", [inp.name], [inp.name + "_fp16"], to=F16))
+    outputs = {o.name for o in graph.output if o.type.tensor_type.elem_type == F32}
+    for node in graph.node:
+        if id(node) in kept:
+            for i, name in enumerate(node.input):
+                if types.get(name) == F32 and name not in fp32_inits:
+                    nodes.append(helper.make_node("Cast", [name], [f"{name}_fp32_{node.name}_{i}"], to=F32))
+                    node.input[i] = f"{name}_fp32_{node.name}_{i}"
+            nodes.append(node)
+            for i, name in enumerate(node.output):
+                if types.get(name) == F32:
+                    node.output[i] = name + "_fp32"
+                    nodes.append(helper.make_node("Cast", [name + "_fp32"], [name], to=F16))
+            continue
+        if node.op_type == "Cast" and next(a.i for a in node.attribute if a.name == "to") == F32:
+            next(a for a in node.attribute if a.name == "to").i = F16
+        if node.op_type == "Constant":
+            value = next((a for a in node.attribute if a.name == "value"), None)
+            if value is not None and value.t.data_type == F32:
+                value.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(value.t).astype(np.float16)))
+        nodes.append(node)
+    for node in list(nodes):
+        for i, name in enumerate(node.output):
+            if name in outputs:
+                node.output[i] = name + "_fp16"
+                nodes.append(helper.make_node("Cast", [name + "_fp16"], [name], to=F32))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]
+    topological_sort(graph)
+    return proto
+
+
+def topological_sort(graph: onnx.GraphProto) -> None:
+    """Reorder the graph's nodes so that every node comes after the producers of its inputs (in place)."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(name in available for name in n.input)]
+        if not ready:
+            raise ValueError(f"the graph has a cycle or a dangling input at {pending[0].name!r}")
+        for node in ready:
+            available.update(node.output)
+        ordered += ready
+        pending = [n for n in pending if n not in ready]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _is_weight_dq(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
+    return node.op_type == "DequantizeLinear" and node.input[0] in inits
+
+
+def to_uint8_activations(proto: onnx.ModelProto) -> int:
+    """Rewrite every activation Q/DQ pair from int8 to uint8 (zero point + 128) in place; returns how many tensors.
+
+    Weights stay int8 (U8S8). A zero point is shared by the QuantizeLinear and its DequantizeLinear, so both move.
+    """
+    graph = proto.graph
+    inits = _initializers(graph)
+    zero_points: set[str] = set()
+    for node in graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and not _is_weight_dq(node, inits):
+            if len(node.input) < 3 or node.input[2] not in inits:
+                raise ValueError(f"{node.op_type} {node.name!r} has no constant zero point to move")
+            zero_points.add(node.input[2])
+    moved = 0
+    for name in sorted(zero_points):
+        t = inits[name]
+        if t.data_type == TensorProto.UINT8:
+            continue
+        if t.data_type != TensorProto.INT8:
+            raise ValueError(f"activation zero point {name!r} has type {TensorProto.DataType.Name(t.data_type)}")
+        zp = numpy_helper.to_array(t).astype(np.int16) + 128
+        t.CopyFrom(numpy_helper.from_array(zp.astype(np.uint8), name))
+        moved += 1
+    return moved
+
+
+def to_int4_weights(proto: onnx.ModelProto, max_abs: int = 7) -> int:
+    """Store int8 weight initializers whose values fit INT4 as INT4, in place; returns how many were converted.
+
+    Per-channel DQ keeps its axis. A per-group weight is exported as rows of `group` values with one scale per row
+    (DQ axis 0) and a Reshape after it; it becomes an [out, in] INT4 matrix with an [out, in / group] scale and DQ
+    `block_size=group` along axis 1, which the Reshape still turns into the layer's weight. The model must already
+    declare opset >= 21 (see `upgrade_opset`).
+    """
+    graph = proto.graph
+    inits = _initializers(graph)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    converted = 0
+    for node in graph.node:
+        if not _is_weight_dq(node, inits):
+            continue
+        w = numpy_helper.to_array(inits[node.input[0]])
+        if w.dtype != np.int8 or np.abs(w.astype(np.int16)).max() > max_abs:
+            continue
+        scale = numpy_helper.to_array(inits[node.input[1]])
+        users = consumers.get(node.output[0], [])
+        if len(users) == 1 and users[0].op_type == "Reshape" and w.ndim == 2 and scale.size > 1:
+            # per-group rows [out * groups, group] -> blocked [out, in] with scale [out, groups]
+            shape_name = users[0].input[1]
+            if shape_name not in inits:
+                continue
+            out_ch, group = int(numpy_helper.to_array(inits[shape_name])[0]), w.shape[1]
+            w, scale = w.reshape(out_ch, -1), scale.reshape(out_ch, -1)
+            for a in [a for a in node.attribute if a.name in ("axis", "block_size")]:
+                node.attribute.remove(a)
+            node.attribute.extend([helper.make_attribute("axis", 1), helper.make_attribute("block_size", group)])
+            graph.initializer.append(numpy_helper.from_array(scale, node.input[1] + "_blocked"))
+            node.input[1] += "_blocked"
+            for stale in [v for v in graph.value_info if v.name == node.output[0]]:  # its shape is now [out, in]
+                graph.value_info.remove(stale)
+        int4 = helper.make_tensor(node.input[0] + "_int4", TensorProto.INT4, w.shape, w.flatten().tolist())
+        zero = helper.make_tensor(node.input[1] + "_zp_int4", TensorProto.INT4, scale.shape, [0] * scale.size)
+        graph.initializer.extend([int4, zero])
+        node.input[0] = int4.name
+        del node.input[2:]
+        node.input.append(zero.name)
+        converted += 1
+    used = {name for node in graph.node for name in node.input}
+    for t in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(t)
+    return converted
+
+
+def upgrade_opset(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """Convert the default-domain opset (adapting ops whose signature changed, e.g. ReduceMean's axes at 18)."""
+    from onnx import version_converter
+
+    current = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if current >= opset:
+        return proto
+    converted = version_converter.convert_version(proto, opset)
+    converted.ir_version = max(converted.ir_version, 10)  # INT4 tensors need IR version 10
+    return converted

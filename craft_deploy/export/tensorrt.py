@@ -1,0 +1,155 @@
+"""TensorRT engines from our ONNX, with the TensorRT 10.x / 11.x Python API.
+
+Precision comes from the ONNX itself: the network is strongly typed (TensorRT 11 knows nothing else; 10.x has it as
+a creation flag), so an FP16 ONNX builds FP16 kernels and Q/DQ nodes build INT8 ones (explicit quantization; the INT8
+calibrators were deprecated in 10.1 and removed in 11). `--sparse` sets SPARSE_WEIGHTS so 2:4-pruned weights may get
+sparse tensor-core kernels; whether they did is read from the builder log and the engine inspector, because a 2:4
+model that silently runs dense kernels is the most common complaint about sparsity.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from craft_deploy import CraftError
+from craft_deploy.artifacts import atomic_write_bytes
+
+INSTALL_HINT = "pip install 'craft-deploy[tensorrt]' (TensorRT 10 or 11) on a machine with an NVIDIA GPU"
+
+
+def import_tensorrt():
+    """The tensorrt module, or a CraftError with the install hint."""
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise CraftError(f"--format tensorrt needs TensorRT, which is not installed: {INSTALL_HINT}") from e
+    major = int(trt.__version__.split(".")[0])
+    if major < 10:
+        raise CraftError(f"TensorRT {trt.__version__} is too old: craft-deploy builds with TensorRT 10.x or 11.x")
+    return trt
+
+
+def _logger(trt, lines: list[str]):
+    """An ILogger that keeps every message (the builder log is written next to the engine)."""
+
+    class KeepLog(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            lines.append(f"[{str(severity).rsplit('.', 1)[-1]}] {msg}")
+
+    return KeepLog()
+
+
+def build_engine(
+    onnx_path: Path,
+    input_size: list[int],
+    batch_sizes: tuple[int, ...],
+    sparse: bool = False,
+    workspace_gb: float = 4.0,
+    timing_cache: Path | None = None,
+) -> tuple[bytes, dict[str, Any], list[str]]:
+    """Build a serialized engine; returns (engine bytes, build info incl. the inspector's layer report, builder log).
+
+    One optimization profile covers batch min(batch_sizes)..max(batch_sizes), tuned for the largest. The timing cache
+    at `timing_cache` is read when present and rewritten after the build, so rebuilds are fast.
+    """
+    trt = import_tensorrt()
+    lines: list[str] = []
+    logger = _logger(trt, lines)
+    builder = trt.Builder(logger)
+    flags = 0
+    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if strongly is not None:
+        flags |= 1 << int(strongly)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise CraftError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors[:800]}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if sparse:
+        if not hasattr(trt.BuilderFlag, "SPARSE_WEIGHTS"):
+            raise CraftError(f"TensorRT {trt.__version__} has no SPARSE_WEIGHTS builder flag")
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+    profile = builder.create_optimization_profile()
+    name = network.get_input(0).name
+    lo, hi = min(batch_sizes), max(batch_sizes)
+    profile.set_shape(name, (lo, *input_size), (hi, *input_size), (hi, *input_size))
+    config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        errors = [line for line in lines if line.startswith(("[ERROR]", "[INTERNAL_ERROR]"))]
+        raise CraftError(f"TensorRT failed to build an engine from {onnx_path}: {' '.join(errors)[-800:]}")
+    engine_bytes = bytes(plan)
+    info: dict[str, Any] = {
+        "tensorrt": trt.__version__,
+        "strongly_typed": strongly is not None,
+        "sparse_weights_flag": sparse,
+        "profile": {"input": name, "min": [lo, *input_size], "opt": [hi, *input_size], "max": [hi, *input_size]},
+    }
+    if timing_cache is not None:
+        data = bytes(config.get_timing_cache().serialize())
+        atomic_write_bytes(timing_cache, data)
+        info["timing_cache"] = {"path": str(timing_cache), "bytes": len(data)}
+    info["layers"] = inspect_engine(trt, engine_bytes, logger)
+    info["sparsity"] = sparse_log_report(lines)
+    return engine_bytes, info, lines
+
+
+def inspect_engine(trt, engine_bytes: bytes, logger) -> dict[str, Any]:
+    """Per-layer precision and tactic from the engine inspector (TensorRT 10's and 11's JSON layouts)."""
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(engine_bytes)
+    inspector = engine.create_engine_inspector()
+    report = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    layers = []
+    for layer in report.get("Layers", []):
+        if isinstance(layer, str):  # ProfilingVerbosity below DETAILED gives names only
+            layers.append({"name": layer})
+            continue
+        outputs = layer.get("Outputs", [])
+        types = [o.get("DataType") or o.get("Format/Datatype", "") for o in outputs]
+        tactic = str(layer.get("TacticName", ""))
+        layers.append(
+            {
+                "name": layer.get("Name"),
+                "type": layer.get("LayerType"),
+                "tactic": tactic,
+                "output_types": types,
+                "int8": any("Int8" in t or "INT8" in t for t in types) or "i8" in tactic.lower(),
+                "sparse_kernel": "sparse" in tactic.lower(),
+            }
+        )
+    return {
+        "count": len(layers),
+        "int8": sum(bool(layer.get("int8")) for layer in layers),
+        "sparse_kernels": sum(bool(layer.get("sparse_kernel")) for layer in layers),
+        "details": layers,
+    }
+
+
+_ELIGIBLE = re.compile(r"Layers eligible for sparse math:\s*(.*)")
+_PICKED = re.compile(r"picked sparse implementation for layers:\s*(.*)")
+
+
+def sparse_log_report(lines: list[str]) -> dict[str, list[str]]:
+    """What the builder said about 2:4 sparsity: layers eligible for sparse math, and those that got sparse tactics."""
+
+    def names(pattern: re.Pattern) -> list[str]:
+        found: list[str] = []
+        for line in lines:
+            m = pattern.search(line)
+            if m:
+                found += [n.strip() for n in m.group(1).split(",") if n.strip()]
+        return found
+
+    return {"eligible": names(_ELIGIBLE), "picked_sparse": names(_PICKED)}
