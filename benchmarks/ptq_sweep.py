@@ -1,7 +1,7 @@
 """The CrAFT paper's Table 2 on our bundles: top-1 after W8A8, W6A6, W6A16, W5A16 and W4A16 PTQ with each calibrator,
 and the calibration time for 512 samples.
 
-    python benchmarks/ptq_sweep.py --bundles runs/seed_sweep/adam-s0 runs/seed_sweep/sam-0.05-s0 --out benchmarks/results
+    python benchmarks/ptq_sweep.py --bundles runs/seed_sweep/adam-s0 runs/seed_sweep/sam-0.05-s0
 
 Weight-only configurations (a16) have no activations to calibrate: percentile and entropy reduce to the MSE weight
 clip there, so they are listed once as `minmax` and `mse`. PTQ4ViT runs on bundles of ViTs (timm Attention blocks);

@@ -434,6 +434,13 @@ def bench(models, out, overwrite, batch_sizes, **kw) -> None:
 @click.option(
     "--lambda-tol", default=1e-3, show_default=True, type=float, help="Relative change that counts as converged."
 )
+@click.option(
+    "--lambda-batchnorm",
+    default="eval",
+    show_default=True,
+    type=click.Choice(["eval", "batch"]),
+    help="BatchNorm in the Hessian's loss: running statistics (eval) or each batch's own (batch, as in training).",
+)
 @click.option("--calib-samples", default=256, show_default=True, type=int, help="Images for activation ranges.")
 @data_root_option
 @click.option("--seed", default=0, show_default=True, type=int)

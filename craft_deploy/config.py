@@ -167,14 +167,15 @@ class CompressConfig(_Config):
         if self.group_size is not None and self.group_size < 2:
             raise CraftError(f"--group-size must be >= 2 weights (e.g. 64 or 128), got {self.group_size}")
         if self.group_size is not None and self.weight_granularity not in ("channel", "group"):
-            raise CraftError(f"--group-size sets group granularity; drop --weight-granularity {self.weight_granularity}")
+            raise CraftError(
+                f"--group-size sets group granularity; drop --weight-granularity {self.weight_granularity}"
+            )
         if quant is not None:
             self.quant_config()  # validates the quantization options with errors that name the flag
         if self.calib_samples <= 0:
             raise CraftError(f"--calib-samples must be positive, got {self.calib_samples}")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
-
 
     def quant_config(self):
         """The QuantConfig that `--quant` and the calibration flags describe (None without --quant)."""
@@ -306,10 +307,13 @@ class AnalyzeConfig(_Config):
     lambda_images: int = 64
     lambda_iters: int = 20
     lambda_tol: float = 1e-3
+    lambda_batchnorm: str = "eval"
     calib_samples: int = 256
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.lambda_batchnorm not in ("eval", "batch"):
+            raise CraftError(f"--lambda-batchnorm must be eval or batch, got {self.lambda_batchnorm!r}")
         if self.lambda_images < 1 or self.lambda_iters < 1:
             raise CraftError(
                 f"--lambda-images and --lambda-iters must be >= 1, got {self.lambda_images}, {self.lambda_iters}"

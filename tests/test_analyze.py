@@ -29,6 +29,31 @@ def test_lambda_max_of_least_squares_matches_2_xtx_over_n():
     assert res["batches"] == 2 and res["images"] == 64
 
 
+def test_lambda_max_with_batch_statistics_matches_the_analytic_hessian():
+    """BatchNorm (no affine) then a linear layer under MSE: the Hessian is 2 Z^T Z / N with Z the normalised inputs,
+    normalised by each batch's own statistics in batch mode and by the running ones in eval mode."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 5) * torch.tensor([3.0, 1.0, 1.0, 0.5, 0.2]) + 1.0
+    y = torch.randn(64, 1)
+    bn = nn.BatchNorm1d(5, affine=False)
+    bn.running_mean.fill_(0.5)
+    bn.running_var.fill_(4.0)
+    model = nn.Sequential(bn, nn.Linear(5, 1, bias=False))
+    batches = [(x[:32], y[:32]), (x[32:], y[32:])]
+
+    def expected(normalise):
+        h = sum(2 * normalise(xb).T @ normalise(xb) / len(xb) for xb, _ in batches) / len(batches)
+        return torch.linalg.eigvalsh(h).max().item()
+
+    batch = expected(lambda xb: (xb - xb.mean(0)) / torch.sqrt(xb.var(0, unbiased=False) + bn.eps))
+    running = expected(lambda xb: (xb - 0.5) / (4.0 + bn.eps) ** 0.5)
+    res = lambda_max(model, nn.MSELoss(), batches, iters=300, tol=1e-8, batchnorm="batch")
+    assert abs(res["lambda_max"] - batch) / batch < 1e-3 and res["batchnorm"] == "batch"
+    assert torch.all(bn.running_mean == 0.5) and torch.all(bn.running_var == 4.0) and not bn.training
+    res = lambda_max(model, nn.MSELoss(), batches, iters=300, tol=1e-8)
+    assert abs(res["lambda_max"] - running) / running < 1e-3 and abs(batch - running) / running > 0.1
+
+
 def test_lambda_max_runs_through_a_timm_cnn():
     from craft_deploy.models import load_model
 

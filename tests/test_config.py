@@ -4,6 +4,7 @@ import pytest
 
 from craft_deploy import CraftError
 from craft_deploy.config import (
+    AnalyzeConfig,
     BenchConfig,
     CompressConfig,
     ExportConfig,
@@ -20,7 +21,9 @@ from craft_deploy.config import (
         FinetuneConfig(optimizer="sam", rho=0.1, train_subset=100),
         CompressConfig(sparsity="2:4", quant="w8a8", include=("blocks.*",)),
         ExportConfig(verify_samples=8),
+        ExportConfig(format="tensorrt", precision="fp16", batch_sizes=(1, 4, 8), sparse=True, timing_cache="t.bin"),
         BenchConfig(batch_sizes=(1, 8, 32)),
+        AnalyzeConfig(lambda_batchnorm="batch"),
     ],
 )
 def test_config_round_trips_through_json(cfg):
@@ -86,3 +89,23 @@ def test_finetune_rejects_negative_rho():
 def test_compress_needs_something_to_do():
     with pytest.raises(CraftError, match="nothing to do"):
         CompressConfig()
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"precision": "int4"}, "--precision 'int4' is not supported; choose one of auto, fp32, fp16, int8"),
+        ({"target": "openvino"}, "choose one of tensorrt, ort-cpu"),
+        ({"opset": 13}, "--opset must be >= 17"),
+        ({"batch_sizes": (0,)}, "positive"),
+        ({"workspace_gb": 0}, "--workspace-gb"),
+    ],
+)
+def test_export_options_are_validated(kw, message):
+    with pytest.raises(CraftError, match=message):
+        ExportConfig(**kw)
+
+
+def test_analyze_rejects_an_unknown_batchnorm_mode():
+    with pytest.raises(CraftError, match="--lambda-batchnorm must be eval or batch"):
+        AnalyzeConfig(lambda_batchnorm="train")

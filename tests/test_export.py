@@ -66,8 +66,9 @@ def test_fp16_export_keeps_layernorm_and_softmax_in_fp32(which, tiny_bundle, tin
     rec, proto, ref, got = _check(tmp_path / "fp16", bundle)
     assert rec["precision"] == "fp16" and rec["verification"]["onnxruntime"]["passed"]
     inits = _inits(proto)
-    weights = [inits[n.input[1]] for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
-               if n.input[1] in inits]
+    weights = [
+        inits[n.input[1]] for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") if n.input[1] in inits
+    ]
     assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
     scale = max(1.0, np.abs(ref).max())
     assert np.abs(ref - got).max() < 2e-2 * scale and (ref.argmax(1) == got.argmax(1)).mean() >= 0.8
@@ -117,8 +118,10 @@ def test_ort_cpu_target_writes_uint8_activations_with_identical_results(tiny_w8a
     x = np.random.default_rng(0).standard_normal((8, *load_bundle(tiny_w8a8).input_size)).astype(np.float32)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the Q/DQ arithmetic, unfused
-    run = [ort.InferenceSession(str(p / "model.onnx"), opts, providers=["CPUExecutionProvider"]).run(None, {"input": x})
-           for p in (tiny_w8a8_onnx, tmp_path / "u8")]
+    run = [
+        ort.InferenceSession(str(p / "model.onnx"), opts, providers=["CPUExecutionProvider"]).run(None, {"input": x})
+        for p in (tiny_w8a8_onnx, tmp_path / "u8")
+    ]
     np.testing.assert_allclose(run[0][0], run[1][0], rtol=0, atol=1e-5)
 
 
@@ -168,8 +171,11 @@ def test_w4a16_exports_int4_weights_at_opset_21(group, tiny_bundle, tmp_path):
 
 
 def test_vit_w8a8_with_attention_matmuls_exports(tiny_vit_bundle, tmp_path):
-    compress(CompressConfig(quant="w8a8", calib_samples=32, calib_method="mse", quant_attention=True),
-             tiny_vit_bundle, tmp_path / "q")
+    compress(
+        CompressConfig(quant="w8a8", calib_samples=32, calib_method="mse", quant_attention=True),
+        tiny_vit_bundle,
+        tmp_path / "q",
+    )
     rec = export(ExportConfig(verify_samples=32), tmp_path / "q", tmp_path / "onnx")
     _, proto, ref, got = _check(tmp_path / "onnx", tmp_path / "q")
     matmuls = [n for n in proto.graph.node if n.op_type == "MatMul"]
@@ -204,8 +210,15 @@ def test_static_same_padding_matches_timm_and_exports_without_shape_arithmetic()
     assert static[32][1].static_pad is None and static[32][1].static_padding == (2, 2)  # stride-1 5x5
     static = static[32]
     buf = io.BytesIO()
-    torch.onnx.export(static, (torch.zeros(1, 3, 32, 32),), buf, dynamo=False, opset_version=17,
-                      dynamic_axes={"input": {0: "b"}}, input_names=["input"])
+    torch.onnx.export(
+        static,
+        (torch.zeros(1, 3, 32, 32),),
+        buf,
+        dynamo=False,
+        opset_version=17,
+        dynamic_axes={"input": {0: "b"}},
+        input_names=["input"],
+    )
     proto = onnx.load_from_string(buf.getvalue())
     assert fold_shape_constants(proto) > 0
     assert {n.op_type for n in proto.graph.node} <= {"Conv", "Pad"}
@@ -255,8 +268,11 @@ def test_truncated_bundle_fails_cleanly(tiny_bundle, tmp_path):
 def test_tensorrt_engine_from_w8a8_and_2_4(sparse, tiny_bundle, tmp_path):
     spec = {"sparsity": "2:4", "quant": "w8a8"} if sparse else {"quant": "w8a8"}
     compress(CompressConfig(calib_samples=32, **spec), tiny_bundle, tmp_path / "q")
-    rec = export(ExportConfig(format="tensorrt", sparse=sparse, timing_cache=str(tmp_path / "cache.bin")),
-                 tmp_path / "q", tmp_path / "trt")
+    rec = export(
+        ExportConfig(format="tensorrt", sparse=sparse, timing_cache=str(tmp_path / "cache.bin")),
+        tmp_path / "q",
+        tmp_path / "trt",
+    )
     assert (tmp_path / "trt" / "model.engine").stat().st_size > 0 and (tmp_path / "trt" / "build.log").is_file()
     assert rec["verification"]["tensorrt"]["passed"] and rec["engine"]["layers"]["int8"] > 0
     assert (tmp_path / "cache.bin").stat().st_size > 0

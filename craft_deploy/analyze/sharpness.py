@@ -49,14 +49,25 @@ def lambda_max(
     iters: int = 20,
     tol: float = 1e-3,
     seed: int = 0,
+    batchnorm: str = "eval",
 ) -> dict[str, Any]:
-    """lambda_max of the mean training loss over a fixed set of batches, with the model in eval mode.
+    """lambda_max of the mean training loss over a fixed set of batches; dropout and drop-path are off.
 
-    Eval mode fixes BatchNorm to its running statistics, so the loss is one deterministic function of the weights.
+    `batchnorm="eval"` fixes BatchNorm to its running statistics (the deployed function of the weights);
+    `batchnorm="batch"` normalises each batch by its own statistics, as the loss SAM and Adam actually descend does
+    (running statistics are left untouched). Both are deterministic for fixed batches; they can differ a lot, since
+    batch statistics make the loss invariant to the scale of the weights in front of each BatchNorm.
     """
+    if batchnorm not in ("eval", "batch"):
+        raise ValueError(f"batchnorm must be 'eval' or 'batch', got {batchnorm!r}")
     batches = list(batches)
     params = [p for p in model.parameters() if p.requires_grad]
     model.eval()
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if batchnorm == "batch" else []
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.train()
+        m.momentum = 0.0  # running stats stay as they are
 
     def hvp(v: Vector) -> Vector:
         total = [torch.zeros_like(p) for p in params]
@@ -66,7 +77,13 @@ def lambda_max(
             total = [t + h.detach() / len(batches) for t, h in zip(total, hv)]
         return total
 
-    result = power_iteration(hvp, [p.detach() for p in params], iters, tol, seed)
+    try:
+        result = power_iteration(hvp, [p.detach() for p in params], iters, tol, seed)
+    finally:
+        for m, momentum in zip(bns, saved):
+            m.momentum = momentum
+            m.eval()
     result["batches"] = len(batches)
     result["images"] = sum(len(y) for _, y in batches)
+    result["batchnorm"] = batchnorm
     return result

@@ -23,8 +23,13 @@ from torch import nn
 from tqdm import tqdm
 
 from craft_deploy.compress.attention import QuantMatMul
-from craft_deploy.compress.qmodules import ActQuantizer, TwinActQuantizer, WeightQuantizer, activation_quantizers
-from craft_deploy.compress.qmodules import quantized_layers
+from craft_deploy.compress.qmodules import (
+    ActQuantizer,
+    TwinActQuantizer,
+    WeightQuantizer,
+    activation_quantizers,
+    quantized_layers,
+)
 from craft_deploy.compress.registry import CalibLoop
 
 SEARCH_IMAGES = 32

@@ -26,7 +26,9 @@ class WeightQuantizer(nn.Module):
     Groups are `group_size` consecutive weights of an output channel's flattened (in, kh, kw) weights.
     """
 
-    def __init__(self, shape: torch.Size | tuple[int, ...], bits: int, granularity: str = "channel", group_size: int = 0):
+    def __init__(
+        self, shape: torch.Size | tuple[int, ...], bits: int, granularity: str = "channel", group_size: int = 0
+    ):
         super().__init__()
         self.bits, self.granularity, self.group_size = bits, granularity, group_size
         per_row = math.prod(shape[1:])

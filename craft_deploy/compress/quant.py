@@ -47,7 +47,9 @@ class QuantConfig(MethodConfig):
         if not (2 <= self.a_bits <= 8 or self.a_bits == 16):
             raise CraftError(f"activation bits must be 2..8 or 16 (float), got {self.a_bits}")
         if self.calib_method not in CALIB_METHODS:
-            raise CraftError(f"--calib-method {self.calib_method!r} is unknown; choose one of {', '.join(CALIB_METHODS)}")
+            raise CraftError(
+                f"--calib-method {self.calib_method!r} is unknown; choose one of {', '.join(CALIB_METHODS)}"
+            )
         if not 50.0 < self.percentile <= 100.0:
             raise CraftError(f"--percentile must be in (50, 100], e.g. 99.99, got {self.percentile}")
         if self.weight_calib not in (None, "minmax", "mse"):
@@ -157,7 +159,9 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dic
     }
 
 
-def observe_ranges(model: nn.Module, act: dict[str, nn.Module], calib: CalibLoop, method: str, cfg: QuantConfig) -> None:
+def observe_ranges(
+    model: nn.Module, act: dict[str, nn.Module], calib: CalibLoop, method: str, cfg: QuantConfig
+) -> None:
     """Calibrate every activation quantizer: a range pass, then (for histogram methods) a histogram pass."""
     observers = {name: RangeObserver(getattr(q, "symmetric", False)) for name, q in act.items()}
     for name, q in act.items():

@@ -254,23 +254,22 @@ def _export_onnx(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images
         verification["onnxruntime_fused_kernels"] = fused
     timings = {"export_seconds": export_seconds}
     if cfg.format == "tensorrt":
-        extra, verification["tensorrt"], timings["engine_build_seconds"] = _build_tensorrt(cfg, bundle, stage, plan,
-                                                                                         images)
+        extra, verification["tensorrt"], timings["engine_build_seconds"] = _build_tensorrt(
+            cfg, bundle, stage, plan, images
+        )
     quant = manifest.get("quantization") or {}
-    return write_record(
+    artifact = stage / ("model.engine" if cfg.format == "tensorrt" else "model.onnx")
+    return _record(
         stage,
-        "export",
-        cfg.to_dict(),
-        source=str(bundle_path),
-        format=cfg.format,
-        target=cfg.target,
-        precision=plan.precision,
+        cfg,
+        bundle_path,
+        plan,
+        artifact,
         quantization=quant.get("config"),
         weights=plan.weights,
         activations=plan.activations,
         opset=plan.opset,
-        file="model.engine" if cfg.format == "tensorrt" else "model.onnx",
-        size_bytes=path.stat().st_size,
+        onnx_size_bytes=path.stat().st_size,
         rewrites=counts,
         ops=ops,
         verification=verification,
@@ -303,10 +302,9 @@ def _build_tensorrt(cfg, bundle, stage: Path, plan: ExportPlan, images) -> tuple
     with torch.no_grad():
         ref = bundle.model.eval()(images).numpy()
     lo, hi = min(cfg.batch_sizes), max(cfg.batch_sizes)
-    chunks = [c.numpy() for c in images.split(hi)]
-    got = np.concatenate([runner.run(runner.prepare(c)) for c in chunks if len(c) >= lo])
+    got = np.concatenate([runner.run(runner.prepare(c.numpy())) for c in images.split(hi) if len(c) >= lo])
     check = compare_outputs(ref[: len(got)], got)
-    check["passed"] = _judge(check, "fp32" if plan.precision == "fp32" else plan.precision, cfg.atol)
+    check["passed"] = _judge(check, plan.precision, cfg.atol)
     layers = info["layers"]
     extra = {
         "engine": {
@@ -331,16 +329,31 @@ def _export_torch_tensorrt(cfg, bundle, bundle_path, stage: Path, plan: ExportPl
     path = stage / "model.ep"
     with torch.no_grad():
         ref = bundle.model.eval()(images).numpy()
-    info = compile_and_save(bundle.model, bundle.manifest["input_size"], cfg.batch_sizes, plan.precision == "fp16",
-                            path)
+    info = compile_and_save(
+        bundle.model, bundle.manifest["input_size"], cfg.batch_sizes, plan.precision == "fp16", path
+    )
     atomic_write_json(stage / "metadata.json", {**export_metadata(bundle.manifest), "torch_tensorrt": info})
     seconds = time.perf_counter() - t0
     program = torch.export.load(str(path)).module()
-    hi = max(cfg.batch_sizes)
+    lo, hi = min(cfg.batch_sizes), max(cfg.batch_sizes)
     with torch.no_grad():
-        got = np.concatenate([program(c.cuda()).float().cpu().numpy() for c in images.split(hi)])
-    check = compare_outputs(ref, got)
+        got = np.concatenate([program(c.cuda()).float().cpu().numpy() for c in images.split(hi) if len(c) >= lo])
+    check = compare_outputs(ref[: len(got)], got)
     check["passed"] = _judge(check, plan.precision, cfg.atol)
+    return _record(
+        stage,
+        cfg,
+        bundle_path,
+        plan,
+        path,
+        compile=info,
+        verification={"torch_tensorrt": check},
+        timings={"compile_seconds": seconds, "total_seconds": time.perf_counter() - t0},
+    )
+
+
+def _record(stage: Path, cfg: ExportConfig, bundle_path, plan: ExportPlan, artifact: Path, **fields) -> dict[str, Any]:
+    """export.json: the fields every format shares, then the format's own."""
     return write_record(
         stage,
         "export",
@@ -349,11 +362,9 @@ def _export_torch_tensorrt(cfg, bundle, bundle_path, stage: Path, plan: ExportPl
         format=cfg.format,
         target=cfg.target,
         precision=plan.precision,
-        file="model.ep",
-        size_bytes=path.stat().st_size,
-        compile=info,
-        verification={"torch_tensorrt": check},
-        timings={"compile_seconds": seconds, "total_seconds": time.perf_counter() - t0},
+        file=artifact.name,
+        size_bytes=artifact.stat().st_size,
+        **fields,
     )
 
 

@@ -40,8 +40,9 @@ def _same_pad(size: int, k: int, s: int, d: int) -> tuple[int, int]:
 def _static_same_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if self.static_pad is not None:
         x = torch.nn.functional.pad(x, self.static_pad)
-    return torch.nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.static_padding, self.dilation,
-                                      self.groups)
+    return torch.nn.functional.conv2d(
+        x, self.weight, self.bias, self.stride, self.static_padding, self.dilation, self.groups
+    )
 
 
 @torch.no_grad()
@@ -259,8 +260,12 @@ def fold_shape_constants(proto: onnx.ModelProto, max_elements: int = 1024) -> in
             continue
         feeds = {name: values[name] for name in node.input if name}
         sub = helper.make_graph(
-            [node], "fold", [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
-                             for n, v in feeds.items()],
+            [node],
+            "fold",
+            [
+                helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+                for n, v in feeds.items()
+            ],
             [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output],
         )
         outs = ReferenceEvaluator(helper.make_model(sub, opset_imports=opset)).run(None, feeds)

@@ -39,8 +39,11 @@ def to_fp16(proto: onnx.ModelProto, keep_fp32: tuple[str, ...] = FP32_OPS) -> on
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     kept = {id(n) for n in graph.node if n.op_type in keep_fp32}
-    fp32_inits = {t.name for t in graph.initializer
-                  if t.data_type == F32 and all(id(c) in kept for c in consumers.get(t.name, []))}
+    fp32_inits = {
+        t.name
+        for t in graph.initializer
+        if t.data_type == F32 and all(id(c) in kept for c in consumers.get(t.name, []))
+    }
     for t in graph.initializer:
         if t.data_type == F32 and t.name not in fp32_inits:
             w = np.clip(numpy_helper.to_array(t), -65504, 65504).astype(np.float16)
