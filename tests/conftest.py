@@ -19,6 +19,18 @@ TINY = dict(
 )
 
 
+def cli_args(cfg: dict) -> list[str]:
+    """`craft-deploy finetune` flags for a FinetuneConfig-style dict such as TINY."""
+    args: list[str] = []
+    for key, value in cfg.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            args += [flag, str(value)]
+    return args
+
+
 def tiny_model_and_calib(name: str = "test_efficientnet", images: int = 24):
     """A randomly initialised tiny timm model (eval mode), a CalibLoop over fixed random images, and the images."""
     from craft_deploy.models import load_model

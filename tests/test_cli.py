@@ -5,21 +5,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from conftest import TINY as TINY_CONFIG
+from conftest import cli_args
 from craft_deploy.cli.main import main
 
-TINY = [
-    "--model",
-    "test_efficientnet",
-    "--no-pretrained",
-    "--data",
-    "digits",
-    "--epochs",
-    "1",
-    "--img-size",
-    "32",
-    "--threads",
-    "2",
-]
+TINY = cli_args(TINY_CONFIG)
 
 
 def _ok(args):
@@ -77,7 +67,7 @@ def test_info_lists_backends():
     "args, message",
     [
         (["finetune", "--model", "resnet9000", "--data", "digits"], "unknown model 'resnet9000'"),
-        (["finetune", *TINY[:3], "--data", "mnist-3d"], "unknown dataset 'mnist-3d'"),
+        (["finetune", "--model", "test_efficientnet", "--no-pretrained", "--data", "mnist-3d"], "unknown dataset 'mnist-3d'"),
         (["finetune", *TINY, "--rho", "-1"], "--rho must be positive"),
         (["finetune", *TINY, "--optimizer", "lion"], "registered: adam, asam, cram, sam, sgd"),
     ],

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY
+from conftest import TINY, cli_args
 from craft_deploy import CraftError
 from craft_deploy.artifacts import partial_dir
 from craft_deploy.config import FinetuneConfig
@@ -19,25 +19,7 @@ from craft_deploy.finetune import run
 
 # three epochs long enough (48 px) that a kill after the first checkpoint lands inside the second epoch
 RUN = {**TINY, "epochs": 3, "img_size": 48, "optimizer": "sam"}
-CLI_ARGS = [
-    "--model",
-    "test_efficientnet",
-    "--no-pretrained",
-    "--data",
-    "digits",
-    "--epochs",
-    "3",
-    "--img-size",
-    "48",
-    "--optimizer",
-    "sam",
-    "--threads",
-    "2",
-    "--batch-size",
-    "32",
-    "--warmup-steps",
-    "5",
-]
+CLI_ARGS = cli_args(RUN)
 
 
 @pytest.fixture(scope="module")
