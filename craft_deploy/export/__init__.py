@@ -89,9 +89,9 @@ def plan_export(cfg: ExportConfig, manifest: dict[str, Any], bundle_path: str | 
     int4 = any(s.get("w_bits", 8) <= 4 for s in quant.get("layers", {}).values())
     if int4 and cfg.target == "tensorrt":
         raise CraftError(
-            f"{bundle_path} has INT4 weights ({name}); TensorRT's INT4 is weight-only on MatMul/Gemm and this model "
-            "has quantized convolutions: export with --target ort-cpu (INT4 DequantizeLinear, opset 21), or "
-            "quantize with --quant w8a16 for TensorRT"
+            f"{bundle_path} has INT4 weights ({name}); TensorRT runs INT4 only as weight-only block quantization of "
+            "MatMul/Gemm, not on convolutions, and craft-deploy does not target it: export with --target ort-cpu "
+            "(INT4 DequantizeLinear, opset 21), or quantize with --quant w8a16 for TensorRT"
         )
     if int4 and cfg.opset is not None and cfg.opset < INT4_OPSET:
         raise CraftError(
@@ -156,8 +156,9 @@ def verify_onnx(path: Path, model: torch.nn.Module, images: torch.Tensor, fused:
 
 SATURATION_HINT = (
     "ONNX Runtime's fused integer kernels on this CPU disagree with the model (top-1 agreement {agree:.0%}) while the "
-    "graph itself checks out: x86 CPUs without VNNI (AVX2 only) multiply uint8 x int8 pairs with 16-bit saturation, "
-    "which full-range 8-bit weights overflow. For exact results on such CPUs quantize weights to 7 bits "
+    "graph itself checks out. The usual cause: x86 CPUs without VNNI (AVX2 only) add uint8 x int8 products in pairs "
+    "with 16-bit saturation, which full-range 8-bit weights overflow. For exact results on such CPUs quantize weights "
+    "to 7 bits "
     "(craft-deploy compress --quant w7a8); CPUs with AVX-512 VNNI, AVX-VNNI or AMX, and TensorRT, are exact."
 )
 
@@ -254,9 +255,10 @@ def _export_onnx(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images
         verification["onnxruntime_fused_kernels"] = fused
     timings = {"export_seconds": export_seconds}
     if cfg.format == "tensorrt":
-        extra, verification["tensorrt"], timings["engine_build_seconds"] = _build_tensorrt(
+        engine, verification["tensorrt"], timings["engine_build_seconds"] = _build_tensorrt(
             cfg, bundle, stage, plan, images
         )
+        extra.update(engine)
     quant = manifest.get("quantization") or {}
     artifact = stage / ("model.engine" if cfg.format == "tensorrt" else "model.onnx")
     return _record(
