@@ -302,6 +302,12 @@ def sparsity(bundle) -> None:
     type=int,
     help="Test images run through PyTorch and the exported model to verify the export.",
 )
+@click.option(
+    "--atol",
+    type=float,
+    help="Largest |logit difference| accepted against PyTorch (default: 1e-3 x max|logit| for FP32, 2e-2 for FP16; "
+    "for Q/DQ it replaces the 95% top-1 agreement).",
+)
 @click.option("--batch-sizes", default="1,16", show_default=True, help="TensorRT profile: smallest..largest batch.")
 @click.option("--sparse", is_flag=True, help="TensorRT: SPARSE_WEIGHTS (2:4-pruned weights may get sparse kernels).")
 @click.option("--workspace-gb", default=4.0, show_default=True, type=float, help="TensorRT builder workspace.")

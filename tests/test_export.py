@@ -237,6 +237,15 @@ def test_bad_input_is_refused_before_anything_is_written(tiny_bundle, tiny_w8a8,
     assert not list(tmp_path.iterdir())
 
 
+def test_a_mismatch_beyond_tolerance_fails_and_writes_nothing(tiny_w8a8, tmp_path):
+    # an explicit --atol replaces top-1 agreement for Q/DQ; no quantized model meets 1e-9
+    with pytest.raises(CraftError, match="disagrees with PyTorch beyond tolerance"):
+        export(ExportConfig(verify_samples=16, atol=1e-9), tiny_w8a8, tmp_path / "strict")
+    assert not list(tmp_path.iterdir())
+    rec = export(ExportConfig(verify_samples=16, atol=10.0), tiny_w8a8, tmp_path / "loose")
+    assert rec["verification"]["onnxruntime"]["tolerance"] == {"max_abs_diff": 10.0}
+
+
 def test_tensorrt_without_tensorrt_gives_the_install_hint(tiny_w8a8, tmp_path):
     pytest.importorskip("onnx")
     try:
