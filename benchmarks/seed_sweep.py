@@ -1,6 +1,7 @@
 """CrAFT's claim over seeds: Adam vs SAM at several rho (and ASAM) on the offline default, each fine-tuned with three
 seeds (seed = training subset, head initialisation and data order), then FP32 top-1, lambda_max and accuracy after
-W8A8 / W6A6 / W4A16 PTQ and 2:4 pruning with BatchNorm re-calibration. Reports mean and spread over seeds.
+W8A8 / W6A6 / W4A16 PTQ (MSE calibration; W6A6+BN adds BatchNorm re-estimation) and 2:4 pruning with BatchNorm
+re-calibration. Reports mean and spread over seeds.
 
     python benchmarks/seed_sweep.py --phase train      # fine-tunes into runs/seed_sweep/ (resumable, skips finished)
     python benchmarks/seed_sweep.py --phase evaluate   # compresses and measures every finished run
@@ -23,8 +24,8 @@ RUNS = {
 
 
 def train(args: argparse.Namespace) -> None:
-    from craft_deploy.finetune import run
     from craft_deploy.artifacts import partial_dir
+    from craft_deploy.finetune import run
 
     root = Path(args.runs)
     for seed in args.seeds:
@@ -51,6 +52,7 @@ def train(args: argparse.Namespace) -> None:
 COMPRESSIONS = {
     "W8A8": {"quant": (8, 8)},
     "W6A6": {"quant": (6, 6)},
+    "W6A6+BN": {"quant": (6, 6), "bn": True},
     "W4A16": {"quant": (4, 16)},
     "2:4+BN": {"prune": (2, 4)},
 }
@@ -78,7 +80,19 @@ def evaluate(args: argparse.Namespace) -> None:
     cache = out / "seed_sweep_runs.json"
     rows = json.loads(cache.read_text()) if cache.is_file() else {}
     for run_dir in sorted(p for p in root.iterdir() if (p / "finetune.json").is_file()):
-        if run_dir.name in rows:
+        if args.only and run_dir.name.rsplit("-s", 1)[0] not in args.only:
+            continue
+        row = rows.get(run_dir.name)
+        if row is not None and "lambda_max_batch" not in row:  # added later: BatchNorm on batch statistics
+            bundle = load_bundle(run_dir)
+            splits = splits_for_manifest(bundle.manifest, eval_subset=args.eval_subset)
+            fixed = list(DataLoader(calibration_subset(splits.train, LAMBDA_IMAGES, seed=1), batch_size=32))
+            sharp = lambda_max(copy.deepcopy(bundle.model), nn.CrossEntropyLoss(), fixed, iters=30, tol=1e-3,
+                               batchnorm="batch")
+            row["lambda_max_batch"], row["lambda_batch_converged"] = sharp["lambda_max"], sharp["converged"]
+            print(json.dumps({"run": run_dir.name, "lambda_max_batch": sharp["lambda_max"]}), flush=True)
+            cache.write_text(json.dumps(rows, indent=2) + "\n")
+        if row is not None:
             continue
         rec = json.loads((run_dir / "finetune.json").read_text())
         bundle = load_bundle(run_dir)
@@ -96,10 +110,14 @@ def evaluate(args: argparse.Namespace) -> None:
             "lambda_max": sharp["lambda_max"],
             "lambda_converged": sharp["converged"],
         }
+        sharp = lambda_max(copy.deepcopy(bundle.model), nn.CrossEntropyLoss(), fixed, iters=30, tol=1e-3,
+                           batchnorm="batch")
+        row["lambda_max_batch"], row["lambda_batch_converged"] = sharp["lambda_max"], sharp["converged"]
         for name, spec in COMPRESSIONS.items():
             model = copy.deepcopy(bundle.model)
             if "quant" in spec:
-                ccfg = QuantConfig(w_bits=spec["quant"][0], a_bits=spec["quant"][1], calib_method="mse")
+                ccfg = QuantConfig(w_bits=spec["quant"][0], a_bits=spec["quant"][1], calib_method="mse",
+                                   bn_recalibrate=spec.get("bn", False))
             else:
                 ccfg = PruneConfig(n=spec["prune"][0], m=spec["prune"][1], bn_recalibrate=True)
             apply_method(model, ccfg, calib)
@@ -108,22 +126,34 @@ def evaluate(args: argparse.Namespace) -> None:
         print(json.dumps(row), flush=True)
         out.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(rows, indent=2) + "\n")
-    cols = ["fp32", "lambda_max", *COMPRESSIONS]
+    cols = ["fp32", "lambda_max", "lambda_max_batch", *COMPRESSIONS]
     lines = [
-        "| fine-tune | seeds | s/epoch | FP32 | lambda_max | " + " | ".join(COMPRESSIONS) + " |",
-        "|---|---|---|---|---|" + "---|" * len(COMPRESSIONS),
+        "| fine-tune | seeds | s/epoch | FP32 | lambda_max (BN eval) | lambda_max (BN batch) | "
+        + " | ".join(COMPRESSIONS) + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(COMPRESSIONS),
     ]
     for method in RUNS:
-        group = [r for r in rows.values() if r["method"] == method]
+        group = [r for r in rows.values() if r["method"] == method and (not args.only or method in args.only)]
         if not group:
             continue
         cells = []
         for c in cols:
-            vals = [r[c] for r in group]
+            vals = [r[c] for r in group if c in r]
+            if not vals:
+                cells.append("-")
+                continue
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            cells.append(f"{statistics.mean(vals):.0f} +- {sd:.0f}" if c == "lambda_max" else f"{statistics.mean(vals):.2f} +- {sd:.2f}")
+            digits = 0 if c.startswith("lambda_max") else 2
+            cells.append(f"{statistics.mean(vals):.{digits}f} +- {sd:.{digits}f}")
         spe = statistics.mean(r["seconds_per_epoch"] for r in group)
         lines.append(f"| {method} | {len(group)} | {spe:.0f} | " + " | ".join(cells) + " |")
+    lines += ["", "Every run:", "", "| run | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name in sorted(rows):
+        r = rows[name]
+        if args.only and r["method"] not in args.only:
+            continue
+        cells = [f"{r[c]:.0f}" if c.startswith("lambda_max") else f"{r[c]:.2f}" if c in r else "-" for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     (out / "seed_sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
