@@ -109,7 +109,16 @@ def test_ort_cpu_target_writes_uint8_activations_with_identical_results(tiny_w8a
     proto = onnx.load(str(tmp_path / "u8" / "model.onnx"))
     inits = _inits(proto)
     acts = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
-    assert acts and rec["activations"] == "uint8" and rec["rewrites"]["uint8_activations"] == len(acts)
+    assert rec["activations"] == "uint8" and rec["rewrites"]["uint8_activations"] > 0
+    # Conv -> Clip -> Q became Conv -> Q -> DQ -> Clip -> Q (ONNX Runtime's QLinearConv pattern); the comparison with
+    # the S8S8 file below, which has no such pairs, shows the added pairs change no value
+    consumers = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    requantized = [c for c in convs if [n.op_type for n in consumers[c.output[0]]] == ["QuantizeLinear"]]
+    assert rec["rewrites"]["requantized_outputs"] > 0 and len(requantized) >= rec["rewrites"]["requantized_outputs"]
     for q in acts:
         zp = numpy_helper.to_array(inits[q.input[2]])
         assert zp.dtype == np.uint8 and (zp == 128).all()  # symmetric int8 grid = uint8 grid around 128

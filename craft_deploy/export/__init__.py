@@ -18,6 +18,7 @@ from craft_deploy.artifacts import atomic_write_bytes, atomic_write_json, check_
 from craft_deploy.config import ExportConfig
 from craft_deploy.data import splits_for_manifest
 from craft_deploy.export.onnx import (
+    bypass_constant_identities,
     export_metadata,
     export_model,
     fold_batchnorm,
@@ -25,7 +26,13 @@ from craft_deploy.export.onnx import (
     fold_weight_quantizers,
     set_metadata,
 )
-from craft_deploy.export.precision import to_fp16, to_int4_weights, to_uint8_activations, upgrade_opset
+from craft_deploy.export.precision import (
+    requantize_layer_outputs,
+    to_fp16,
+    to_int4_weights,
+    to_uint8_activations,
+    upgrade_opset,
+)
 from craft_deploy.models import load_bundle
 from craft_deploy.records import write_record
 
@@ -188,11 +195,13 @@ def build_onnx(bundle, plan: ExportPlan) -> tuple[onnx_lib.ModelProto, dict[str,
     counts["shape_nodes_folded"] = fold_shape_constants(proto)
     if plan.precision == "int8":
         counts["weights_folded"] = fold_weight_quantizers(proto)
+        counts["identities_bypassed"] = bypass_constant_identities(proto)
     counts["batchnorm_folded"] = fold_batchnorm(proto)
     proto = upgrade_opset(proto, plan.opset)
     if plan.int4_weights:
         counts["int4_weights"] = to_int4_weights(proto)
     if plan.uint8_activations:
+        counts["requantized_outputs"] = requantize_layer_outputs(proto)
         counts["uint8_activations"] = to_uint8_activations(proto)
     if plan.precision == "fp16":
         proto = to_fp16(proto)

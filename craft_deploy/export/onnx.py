@@ -157,6 +157,23 @@ def fold_weight_quantizers(proto: onnx.ModelProto) -> int:
     return folded
 
 
+def bypass_constant_identities(proto: onnx.ModelProto) -> int:
+    """Remove Identity nodes that only rename an initializer (the exporter's deduplicated constants); returns how many.
+
+    Consumers then read the initializer itself, which the BatchNorm fold and the Q/DQ rewrites need to see.
+    """
+    graph = proto.graph
+    inits = {t.name for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in inits}
+    alias = {k: v for k, v in alias.items() if k not in outputs}
+    for node in graph.node:
+        node.input[:] = [alias.get(name, name) for name in node.input]
+    for node in [n for n in graph.node if n.op_type == "Identity" and n.output[0] in alias]:
+        graph.node.remove(node)
+    return len(alias)
+
+
 def fold_batchnorm(proto: onnx.ModelProto) -> int:
     """Fold every BatchNormalization that follows a Conv into the Conv, in place; returns how many were folded.
 

@@ -132,6 +132,55 @@ def to_uint8_activations(proto: onnx.ModelProto) -> int:
     return moved
 
 
+def requantize_layer_outputs(proto: onnx.ModelProto) -> int:
+    """Give each quantized Conv/Gemm/MatMul whose output reaches the next QuantizeLinear only through Relu/Clip a
+    Q/DQ pair of its own, with that QuantizeLinear's scale and zero point; returns how many were added.
+
+    ONNX Runtime fuses DequantizeLinear -> Conv -> QuantizeLinear into one integer kernel (QLinearConv) only when the
+    Conv's output goes straight into a QuantizeLinear; TensorRT wants Q/DQ on inputs only and fuses the rest itself.
+    Relu and Clip(0, hi) commute with rounding onto a grid that contains 0, so Q(Clip(DQ(Q(y)))) = Q(Clip(y)): the
+    added pair changes no value (the export's verification checks it).
+    """
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    added = 0
+    for node in list(graph.node):
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        weight = producers.get(node.input[1])
+        if weight is None or weight.op_type != "DequantizeLinear" or weight.input[0] not in inits:
+            continue
+        after = consumers.get(node.output[0], [])
+        if len(after) != 1 or after[0].op_type not in ("Relu", "Clip"):
+            continue
+        act = after[0]
+        if act.op_type == "Clip" and (len(act.input) < 2 or act.input[1] not in inits
+                                      or float(numpy_helper.to_array(inits[act.input[1]])) != 0.0):
+            continue  # only a clamp at 0 is known to commute with rounding here
+        quants = consumers.get(act.output[0], [])
+        if not quants or any(q.op_type != "QuantizeLinear" for q in quants):
+            continue
+        params = {tuple(q.input[1:]) for q in quants}
+        if len(params) != 1:
+            continue
+        scale_zp = list(quants[0].input[1:])
+        name = node.output[0]
+        q = helper.make_node("QuantizeLinear", [name, *scale_zp], [name + "_requant_q"], name=node.name + "_requant_q")
+        dq = helper.make_node("DequantizeLinear", [q.output[0], *scale_zp], [name + "_requant"],
+                              name=node.name + "_requant_dq")
+        act.input[0] = dq.output[0]
+        graph.node.extend([q, dq])
+        added += 1
+    if added:
+        topological_sort(graph)
+    return added
+
+
 def to_int4_weights(proto: onnx.ModelProto, max_abs: int = 7) -> int:
     """Store int8 weight initializers whose values fit INT4 as INT4, in place; returns how many were converted.
 
