@@ -1,5 +1,6 @@
 """The CLI end to end on a tiny real model and real data, and its answers to bad input."""
 
+import importlib.util
 import json
 
 import pytest
@@ -138,3 +139,15 @@ def test_sparsity_report_of_a_pruned_bundle(tiny_bundle, tmp_path):
     assert "pattern: unstructured 0.5" in report and "0.500" in report
     dense = _ok(["sparsity", str(tiny_bundle)])
     assert "none recorded" in dense
+
+
+def test_export_precision_and_target_flags(tiny_bundle, tiny_w8a8, tmp_path):
+    out = _ok(["export", str(tiny_bundle), "--precision", "fp16", "--out", str(tmp_path / "fp16")])
+    assert "(fp16, weights fp16" in out and "top-1 agreement" in out
+    out = _ok(["export", str(tiny_w8a8), "--target", "ort-cpu", "--out", str(tmp_path / "u8")])
+    rec = json.loads((tmp_path / "u8" / "export.json").read_text())
+    assert rec["activations"] == "uint8" and "onnxruntime_fused_kernels" in out
+    _fails(["export", str(tiny_bundle), "--precision", "int8", "--out", str(tmp_path / "x")], "--quant w8a8")
+    if importlib.util.find_spec("tensorrt") is None:
+        _fails(["export", str(tiny_w8a8), "--format", "tensorrt", "--out", str(tmp_path / "y")], "[tensorrt]")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
