@@ -68,7 +68,10 @@ def test_info_lists_backends():
     "args, message",
     [
         (["finetune", "--model", "resnet9000", "--data", "digits"], "unknown model 'resnet9000'"),
-        (["finetune", "--model", "test_efficientnet", "--no-pretrained", "--data", "mnist-3d"], "unknown dataset 'mnist-3d'"),
+        (
+            ["finetune", "--model", "test_efficientnet", "--no-pretrained", "--data", "mnist-3d"],
+            "unknown dataset 'mnist-3d'",
+        ),
         (["finetune", *TINY, "--rho", "-1"], "--rho must be positive"),
         (["finetune", *TINY, "--optimizer", "lion"], "registered: adam, asam, cram, sam, sgd"),
     ],

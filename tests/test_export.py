@@ -161,8 +161,13 @@ def test_requantized_layer_outputs_change_no_value(act):
         helper.make_node("QuantizeLinear", ["a", "s1", "z"], ["aq"]),
         helper.make_node("DequantizeLinear", ["aq", "s1", "z"], ["out"]),
     ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4, 8, 8])], init)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4, 8, 8])],
+        init,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
     before = copy.deepcopy(model)
     assert requantize_layer_outputs(model) == 1
