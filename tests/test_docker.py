@@ -40,5 +40,6 @@ def test_dockerfiles_install_the_package_with_the_cli_as_entrypoint(name, base):
                 assert (ROOT / src).exists(), f"{name} copies {src}, which is not in the repository"
     runs = " ".join(args for kind, args in ins if kind == "RUN")
     assert "pip install" in runs and "--no-cache-dir" in runs
+    assert "dataset-fashion-mnist" in runs  # the offline default dataset, as `make data` installs it
     if name == "Dockerfile.gpu":  # the base image's CUDA builds of torch/TensorRT must not be replaced from PyPI
         assert "--no-deps ." in runs and "onnxruntime-gpu" in runs
