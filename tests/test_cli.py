@@ -31,7 +31,23 @@ def test_four_verbs_chain_through_directories(tmp_path):
     ft, cp, ex, be = (tmp_path / d for d in ("ft", "cp", "ex", "be"))
     out = _ok(["finetune", *TINY, "--optimizer", "sam", "--out", str(ft)])
     assert "test top-1" in out and (ft / "model.safetensors").is_file()
-    out = _ok(["compress", str(ft), "--sparsity", "2:4", "--quant", "w8a8", "--calib-samples", "64", "--out", str(cp)])
+    # BatchNorm re-estimation keeps the 2:4 model alive; without it the logits nearly tie and the export's top-1
+    # agreement check turns into a coin toss (seen on a GPU-trained bundle)
+    out = _ok(
+        [
+            "compress",
+            str(ft),
+            "--sparsity",
+            "2:4",
+            "--quant",
+            "w8a8",
+            "--calib-samples",
+            "64",
+            "--bn-recalibrate",
+            "--out",
+            str(cp),
+        ]
+    )
     assert "pruned 2:4" in out and "quantized w8a8" in out
     rec = json.loads((cp / "compress.json").read_text())
     assert all(layer["nm_valid"] for layer in rec["methods"][0]["layers"].values())

@@ -238,7 +238,8 @@ def test_vit_w8a8_with_attention_matmuls_exports(tiny_vit_bundle, tmp_path):
 
 def test_pruned_weights_stay_zero_in_onnx(tiny_bundle, tmp_path):
     compress(CompressConfig(sparsity="2:4", quant="w8a8", calib_samples=32), tiny_bundle, tmp_path / "c")
-    rec = export(ExportConfig(verify_samples=16), tmp_path / "c", tmp_path / "e")
+    # 2:4 wrecks this tiny model (near-tied logits, top-1 agreement is noise): judge the export by |diff| instead
+    rec = export(ExportConfig(verify_samples=16, atol=0.25), tmp_path / "c", tmp_path / "e")
     v = rec["verification"]["onnxruntime"]
     assert v["weight_zeros_onnx"] >= v["weight_zeros_bundle"] > 0 and v["passed"]
 
@@ -346,3 +347,15 @@ def test_tensorrt_engine_from_w8a8_and_2_4(sparse, tiny_bundle, tmp_path):
 def test_torch_tensorrt_program(tiny_bundle, tmp_path):
     rec = export(ExportConfig(format="torch-tensorrt", precision="fp16"), tiny_bundle, tmp_path / "tt")
     assert (tmp_path / "tt" / "model.ep").is_file() and rec["verification"]["torch_tensorrt"]["passed"]
+
+
+def test_qdq_judgement_accepts_near_tie_flips_only():
+    from craft_deploy.export import _judge, compare_outputs
+
+    ref = np.array([[1.00, 0.99, 0.0], [2.0, 0.0, 0.0], [0.0, 3.0, 0.0]] * 4, np.float32)
+    got = ref.copy()
+    got[0] = [0.98, 1.00, 0.0]  # a near-tie flips: 1 of 12 disagree (92%), with logits 0.02 apart
+    check = compare_outputs(ref, got)
+    assert check["top1_agreement"] < 0.95 and _judge(check, "int8", None)
+    got[1] = [0.0, 2.5, 0.0]  # a confident prediction flips: no rounding effect does that
+    assert not _judge(compare_outputs(ref, got), "int8", None)

@@ -44,6 +44,7 @@ __all__ = ["compare_outputs", "plan_export", "run", "verify_onnx"]
 FLOAT_ATOL = 1e-3
 FP16_ATOL = 2e-2
 MIN_TOP1_AGREEMENT = {"fp16": 0.98, "int8": 0.95}
+QDQ_NEAR_TIE_ATOL = 0.1
 INT4_OPSET = 21
 
 
@@ -174,8 +175,14 @@ def _judge(check: dict[str, Any], precision: str, atol: float | None) -> bool:
     """Apply the tolerance of `precision` to a comparison, recording it; True when it passes."""
     scale = max(1.0, check["reference_logit_absmax"])
     if precision == "int8" and atol is None:
-        check["tolerance"] = {"min_top1_agreement": MIN_TOP1_AGREEMENT["int8"]}
-        return check["top1_agreement"] >= MIN_TOP1_AGREEMENT["int8"]
+        # at least 95% top-1 agreement, or every logit within 10% of the logit scale: a class can then only flip
+        # where PyTorch's own margin is under 20% of the scale (weak models' near-tied logits)
+        check["tolerance"] = {
+            "min_top1_agreement": MIN_TOP1_AGREEMENT["int8"],
+            "or_max_abs_diff": QDQ_NEAR_TIE_ATOL * scale,
+        }
+        close = check["max_abs_diff"] <= QDQ_NEAR_TIE_ATOL * scale
+        return check["top1_agreement"] >= MIN_TOP1_AGREEMENT["int8"] or close
     if precision == "int8":  # an explicit --atol replaces top-1 agreement (near-tied logits of untrained models)
         check["tolerance"] = {"max_abs_diff": atol}
         return check["max_abs_diff"] <= atol

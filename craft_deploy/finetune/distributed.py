@@ -42,6 +42,11 @@ def setup(device: str | None = None) -> Dist:
     cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     dev = torch.device(f"cuda:{local}" if cuda else "cpu")
     if cuda:
+        if local >= torch.cuda.device_count():
+            raise CraftError(
+                f"process {local} of torchrun has no GPU: {torch.cuda.device_count()} visible; start at most that many "
+                "(--nproc_per_node) or train on the CPU with --device cpu (gloo)"
+            )
         torch.cuda.set_device(dev)
     if world == 1:
         return Dist(device=dev)
