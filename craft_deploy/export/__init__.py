@@ -17,6 +17,7 @@ from craft_deploy import CraftError
 from craft_deploy.artifacts import atomic_write_bytes, atomic_write_json, check_out_dir, staged_dir
 from craft_deploy.config import ExportConfig
 from craft_deploy.data import splits_for_manifest
+from craft_deploy.export.graph import initializers, producers
 from craft_deploy.export.onnx import (
     bypass_constant_identities,
     export_metadata,
@@ -118,15 +119,15 @@ def plan_export(cfg: ExportConfig, manifest: dict[str, Any], bundle_path: str | 
 
 def weight_zero_count(proto: onnx_lib.ModelProto) -> int:
     """Exact zeros in the weights of Conv/Gemm/MatMul nodes (read through DequantizeLinear and Reshape)."""
-    inits = {t.name: t for t in proto.graph.initializer}
-    producers = {o: n for n in proto.graph.node for o in n.output}
+    inits = initializers(proto.graph)
+    writers = producers(proto.graph)
     zeros = 0
     for node in proto.graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
             continue
         name = node.input[1]
-        while name in producers and producers[name].op_type in ("DequantizeLinear", "Reshape", "Cast"):
-            name = producers[name].input[0]
+        while name in writers and writers[name].op_type in ("DequantizeLinear", "Reshape", "Cast"):
+            name = writers[name].input[0]
         if name in inits:
             zeros += int((onnx_lib.numpy_helper.to_array(inits[name]) == 0).sum())
     return zeros

@@ -16,6 +16,8 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
+from craft_deploy.export.graph import consumers, drop_unused_initializers, initializers, producers
+
 META_KEY = "craft_deploy"
 
 
@@ -116,10 +118,7 @@ def fold_weight_quantizers(proto: onnx.ModelProto) -> int:
             name = identity[name]
         return numpy_helper.to_array(inits[name]) if name in inits else None
 
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    readers = consumers(graph)
     folded, drop = 0, []
     for node in graph.node:
         if node.op_type != "QuantizeLinear":
@@ -140,7 +139,7 @@ def fold_weight_quantizers(proto: onnx.ModelProto) -> int:
         q = np.clip(np.rint(w / scale) + zp_b, info.min, info.max).astype(zp.dtype)
         qname = node.input[0] + "_quantized"
         graph.initializer.append(numpy_helper.from_array(q, qname))
-        for c in consumers.get(node.output[0], []):
+        for c in readers.get(node.output[0], []):
             for i, name in enumerate(c.input):
                 if name == node.output[0]:
                     c.input[i] = qname
@@ -151,9 +150,7 @@ def fold_weight_quantizers(proto: onnx.ModelProto) -> int:
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     for node in [n for n in graph.node if n.op_type == "Identity" and n.output[0] not in used]:
         graph.node.remove(node)
-    used = {name for node in graph.node for name in node.input}
-    for t in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(t)
+    drop_unused_initializers(graph)
     return folded
 
 
@@ -184,12 +181,9 @@ def fold_batchnorm(proto: onnx.ModelProto) -> int:
     multiplied by k, and the bias becomes (b - mean) * k + beta.
     """
     graph = proto.graph
-    inits = {t.name: t for t in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    uses: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    inits = initializers(graph)
+    writers = producers(graph)
+    readers = consumers(graph)
 
     def array(name: str) -> np.ndarray:
         return numpy_helper.to_array(inits[name])
@@ -205,8 +199,8 @@ def fold_batchnorm(proto: onnx.ModelProto) -> int:
 
     folded = []
     for bn in [n for n in graph.node if n.op_type == "BatchNormalization"]:
-        conv = producers.get(bn.input[0])
-        if conv is None or conv.op_type != "Conv" or uses.get(conv.output[0]) != 1 or len(bn.output) != 1:
+        conv = writers.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or len(readers.get(conv.output[0], [])) != 1 or len(bn.output) != 1:
             continue
         if not all(name in inits for name in bn.input[1:5]) or (len(conv.input) > 2 and conv.input[2] not in inits):
             continue
@@ -214,12 +208,12 @@ def fold_batchnorm(proto: onnx.ModelProto) -> int:
         gamma, beta, mean, var = (array(n).astype(np.float64) for n in bn.input[1:5])
         k = gamma / np.sqrt(var + eps)
         weight = conv.input[1]
-        dq = producers.get(weight)
+        dq = writers.get(weight)
         if weight in inits:
             w = array(weight)
             conv.input[1] = put(weight, (w * k.reshape(-1, *[1] * (w.ndim - 1))).astype(w.dtype))
         elif dq is not None and dq.op_type == "DequantizeLinear" and all(n in inits for n in dq.input):
-            if uses.get(dq.output[0]) != 1:
+            if len(readers.get(dq.output[0], [])) != 1:
                 continue
             q, scale = array(dq.input[0]), array(dq.input[1])
             zp = array(dq.input[2]) if len(dq.input) > 2 else np.zeros_like(scale, dtype=q.dtype)
@@ -249,9 +243,7 @@ def fold_batchnorm(proto: onnx.ModelProto) -> int:
         folded.append(bn)
     for bn in folded:
         graph.node.remove(bn)
-    used = {name for node in graph.node for name in node.input}
-    for t in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(t)
+    used = drop_unused_initializers(graph)
     for stale in [v for v in graph.value_info if v.name not in used]:
         graph.value_info.remove(stale)
     return len(folded)
@@ -301,9 +293,7 @@ def fold_shape_constants(proto: onnx.ModelProto, max_elements: int = 1024) -> in
         for name in node.output:
             if name in consumed and name not in existing:
                 graph.initializer.append(numpy_helper.from_array(values[name], name))
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    for t in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(t)
+    drop_unused_initializers(graph)
     return len(folded)
 
 

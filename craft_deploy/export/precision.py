@@ -15,11 +15,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from craft_deploy.export.graph import consumers, drop_unused_initializers, initializers, producers, topological_sort
+
 FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Erf")
-
-
-def _initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
-    return {t.name: t for t in graph.initializer}
 
 
 def to_fp16(proto: onnx.ModelProto, keep_fp32: tuple[str, ...] = FP32_OPS) -> onnx.ModelProto:
@@ -34,15 +32,10 @@ def to_fp16(proto: onnx.ModelProto, keep_fp32: tuple[str, ...] = FP32_OPS) -> on
     F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
     types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
     types.update({t.name: t.data_type for t in graph.initializer})
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    readers = consumers(graph)
     kept = {id(n) for n in graph.node if n.op_type in keep_fp32}
     fp32_inits = {
-        t.name
-        for t in graph.initializer
-        if t.data_type == F32 and all(id(c) in kept for c in consumers.get(t.name, []))
+        t.name for t in graph.initializer if t.data_type == F32 and all(id(c) in kept for c in readers.get(t.name, []))
     }
     for t in graph.initializer:
         if t.data_type == F32 and t.name not in fp32_inits:
@@ -51,7 +44,7 @@ def to_fp16(proto: onnx.ModelProto, keep_fp32: tuple[str, ...] = FP32_OPS) -> on
     nodes: list[onnx.NodeProto] = []
     for inp in graph.input:
         if inp.type.tensor_type.elem_type == F32:
-            for c in consumers.get(inp.name, []):
+            for c in readers.get(inp.name, []):
                 c.input[:] = [inp.name + "_fp16" if n == inp.name else n for n in c.input]
             nodes.append(helper.make_node("Cast", [inp.name], [inp.name + "_fp16"], to=F16))
     outputs = {o.name for o in graph.output if o.type.tensor_type.elem_type == F32}
@@ -86,22 +79,6 @@ def to_fp16(proto: onnx.ModelProto, keep_fp32: tuple[str, ...] = FP32_OPS) -> on
     return proto
 
 
-def topological_sort(graph: onnx.GraphProto) -> None:
-    """Reorder the graph's nodes so that every node comes after the producers of its inputs (in place)."""
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        ready = [n for n in pending if all(name in available for name in n.input)]
-        if not ready:
-            raise ValueError(f"the graph has a cycle or a dangling input at {pending[0].name!r}")
-        for node in ready:
-            available.update(node.output)
-        ordered += ready
-        pending = [n for n in pending if n not in ready]
-    del graph.node[:]
-    graph.node.extend(ordered)
-
-
 def _is_weight_dq(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
     return node.op_type == "DequantizeLinear" and node.input[0] in inits
 
@@ -112,7 +89,7 @@ def to_uint8_activations(proto: onnx.ModelProto) -> int:
     Weights stay int8 (U8S8). A zero point is shared by the QuantizeLinear and its DequantizeLinear, so both move.
     """
     graph = proto.graph
-    inits = _initializers(graph)
+    inits = initializers(graph)
     zero_points: set[str] = set()
     for node in graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") and not _is_weight_dq(node, inits):
@@ -142,27 +119,25 @@ def requantize_layer_outputs(proto: onnx.ModelProto) -> int:
     added pair changes no value (the export's verification checks it).
     """
     graph = proto.graph
-    inits = {t.name: t for t in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    inits = initializers(graph)
+    writers = producers(graph)
+    readers = consumers(graph)
     added = 0
     for node in list(graph.node):
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
             continue
-        weight = producers.get(node.input[1])
+        weight = writers.get(node.input[1])
         if weight is None or weight.op_type != "DequantizeLinear" or weight.input[0] not in inits:
             continue
-        after = consumers.get(node.output[0], [])
+        after = readers.get(node.output[0], [])
         if len(after) != 1 or after[0].op_type not in ("Relu", "Clip"):
             continue
         act = after[0]
-        if act.op_type == "Clip" and (len(act.input) < 2 or act.input[1] not in inits
-                                      or float(numpy_helper.to_array(inits[act.input[1]])) != 0.0):
+        if act.op_type == "Clip" and (
+            len(act.input) < 2 or act.input[1] not in inits or float(numpy_helper.to_array(inits[act.input[1]])) != 0.0
+        ):
             continue  # only a clamp at 0 is known to commute with rounding here
-        quants = consumers.get(act.output[0], [])
+        quants = readers.get(act.output[0], [])
         if not quants or any(q.op_type != "QuantizeLinear" for q in quants):
             continue
         params = {tuple(q.input[1:]) for q in quants}
@@ -171,8 +146,9 @@ def requantize_layer_outputs(proto: onnx.ModelProto) -> int:
         scale_zp = list(quants[0].input[1:])
         name = node.output[0]
         q = helper.make_node("QuantizeLinear", [name, *scale_zp], [name + "_requant_q"], name=node.name + "_requant_q")
-        dq = helper.make_node("DequantizeLinear", [q.output[0], *scale_zp], [name + "_requant"],
-                              name=node.name + "_requant_dq")
+        dq = helper.make_node(
+            "DequantizeLinear", [q.output[0], *scale_zp], [name + "_requant"], name=node.name + "_requant_dq"
+        )
         act.input[0] = dq.output[0]
         graph.node.extend([q, dq])
         added += 1
@@ -190,11 +166,8 @@ def to_int4_weights(proto: onnx.ModelProto, max_abs: int = 7) -> int:
     declare opset >= 21 (see `upgrade_opset`).
     """
     graph = proto.graph
-    inits = _initializers(graph)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    inits = initializers(graph)
+    readers = consumers(graph)
     converted = 0
     for node in graph.node:
         if not _is_weight_dq(node, inits):
@@ -203,7 +176,7 @@ def to_int4_weights(proto: onnx.ModelProto, max_abs: int = 7) -> int:
         if w.dtype != np.int8 or np.abs(w.astype(np.int16)).max() > max_abs:
             continue
         scale = numpy_helper.to_array(inits[node.input[1]])
-        users = consumers.get(node.output[0], [])
+        users = readers.get(node.output[0], [])
         if len(users) == 1 and users[0].op_type == "Reshape" and w.ndim == 2 and scale.size > 1:
             # per-group rows [out * groups, group] -> blocked [out, in] with scale [out, groups]
             shape_name = users[0].input[1]
@@ -225,9 +198,7 @@ def to_int4_weights(proto: onnx.ModelProto, max_abs: int = 7) -> int:
         del node.input[2:]
         node.input.append(zero.name)
         converted += 1
-    used = {name for node in graph.node for name in node.input}
-    for t in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(t)
+    drop_unused_initializers(graph)
     return converted
 
 
