@@ -8,6 +8,7 @@ import sys
 import click
 
 from craft_deploy import CraftError, __version__
+from craft_deploy.config import EXPORT_FORMATS, EXPORT_PRECISIONS, EXPORT_TARGETS
 
 
 def _guard(fn):
@@ -277,21 +278,21 @@ def sparsity(bundle) -> None:
     "format_",
     default="onnx",
     show_default=True,
-    type=click.Choice(["onnx", "tensorrt", "torch-tensorrt"]),
+    type=click.Choice(EXPORT_FORMATS),
     help="onnx; tensorrt (an engine built from the ONNX); torch-tensorrt (a dynamo-compiled program).",
 )
 @click.option(
     "--precision",
     default="auto",
     show_default=True,
-    type=click.Choice(["auto", "fp32", "fp16", "int8"]),
+    type=click.Choice(EXPORT_PRECISIONS),
     help="auto: int8 Q/DQ for quantized bundles, fp32 otherwise; fp16 keeps LayerNorm/softmax in FP32.",
 )
 @click.option(
     "--target",
     default="tensorrt",
     show_default=True,
-    type=click.Choice(["tensorrt", "ort-cpu"]),
+    type=click.Choice(EXPORT_TARGETS),
     help="Q/DQ flavour: tensorrt = int8 activations (S8S8); ort-cpu = uint8 activations, zero point 128 (U8S8).",
 )
 @click.option("--opset", type=int, help="ONNX opset (default 17, or 21 for INT4 weights).")
