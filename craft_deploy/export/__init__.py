@@ -145,8 +145,8 @@ def compare_outputs(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
     }
 
 
-def verify_onnx(path: Path, model: torch.nn.Module, images: torch.Tensor, fused: bool = False) -> dict[str, Any]:
-    """Run the ONNX file in ONNX Runtime (CPU) and PyTorch on `images` and compare the logits.
+def verify_onnx(path: Path, images: torch.Tensor, ref: np.ndarray, fused: bool = False) -> dict[str, Any]:
+    """Run the ONNX file in ONNX Runtime (CPU) on `images` and compare its logits with PyTorch's, `ref`.
 
     By default ONNX Runtime applies only its basic graph optimisations, so the check is of what the file computes.
     With `fused`, every optimisation runs: Q/DQ pairs become this CPU's integer kernels (QLinearConv, ...).
@@ -157,8 +157,6 @@ def verify_onnx(path: Path, model: torch.nn.Module, images: torch.Tensor, fused:
     level = ort.GraphOptimizationLevel
     opts.graph_optimization_level = level.ORT_ENABLE_ALL if fused else level.ORT_ENABLE_BASIC
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    with torch.no_grad():
-        ref = model.eval()(images).numpy()
     got = np.concatenate([sess.run(None, {"input": chunk.numpy()})[0] for chunk in images.split(32)])
     return compare_outputs(ref, got)
 
@@ -231,10 +229,12 @@ def run(cfg: ExportConfig, bundle_path: str | Path, out: str | Path, overwrite: 
         t0 = time.perf_counter()
         splits = splits_for_manifest(manifest, cfg.data_root, eval_subset=cfg.verify_samples)
         images = next(iter(DataLoader(splits.test, batch_size=cfg.verify_samples)))[0]
+        with torch.no_grad():  # PyTorch's logits, once: every check compares against them
+            ref = bundle.model.eval()(images).numpy()
         if cfg.format == "torch-tensorrt":
-            record = _export_torch_tensorrt(cfg, bundle, bundle_path, stage, plan, images, t0)
+            record = _export_torch_tensorrt(cfg, bundle, bundle_path, stage, plan, images, ref, t0)
         else:
-            record = _export_onnx(cfg, bundle, bundle_path, stage, plan, images, t0)
+            record = _export_onnx(cfg, bundle, bundle_path, stage, plan, images, ref, t0)
         failed = [k for k, v in record["verification"].items() if isinstance(v, dict) and v.get("passed") is False]
         if failed:
             raise CraftError(
@@ -244,7 +244,7 @@ def run(cfg: ExportConfig, bundle_path: str | Path, out: str | Path, overwrite: 
     return record
 
 
-def _export_onnx(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images, t0: float) -> dict[str, Any]:
+def _export_onnx(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images, ref, t0: float) -> dict[str, Any]:
     manifest = bundle.manifest
     proto, counts = build_onnx(bundle, plan)
     path = stage / "model.onnx"
@@ -254,7 +254,7 @@ def _export_onnx(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images
         onnx_lib.checker.check_model(str(path), full_check=True)
     except onnx_lib.checker.ValidationError as e:
         raise CraftError(f"the exported ONNX model fails onnx.checker: {str(e)[:400]}") from e
-    check = verify_onnx(path, bundle.model, images)
+    check = verify_onnx(path, images, ref)
     # zeros of the pruned layers in the bundle: each must still be an exact zero in the ONNX weights
     check["weight_zeros_bundle"] = _pruned_zeros(bundle) if manifest.get("sparsity") else None
     check["weight_zeros_onnx"] = weight_zero_count(proto)
@@ -268,7 +268,7 @@ def _export_onnx(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images
     verification = {"onnxruntime": check}
     extra: dict[str, Any] = {}
     if plan.precision == "int8" and plan.activations != "fp32":
-        fused = verify_onnx(path, bundle.model, images, fused=True)
+        fused = verify_onnx(path, images, ref, fused=True)
         fused["within_tolerance"] = _judge(fused, plan.precision, cfg.atol)  # recorded; this host's kernels only
         if not fused["within_tolerance"]:
             extra["warning"] = SATURATION_HINT.format(agree=fused["top1_agreement"])
@@ -276,7 +276,7 @@ def _export_onnx(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images
     timings = {"export_seconds": export_seconds}
     if cfg.format == "tensorrt":
         engine, verification["tensorrt"], timings["engine_build_seconds"] = _build_tensorrt(
-            cfg, bundle, stage, plan, images
+            cfg, bundle, stage, plan, images, ref
         )
         extra.update(engine)
     quant = manifest.get("quantization") or {}
@@ -300,7 +300,7 @@ def _export_onnx(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images
     )
 
 
-def _build_tensorrt(cfg, bundle, stage: Path, plan: ExportPlan, images) -> tuple[dict, dict, float]:
+def _build_tensorrt(cfg, bundle, stage: Path, plan: ExportPlan, images, ref) -> tuple[dict, dict, float]:
     """Build model.engine from the verified model.onnx, keep the log and metadata, and verify the engine."""
     from craft_deploy.bench.backends import TensorrtEngine
     from craft_deploy.export.tensorrt import build_engine
@@ -321,8 +321,6 @@ def _build_tensorrt(cfg, bundle, stage: Path, plan: ExportPlan, images) -> tuple
     meta["engine"]["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     atomic_write_json(stage / "metadata.json", meta)
     runner = TensorrtEngine(stage / "model.engine")
-    with torch.no_grad():
-        ref = bundle.model.eval()(images).numpy()
     lo, hi = min(cfg.batch_sizes), max(cfg.batch_sizes)
     got = np.concatenate([runner.run(runner.prepare(c.numpy())) for c in images.split(hi) if len(c) >= lo])
     check = compare_outputs(ref[: len(got)], got)
@@ -345,12 +343,10 @@ def _build_tensorrt(cfg, bundle, stage: Path, plan: ExportPlan, images) -> tuple
     return extra, check, seconds
 
 
-def _export_torch_tensorrt(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images, t0) -> dict[str, Any]:
+def _export_torch_tensorrt(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images, ref, t0) -> dict[str, Any]:
     from craft_deploy.export.torch_tensorrt import compile_and_save
 
     path = stage / "model.ep"
-    with torch.no_grad():
-        ref = bundle.model.eval()(images).numpy()
     info = compile_and_save(
         bundle.model, bundle.manifest["input_size"], cfg.batch_sizes, plan.precision == "fp16", path
     )
