@@ -75,6 +75,12 @@ def evaluate(args: argparse.Namespace) -> None:
     from craft_deploy.evaluate import evaluate as top1_of
     from craft_deploy.models import load_bundle
 
+    def sharpness(bundle, splits, batchnorm: str) -> dict:
+        """lambda_max on the same training images for every run (seed 1 of the calibration draw), batches of 32."""
+        fixed = list(DataLoader(calibration_subset(splits.train, LAMBDA_IMAGES, seed=1), batch_size=32))
+        return lambda_max(copy.deepcopy(bundle.model), nn.CrossEntropyLoss(), fixed, iters=30, tol=1e-3,
+                          batchnorm=batchnorm)
+
     torch.set_num_threads(args.threads)
     root, out = Path(args.runs), Path(args.out)
     cache = out / "seed_sweep_runs.json"
@@ -85,10 +91,7 @@ def evaluate(args: argparse.Namespace) -> None:
         row = rows.get(run_dir.name)
         if row is not None and "lambda_max_batch" not in row:  # added later: BatchNorm on batch statistics
             bundle = load_bundle(run_dir)
-            splits = splits_for_manifest(bundle.manifest, eval_subset=args.eval_subset)
-            fixed = list(DataLoader(calibration_subset(splits.train, LAMBDA_IMAGES, seed=1), batch_size=32))
-            sharp = lambda_max(copy.deepcopy(bundle.model), nn.CrossEntropyLoss(), fixed, iters=30, tol=1e-3,
-                               batchnorm="batch")
+            sharp = sharpness(bundle, splits_for_manifest(bundle.manifest, eval_subset=args.eval_subset), "batch")
             row["lambda_max_batch"], row["lambda_batch_converged"] = sharp["lambda_max"], sharp["converged"]
             print(json.dumps({"run": run_dir.name, "lambda_max_batch": sharp["lambda_max"]}), flush=True)
             cache.write_text(json.dumps(rows, indent=2) + "\n")
@@ -97,9 +100,7 @@ def evaluate(args: argparse.Namespace) -> None:
         rec = json.loads((run_dir / "finetune.json").read_text())
         bundle = load_bundle(run_dir)
         splits = splits_for_manifest(bundle.manifest, eval_subset=args.eval_subset)
-        # the same training images for every run (seed 1 of the calibration draw), batches of 32
-        fixed = list(DataLoader(calibration_subset(splits.train, LAMBDA_IMAGES, seed=1), batch_size=32))
-        sharp = lambda_max(copy.deepcopy(bundle.model), nn.CrossEntropyLoss(), fixed, iters=30, tol=1e-3)
+        sharp = sharpness(bundle, splits, "eval")
         calib = calib_loop(calibration_subset(splits.train, 512))
         row = {
             "run": run_dir.name,
@@ -110,8 +111,7 @@ def evaluate(args: argparse.Namespace) -> None:
             "lambda_max": sharp["lambda_max"],
             "lambda_converged": sharp["converged"],
         }
-        sharp = lambda_max(copy.deepcopy(bundle.model), nn.CrossEntropyLoss(), fixed, iters=30, tol=1e-3,
-                           batchnorm="batch")
+        sharp = sharpness(bundle, splits, "batch")
         row["lambda_max_batch"], row["lambda_batch_converged"] = sharp["lambda_max"], sharp["converged"]
         for name, spec in COMPRESSIONS.items():
             model = copy.deepcopy(bundle.model)
