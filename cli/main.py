@@ -8,7 +8,7 @@ import sys
 import click
 
 from craft_deploy import CraftError, __version__
-from craft_deploy.config import EXPORT_FORMATS, EXPORT_PRECISIONS, EXPORT_TARGETS
+from craft_deploy.config import EXPORT_FORMATS, EXPORT_PRECISIONS, EXPORT_TARGETS, QUANT_PLACEMENTS
 
 
 def _guard(fn):
@@ -203,6 +203,14 @@ def finetune(out, overwrite, resume, **kw) -> None:
 @click.option("--group-size", type=int, help="Weight-only (wXa16): one scale per this many weights of a channel.")
 @click.option("--act-asymmetric", is_flag=True, help="Asymmetric activation ranges (zero point), e.g. post-ReLU.")
 @click.option("--quant-attention", is_flag=True, help="ViTs: also quantize the Q K^T and softmax x V matmul inputs.")
+@click.option(
+    "--placement",
+    default="tensorrt",
+    show_default=True,
+    type=click.Choice(QUANT_PLACEMENTS),
+    help="Where activation quantizers go: tensorrt = inputs of Conv/Linear only (TensorRT fuses the rest); ort-cpu = "
+    "also residual adds and pooling, asymmetric (ONNX Runtime's CPU integer kernels; export with --target ort-cpu).",
+)
 @click.option(
     "--calib-samples",
     default=256,

@@ -150,6 +150,7 @@ class CompressConfig(_Config):
     group_size: int | None = None
     act_asymmetric: bool = False
     quant_attention: bool = False
+    placement: str = "tensorrt"
     calib_samples: int = 256
     eval_subset: int | None = None
     data_root: str | None = None
@@ -162,8 +163,12 @@ class CompressConfig(_Config):
             raise CraftError("nothing to do: give --sparsity (e.g. 2:4 or 0.5) and/or --quant (e.g. w8a8)")
         parse_sparsity(self.sparsity)
         quant = parse_quant(self.quant)
-        if quant is None and (self.calib_method != "minmax" or self.group_size or self.act_asymmetric):
-            raise CraftError("--calib-method, --group-size and --act-asymmetric need --quant (e.g. --quant w8a8)")
+        if quant is None and (
+            self.calib_method != "minmax" or self.group_size or self.act_asymmetric or self.placement != "tensorrt"
+        ):
+            raise CraftError(
+                "--calib-method, --group-size, --act-asymmetric and --placement need --quant (e.g. --quant w8a8)"
+            )
         if self.group_size is not None and self.group_size < 2:
             raise CraftError(f"--group-size must be >= 2 weights (e.g. 64 or 128), got {self.group_size}")
         if self.group_size is not None and self.weight_granularity not in ("channel", "group"):
@@ -197,9 +202,11 @@ class CompressConfig(_Config):
             act_asymmetric=self.act_asymmetric,
             quant_attention=self.quant_attention,
             bn_recalibrate=self.bn_recalibrate,
+            placement=self.placement,
         )
 
 
+QUANT_PLACEMENTS = ("tensorrt", "ort-cpu")  # see craft_deploy.compress.placement
 EXPORT_FORMATS = ("onnx", "tensorrt", "torch-tensorrt")
 EXPORT_PRECISIONS = ("auto", "fp32", "fp16", "int8")
 EXPORT_TARGETS = ("tensorrt", "ort-cpu")

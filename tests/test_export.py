@@ -177,6 +177,57 @@ def test_requantized_layer_outputs_change_no_value(act):
     assert np.abs(ref).max() > 1 and np.array_equal(ref, got)
 
 
+def test_requantized_pads_pools_and_adds_change_no_value():
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    from craft_deploy.export.precision import requantize_grid_ops, requantize_layer_outputs
+
+    rng = np.random.default_rng(1)
+    init = [
+        numpy_helper.from_array(rng.integers(-63, 64, (3, 3, 3, 3)).astype(np.int8), "wq"),
+        numpy_helper.from_array(np.full(3, 0.02, np.float32), "ws"),
+        numpy_helper.from_array(np.zeros(3, np.int8), "wz"),
+        numpy_helper.from_array(np.float32(0.05), "s0"),
+        numpy_helper.from_array(np.int8(-7), "z0"),  # asymmetric: 0 is on the grid, off its centre
+        numpy_helper.from_array(np.float32(0.041), "s1"),
+        numpy_helper.from_array(np.int8(-128), "z1"),  # a post-ReLU grid starting at 0
+        numpy_helper.from_array(np.array([0, 0, 0, 1, 0, 0, 1, 1], np.int64), "pads"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s0", "z0"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s0", "z0"], ["xd"]),
+        helper.make_node("Pad", ["xd", "pads"], ["xp"]),  # TensorFlow 'SAME' padding before a strided conv
+        helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=0),
+        helper.make_node("Conv", ["xp", "w"], ["y"], strides=[2, 2]),
+        helper.make_node("Add", ["y", "y"], ["y2"]),  # not from DQs: left alone
+        helper.make_node("QuantizeLinear", ["y2", "s0", "z0"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "s0", "z0"], ["yd"]),
+        helper.make_node("Add", ["yd", "yd"], ["s"]),  # a residual add of dequantized inputs
+        helper.make_node("Relu", ["s"], ["r"]),
+        helper.make_node("MaxPool", ["r"], ["m"], kernel_shape=[2, 2]),
+        helper.make_node("QuantizeLinear", ["m", "s1", "z1"], ["mq"]),
+        helper.make_node("DequantizeLinear", ["mq", "s1", "z1"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 9, 9])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3, 3, 4])],
+        init,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+    before = copy.deepcopy(model)
+    assert requantize_layer_outputs(model) == 1  # after the Add (through Relu and MaxPool); the Conv already has one
+    assert requantize_grid_ops(model) == 1  # after the Pad
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") == 5
+    x = (rng.standard_normal((2, 3, 9, 9)) * 3).astype(np.float32)
+    ref, got = (ReferenceEvaluator(m).run(None, {"x": x})[0] for m in (before, model))
+    assert np.abs(ref).max() > 1 and np.array_equal(ref, got)
+
+
 def test_w7a8_runs_exactly_in_fused_integer_kernels(tiny_bundle, tmp_path):
     # 7-bit weights cannot overflow the 16-bit u8 x s8 pair sums of AVX2 kernels, so fused kernels agree everywhere
     compress(CompressConfig(quant="w7a8", calib_samples=32), tiny_bundle, tmp_path / "w7a8")

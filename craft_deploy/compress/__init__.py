@@ -108,6 +108,8 @@ def run(cfg: CompressConfig, bundle_path: str | Path, out: str | Path, overwrite
                     "weight_calibration": report["weight_calibration"],
                     "layers": report["layers"],
                     "matmuls": report["matmuls"],
+                    "tensors": report["tensors"],
+                    "placement": report["placement"],
                 }
         after = evaluate(model.eval(), splits.test, desc="test (after)")
         manifest["stages"].append(stage_entry("compress", cfg.to_dict(), test_top1=after["top1"]))

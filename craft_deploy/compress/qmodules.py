@@ -189,6 +189,10 @@ def _quantize_input(module: nn.Module, args: tuple) -> tuple:
     return (module.input_quantizer(args[0]), *args[1:])
 
 
+def _quantize_output(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return module.output_quantizer(out)
+
+
 def make_act_quantizer(spec: dict[str, Any], bits_key: str = "a_bits") -> nn.Module:
     twin = spec.get("a_twin")
     if twin:
@@ -197,13 +201,17 @@ def make_act_quantizer(spec: dict[str, Any], bits_key: str = "a_bits") -> nn.Mod
 
 
 def attach_quantizers(
-    model: nn.Module, layers: dict[str, dict[str, Any]], matmuls: dict[str, dict[str, Any]] | None = None
+    model: nn.Module,
+    layers: dict[str, dict[str, Any]],
+    matmuls: dict[str, dict[str, Any]] | None = None,
+    tensors: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     """Attach weight/input quantizers to the named layers and, for ViTs, to the attention matmuls.
 
     `layers`: `{name: {"w_bits": 8, "a_bits": 8, "w_granularity": "channel", "group_size": 0, "a_symmetric": True,
     "a_twin": None}}` (a_bits 16 = float inputs). `matmuls`: `{attention module name: {"a_bits": 8, "a_symmetric":
-    True, "probs_twin": False}}`.
+    True, "probs_twin": False}}`. `tensors`: `{module name: {"a_bits": 8, "a_symmetric": False, "sides": ["output"]}}`,
+    quantizers on any module's input and/or output (see compress.placement).
     """
     for name, spec in layers.items():
         mod = model.get_submodule(name)
@@ -219,6 +227,14 @@ def attach_quantizers(
 
         for name, spec in matmuls.items():
             quantize_attention(model.get_submodule(name), spec)
+    for name, spec in (tensors or {}).items():
+        mod = model.get_submodule(name)
+        if "input" in spec["sides"]:
+            mod.input_quantizer = make_act_quantizer(spec)
+            mod.register_forward_pre_hook(_quantize_input)
+        if "output" in spec["sides"]:
+            mod.output_quantizer = make_act_quantizer(spec)
+            mod.register_forward_hook(_quantize_output)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:

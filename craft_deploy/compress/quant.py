@@ -1,7 +1,8 @@
 """Post-training quantization: WxAy uniform fake-quant with min-max, percentile, MSE, entropy or PTQ4ViT calibration.
 
 Weights are symmetric per output channel (default), per tensor or per group; layer inputs per tensor, static,
-symmetric by default. With `quant_attention` a ViT's attention matmuls get input quantizers too.
+symmetric by default. With `quant_attention` a ViT's attention matmuls get input quantizers too. `placement` ort-cpu
+adds the quantizers ONNX Runtime's CPU integer kernels need (residual adds, pooling; asymmetric ranges).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from craft_deploy.compress.attention import attention_modules
 from craft_deploy.compress.batchnorm import batchnorms, recalibrate_batchnorm
 from craft_deploy.compress.calibrators import CALIB_METHODS, RangeObserver, compute_range
 from craft_deploy.compress.layers import select_layers
+from craft_deploy.compress.placement import PLACEMENTS, ort_cpu_tensors
 from craft_deploy.compress.qmodules import ActQuantizer, activation_quantizers, attach_quantizers, quantized_layers
 from craft_deploy.compress.registry import CalibLoop, MethodConfig, register_method
 
@@ -40,6 +42,7 @@ class QuantConfig(MethodConfig):
     search_points: int = 24
     search_rounds: int = 2
     bn_recalibrate: bool = False
+    placement: str = "tensorrt"
 
     def __post_init__(self) -> None:
         if not 2 <= self.w_bits <= 8:
@@ -68,12 +71,25 @@ class QuantConfig(MethodConfig):
             raise CraftError(f"--group-size must be >= 2 (e.g. 64 or 128), got {self.group_size}")
         if self.calib_method == "entropy" and self.act_asymmetric:
             raise CraftError("--calib-method entropy calibrates symmetric ranges; drop --act-asymmetric or use mse")
+        if self.placement not in PLACEMENTS:
+            raise CraftError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+        if self.placement == "ort-cpu" and (self.a_bits == 16 or self.calib_method in ("entropy", "ptq4vit")):
+            raise CraftError(
+                f"--placement ort-cpu places asymmetric activation quantizers, which {self.name} with "
+                f"--calib-method {self.calib_method} does not have: quantize activations (e.g. --quant w8a8) and "
+                "calibrate with minmax, percentile or mse"
+            )
         if self.search_points < 2 or self.search_rounds < 1:
             raise CraftError(f"search needs >= 2 points and >= 1 round, got {self.search_points}, {self.search_rounds}")
 
     @property
     def name(self) -> str:
         return f"w{self.w_bits}a{self.a_bits}"
+
+    @property
+    def act_symmetric(self) -> bool:
+        """ONNX Runtime's CPU placement uses asymmetric activations (post-ReLU ranges from 0, any zero point)."""
+        return not (self.act_asymmetric or self.placement == "ort-cpu")
 
     @property
     def weight_method(self) -> str:
@@ -108,14 +124,22 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dic
             "a_bits": cfg.a_bits,
             "w_granularity": cfg.w_granularity,
             "group_size": cfg.group_size,
-            "a_symmetric": not cfg.act_asymmetric,
+            "a_symmetric": cfg.act_symmetric,
             "a_twin": "gelu" if method == "ptq4vit" and _after_gelu(name, model) else None,
         }
     matmuls = {
-        name: {"a_bits": cfg.a_bits, "a_symmetric": not cfg.act_asymmetric, "probs_twin": method == "ptq4vit"}
+        name: {"a_bits": cfg.a_bits, "a_symmetric": cfg.act_symmetric, "probs_twin": method == "ptq4vit"}
         for name in attn
     }
-    attach_quantizers(model, spec, matmuls)
+    tensors = {}
+    if cfg.placement == "ort-cpu":
+        tensors = {
+            name: {"a_bits": cfg.a_bits, "a_symmetric": False, "sides": sides}
+            for name, sides in ort_cpu_tensors(model).items()
+        }
+        if not tensors:
+            notes.append("--placement ort-cpu: no timm residual CNN blocks found; only layer inputs are quantized")
+    attach_quantizers(model, spec, matmuls, tensors)
     for mod in quantized_layers(model).values():
         mod.parametrizations.weight[0].calibrate(mod.parametrizations.weight.original, cfg.weight_method)
     timings["weights_seconds"] = time.perf_counter() - t0
@@ -151,6 +175,8 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dic
         "weight_calibration": cfg.weight_method,
         "layers": spec,
         "matmuls": matmuls,
+        "tensors": tensors,
+        "placement": cfg.placement,
         "skipped": skipped,
         "activation_ranges": ranges,
         "bn_recalibrated": bn_count,

@@ -28,7 +28,9 @@ from craft_deploy.export.onnx import (
     set_metadata,
 )
 from craft_deploy.export.precision import (
+    requantize_grid_ops,
     requantize_layer_outputs,
+    scalar_activation_qparams,
     to_fp16,
     to_int4_weights,
     to_uint8_activations,
@@ -106,6 +108,18 @@ def plan_export(cfg: ExportConfig, manifest: dict[str, Any], bundle_path: str | 
         raise CraftError(
             f"INT4 weights need opset >= {INT4_OPSET} (INT4 DequantizeLinear); got --opset {cfg.opset}: drop --opset "
             f"or pass --opset {INT4_OPSET}"
+        )
+    asymmetric = any(
+        spec.get("a_bits", 8) < 16 and not spec.get("a_symmetric", True)
+        for group in ("layers", "matmuls", "tensors")
+        for spec in (quant.get(group) or {}).values()
+    )
+    if asymmetric and cfg.target == "tensorrt":
+        raise CraftError(
+            f"{bundle_path} has asymmetric activation ranges (--placement {quant.get('placement', 'tensorrt')}"
+            f"{', --act-asymmetric' if quant.get('placement') != 'ort-cpu' else ''}); TensorRT's INT8 is symmetric "
+            "(zero point 0): export it with --target ort-cpu, or quantize again with the default --placement tensorrt "
+            "and without --act-asymmetric for TensorRT"
         )
     if cfg.format != "onnx" and cfg.target != "tensorrt":
         raise CraftError(f"--format {cfg.format} runs on TensorRT: use --target tensorrt (got --target {cfg.target})")
@@ -202,12 +216,14 @@ def build_onnx(bundle, plan: ExportPlan) -> tuple[onnx_lib.ModelProto, dict[str,
     if plan.precision == "int8":
         counts["weights_folded"] = fold_weight_quantizers(proto)
         counts["identities_bypassed"] = bypass_constant_identities(proto)
+        counts["scalar_qparams"] = scalar_activation_qparams(proto)
     counts["batchnorm_folded"] = fold_batchnorm(proto)
     proto = upgrade_opset(proto, plan.opset)
     if plan.int4_weights:
         counts["int4_weights"] = to_int4_weights(proto)
     if plan.uint8_activations:
         counts["requantized_outputs"] = requantize_layer_outputs(proto)
+        counts["requantized_grid_ops"] = requantize_grid_ops(proto)
         counts["uint8_activations"] = to_uint8_activations(proto)
     if plan.precision == "fp16":
         proto = to_fp16(proto)

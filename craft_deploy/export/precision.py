@@ -83,6 +83,30 @@ def _is_weight_dq(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> b
     return node.op_type == "DequantizeLinear" and node.input[0] in inits
 
 
+def scalar_activation_qparams(proto: onnx.ModelProto) -> int:
+    """Make one-element scale / zero-point tensors of activation Q/DQ nodes 0-d scalars, in place; returns how many.
+
+    The exporter writes per-tensor activation quantizers with shape-[1] parameters; ONNX Runtime's integer kernels
+    (QLinearAdd, QLinearGlobalAveragePool) require scalars. Weight (per-channel) parameters are left alone.
+    """
+    graph = proto.graph
+    inits = initializers(graph)
+    names = {
+        name
+        for node in graph.node
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and not _is_weight_dq(node, inits)
+        for name in node.input[1:]
+    }
+    changed = 0
+    for name in sorted(names):
+        t = inits.get(name)
+        if t is None or len(t.dims) == 0 or int(np.prod(t.dims)) != 1:
+            continue
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).reshape(()), name))
+        changed += 1
+    return changed
+
+
 def to_uint8_activations(proto: onnx.ModelProto) -> int:
     """Rewrite every activation Q/DQ pair from int8 to uint8 (zero point + 128) in place; returns how many tensors.
 
@@ -109,14 +133,38 @@ def to_uint8_activations(proto: onnx.ModelProto) -> int:
     return moved
 
 
+PASS_THROUGH_OPS = ("Relu", "Clip", "MaxPool", "Flatten", "Reshape")
+
+
+def _integer_source(node: onnx.NodeProto, writers: dict[str, onnx.NodeProto], inits: dict) -> bool:
+    """Whether ONNX Runtime can run `node` as an integer kernel: a Conv/Gemm/MatMul with a DequantizeLinear weight,
+    or an Add / average pool whose every input comes from a DequantizeLinear."""
+    if node.op_type in ("Conv", "Gemm", "MatMul"):
+        weight = writers.get(node.input[1]) if len(node.input) > 1 else None
+        return weight is not None and weight.op_type == "DequantizeLinear" and weight.input[0] in inits
+    if node.op_type in ("Add", "GlobalAveragePool", "AveragePool"):
+        return all(n in writers and writers[n].op_type == "DequantizeLinear" for n in node.input)
+    return False
+
+
+def _commutes_with_rounding(node: onnx.NodeProto, inits: dict) -> bool:
+    """Relu, Clip(0, hi), MaxPool, Flatten and Reshape give the same result before or after rounding onto a grid
+    that contains 0 (they are monotone or move values); a Clip with another lower bound is not known to."""
+    if node.op_type == "Clip":
+        lower = node.input[1] if len(node.input) >= 2 else ""
+        return lower in inits and float(numpy_helper.to_array(inits[lower])) == 0.0
+    return node.op_type in PASS_THROUGH_OPS
+
+
 def requantize_layer_outputs(proto: onnx.ModelProto) -> int:
-    """Give each quantized Conv/Gemm/MatMul whose output reaches the next QuantizeLinear only through Relu/Clip a
+    """Give each op ONNX Runtime can run in integers (quantized Conv/Gemm/MatMul, Add or average pool of dequantized
+    inputs) whose output reaches the next QuantizeLinear only through Relu, Clip(0, hi), MaxPool, Flatten or Reshape a
     Q/DQ pair of its own, with that QuantizeLinear's scale and zero point; returns how many were added.
 
-    ONNX Runtime fuses DequantizeLinear -> Conv -> QuantizeLinear into one integer kernel (QLinearConv) only when the
-    Conv's output goes straight into a QuantizeLinear; TensorRT wants Q/DQ on inputs only and fuses the rest itself.
-    Relu and Clip(0, hi) commute with rounding onto a grid that contains 0, so Q(Clip(DQ(Q(y)))) = Q(Clip(y)): the
-    added pair changes no value (the export's verification checks it).
+    ONNX Runtime fuses DequantizeLinear -> Conv -> QuantizeLinear into one integer kernel (QLinearConv, QLinearAdd,
+    ...) only when the op's output goes straight into a QuantizeLinear; TensorRT wants Q/DQ on inputs only and fuses
+    the rest itself. The ops passed through commute with rounding onto a grid containing 0, so Q(f(DQ(Q(y)))) =
+    Q(f(y)): the added pair changes no value (the export's verification checks it).
     """
     graph = proto.graph
     inits = initializers(graph)
@@ -124,20 +172,18 @@ def requantize_layer_outputs(proto: onnx.ModelProto) -> int:
     readers = consumers(graph)
     added = 0
     for node in list(graph.node):
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
-            continue
-        weight = writers.get(node.input[1])
-        if weight is None or weight.op_type != "DequantizeLinear" or weight.input[0] not in inits:
+        if not _integer_source(node, writers, inits):
             continue
         after = readers.get(node.output[0], [])
-        if len(after) != 1 or after[0].op_type not in ("Relu", "Clip"):
+        if len(after) != 1 or not _commutes_with_rounding(after[0], inits):
             continue
-        act = after[0]
-        if act.op_type == "Clip" and (
-            len(act.input) < 2 or act.input[1] not in inits or float(numpy_helper.to_array(inits[act.input[1]])) != 0.0
-        ):
-            continue  # only a clamp at 0 is known to commute with rounding here
-        quants = readers.get(act.output[0], [])
+        first = tail = after[0]
+        while True:  # follow the chain of single-reader pass-through ops
+            nxt = readers.get(tail.output[0], [])
+            if len(nxt) != 1 or not _commutes_with_rounding(nxt[0], inits):
+                break
+            tail = nxt[0]
+        quants = readers.get(tail.output[0], [])
         if not quants or any(q.op_type != "QuantizeLinear" for q in quants):
             continue
         params = {tuple(q.input[1:]) for q in quants}
@@ -149,8 +195,54 @@ def requantize_layer_outputs(proto: onnx.ModelProto) -> int:
         dq = helper.make_node(
             "DequantizeLinear", [q.output[0], *scale_zp], [name + "_requant"], name=node.name + "_requant_dq"
         )
-        act.input[0] = dq.output[0]
+        first.input[0] = dq.output[0]
         graph.node.extend([q, dq])
+        added += 1
+    if added:
+        topological_sort(graph)
+    return added
+
+
+GRID_PRESERVING_OPS = ("Pad", "MaxPool", "Flatten", "Reshape")
+
+
+def _keeps_grid(node: onnx.NodeProto, inits: dict) -> bool:
+    """Whether `node` maps values on a quantization grid that contains 0 to values on it: data movement, max pooling,
+    and zero padding (constant mode, pad value 0 or none)."""
+    if node.op_type == "Pad":
+        mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
+        value = node.input[2] if len(node.input) > 2 else ""
+        return mode == b"constant" and (not value or (value in inits and not numpy_helper.to_array(inits[value]).any()))
+    return node.op_type in GRID_PRESERVING_OPS
+
+
+def requantize_grid_ops(proto: onnx.ModelProto) -> int:
+    """Give each Pad / MaxPool / Flatten / Reshape that reads a DequantizeLinear output and feeds no QuantizeLinear a
+    Q/DQ pair after it with that DequantizeLinear's scale and zero point; returns how many were added.
+
+    Its output values already lie on that grid, so the pair changes nothing; ONNX Runtime then runs the op on uint8
+    and the Conv after it (e.g. TensorFlow 'SAME' padding before a strided conv) as QLinearConv instead of in float.
+    """
+    graph = proto.graph
+    inits = initializers(graph)
+    writers = producers(graph)
+    readers = consumers(graph)
+    added = 0
+    for node in list(graph.node):
+        dq = writers.get(node.input[0]) if node.input else None
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] in inits or not _keeps_grid(node, inits):
+            continue
+        after = readers.get(node.output[0], [])
+        if not after or any(r.op_type == "QuantizeLinear" for r in after):
+            continue
+        name = node.output[0]
+        node.output[0] = name + "_pre_requant"
+        label = node.name or name
+        q = helper.make_node(
+            "QuantizeLinear", [node.output[0], *dq.input[1:]], [name + "_requant_q"], name=label + "_rq"
+        )
+        back = helper.make_node("DequantizeLinear", [q.output[0], *dq.input[1:]], [name], name=label + "_rdq")
+        graph.node.extend([q, back])
         added += 1
     if added:
         topological_sort(graph)

@@ -112,7 +112,8 @@ def load_bundle(path: str | Path) -> Bundle:
     if manifest.get("quantization"):
         from craft_deploy.compress.qmodules import attach_quantizers
 
-        attach_quantizers(model, manifest["quantization"]["layers"], manifest["quantization"].get("matmuls"))
+        quant = manifest["quantization"]
+        attach_quantizers(model, quant["layers"], quant.get("matmuls"), quant.get("tensors"))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

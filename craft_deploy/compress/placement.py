@@ -1,0 +1,58 @@
+"""Where activation quantizers sit beyond the inputs of Conv/Linear layers, per deployment target.
+
+`tensorrt` (the default) quantizes only the inputs of Conv/Gemm/MatMul: TensorRT fuses residual adds, activations and
+pooling into its INT8 kernels itself. ONNX Runtime on CPU fuses an op into an integer kernel only where every input
+comes from a DequantizeLinear and its output goes into a QuantizeLinear, so `ort-cpu` also quantizes what residual
+adds and global pooling read and write: each residual block's input and output, the end of its branch (and its
+downsample shortcut), and the pooled head's input and output. The Conv feeding each of these then runs as QLinearConv
+and the add as QLinearAdd, with no float islands or layout transposes between them. `ort-cpu` activations are
+asymmetric, so ranges after ReLU / ReLU6 start at 0 and the runtime drops the activation into the integer kernel.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from craft_deploy.config import QUANT_PLACEMENTS as PLACEMENTS
+
+__all__ = ["PLACEMENTS", "ort_cpu_tensors"]
+
+
+def _block_types() -> dict[type, tuple[str, ...]]:
+    """timm residual block classes -> the modules that end their branch, last one first (SE follows the last BN in
+    ResNets)."""
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, EdgeResidual, InvertedResidual
+    from timm.models.resnet import BasicBlock, Bottleneck
+
+    return {
+        InvertedResidual: ("bn3",),
+        DepthwiseSeparableConv: ("bn2",),
+        EdgeResidual: ("bn2",),
+        Bottleneck: ("se", "bn3"),
+        BasicBlock: ("se", "bn2"),
+    }
+
+
+def ort_cpu_tensors(model: nn.Module) -> dict[str, list[str]]:
+    """The module inputs/outputs ONNX Runtime needs quantized: `{module name: ["output"] | ["input", "output"]}`.
+
+    A block with a skip connection gets its input (what the shortcut reads), its output (what the add writes), the
+    end of its branch and its downsample shortcut quantized, so the add has quantized inputs and output. A tensor
+    that also enters a quantized layer is then quantized twice, by quantizers calibrated on the same values: the
+    scales agree, and re-quantizing onto the same grid changes nothing.
+    """
+    types = _block_types()
+    tensors: dict[str, list[str]] = {}
+    for name, mod in model.named_modules():
+        ends = next((v for k, v in types.items() if isinstance(mod, k)), None)
+        if ends is None or not getattr(mod, "has_skip", True):
+            continue
+        tensors[name] = ["input", "output"]
+        end = next(e for e in ends if isinstance(getattr(mod, e, None), nn.Module))
+        tensors[f"{name}.{end}"] = ["output"]
+        if isinstance(getattr(mod, "downsample", None), nn.Module):
+            tensors[f"{name}.downsample"] = ["output"]
+    pool = getattr(model, "global_pool", None)
+    if tensors and isinstance(pool, nn.Module):
+        tensors["global_pool"] = ["input", "output"]
+    return tensors
