@@ -228,6 +228,48 @@ def test_requantized_pads_pools_and_adds_change_no_value():
     assert np.abs(ref).max() > 1 and np.array_equal(ref, got)
 
 
+@pytest.mark.parametrize(
+    "act, hi, zp, dropped",
+    [
+        ("Relu", None, -128, True),  # post-ReLU grid [0, 255 s]: the quantizer clamps at 0 itself
+        ("Clip", 6.0, -128, True),  # ReLU6 with the grid's top (255 * 0.02 = 5.1) under 6
+        ("Clip", 4.0, -128, False),  # the clip cuts inside the grid: kept
+        ("Relu", None, -7, False),  # a grid with negative steps: kept
+    ],
+)
+def test_clamps_before_post_relu_quantizers_are_dropped_exactly(act, hi, zp, dropped):
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    from craft_deploy.export.precision import drop_clamps_before_quantize
+
+    init = [
+        numpy_helper.from_array(np.float32(0.02), "s"),
+        numpy_helper.from_array(np.int8(zp), "z"),
+        numpy_helper.from_array(np.float32(0.0), "lo"),
+        numpy_helper.from_array(np.float32(hi or 0.0), "hi"),
+    ]
+    nodes = [
+        helper.make_node(act, ["x", "lo", "hi"] if act == "Clip" else ["x"], ["a"]),
+        helper.make_node("QuantizeLinear", ["a", "s", "z"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [64])],
+        init,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+    before = copy.deepcopy(model)
+    assert drop_clamps_before_quantize(model) == int(dropped)
+    onnx.checker.check_model(model, full_check=True)
+    x = np.linspace(-8, 8, 64, dtype=np.float32)
+    ref, got = (ReferenceEvaluator(m).run(None, {"x": x})[0] for m in (before, model))
+    assert np.array_equal(ref, got)
+
+
 def test_w7a8_runs_exactly_in_fused_integer_kernels(tiny_bundle, tmp_path):
     # 7-bit weights cannot overflow the 16-bit u8 x s8 pair sums of AVX2 kernels, so fused kernels agree everywhere
     compress(CompressConfig(quant="w7a8", calib_samples=32), tiny_bundle, tmp_path / "w7a8")

@@ -89,6 +89,9 @@ def test_ort_placement_runs_every_conv_and_add_as_integer_kernels(tiny_resnet, r
     assert adds == 4 and ops.get("QLinearAdd") == adds  # every residual add (test_resnet has 4 blocks)
     assert not any(ops.get(op) for op in FLOAT_CONVS), ops  # no conv left in float
     assert ops.get("QLinearConv", 0) >= 10 and ops.get("QLinearGlobalAveragePool") == 1
+    # nothing dequantized and requantized between integer kernels: one Q at the input, one DQ before the float Gemm
+    assert ops.get("QuantizeLinear") == 1 and ops.get("DequantizeLinear") == 1
+    assert rec["rewrites"]["clamps_dropped"] > 0  # ReLUs before post-ReLU grids
     # the default (TensorRT) placement of the same model leaves convs in float on ONNX Runtime CPU
     compress(CompressConfig(quant="w7a8", calib_samples=64), tiny_resnet, tmp_path / "trt-bundle")
     export(ExportConfig(target="ort-cpu", verify_samples=16), tmp_path / "trt-bundle", tmp_path / "trt-onnx")

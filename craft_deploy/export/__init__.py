@@ -28,6 +28,7 @@ from craft_deploy.export.onnx import (
     set_metadata,
 )
 from craft_deploy.export.precision import (
+    drop_clamps_before_quantize,
     requantize_grid_ops,
     requantize_layer_outputs,
     scalar_activation_qparams,
@@ -222,6 +223,7 @@ def build_onnx(bundle, plan: ExportPlan) -> tuple[onnx_lib.ModelProto, dict[str,
     if plan.int4_weights:
         counts["int4_weights"] = to_int4_weights(proto)
     if plan.uint8_activations:
+        counts["clamps_dropped"] = drop_clamps_before_quantize(proto)
         counts["requantized_outputs"] = requantize_layer_outputs(proto)
         counts["requantized_grid_ops"] = requantize_grid_ops(proto)
         counts["uint8_activations"] = to_uint8_activations(proto)

@@ -133,6 +133,56 @@ def to_uint8_activations(proto: onnx.ModelProto) -> int:
     return moved
 
 
+def drop_clamps_before_quantize(proto: onnx.ModelProto) -> int:
+    """Remove each Relu / Clip(0, hi) whose every reader is a QuantizeLinear with the grid's lowest zero point (a
+    post-ReLU grid [0, top], top <= hi), in place; returns how many were removed.
+
+    Such a QuantizeLinear already maps every negative value to 0 and clamps at top, so Q(Relu(y)) = Q(y) exactly.
+    ONNX Runtime drops these itself, but after its pass that removes the DequantizeLinear -> QuantizeLinear pairs, so
+    a requantized Add -> Relu -> Q would keep a useless DQ -> Q pair per residual block; removing them first avoids it.
+    """
+    graph = proto.graph
+    inits = initializers(graph)
+    readers = consumers(graph)
+    outputs = {o.name for o in graph.output}
+
+    def value(name: str) -> float | None:
+        return float(numpy_helper.to_array(inits[name])) if name in inits else None
+
+    dropped = []
+    for node in graph.node:
+        if node.op_type not in ("Relu", "Clip") or node.output[0] in outputs:
+            continue
+        quants = readers.get(node.output[0], [])
+        if not quants or any(
+            q.op_type != "QuantizeLinear" or len(q.input) < 3 or q.input[2] not in inits for q in quants
+        ):
+            continue
+        lo = (
+            0.0 if node.op_type == "Relu" else (value(node.input[1]) if len(node.input) > 1 and node.input[1] else None)
+        )
+        hi = (
+            float("inf") if node.op_type == "Relu" or len(node.input) < 3 or not node.input[2] else value(node.input[2])
+        )
+        if lo != 0.0 or hi is None:
+            continue
+        ok = True
+        for q in quants:
+            zp, scale = numpy_helper.to_array(inits[q.input[2]]), value(q.input[1])
+            info = np.iinfo(zp.dtype)
+            if zp.size != 1 or scale is None or int(zp) != info.min or (info.max - info.min) * scale > hi:
+                ok = False
+        if not ok:
+            continue
+        for q in quants:
+            q.input[0] = node.input[0]
+        dropped.append(node)
+    for node in dropped:
+        graph.node.remove(node)
+    drop_unused_initializers(graph)
+    return len(dropped)
+
+
 PASS_THROUGH_OPS = ("Relu", "Clip", "MaxPool", "Flatten", "Reshape")
 
 
