@@ -4,9 +4,12 @@
 
 For each model: FP32 export; ours = `compress --quant w8a8` (and w7a8: 7-bit weights, exact in the fused kernels of
 x86 CPUs without VNNI) with MSE calibration and BatchNorm re-estimation, then `export` for `--target ort-cpu` (U8S8)
-and `--target tensorrt` (S8S8); the peer = `quant_pre_process` + `quantize_static` (QDQ, MinMax, per-channel
-weights) as U8S8, S8S8 and U8S8 with `reduce_range` (7-bit weights), on the same calibration images.
-Latency: median of timed runs after warm-up, batch 1 and 16, `--threads` intra-op threads, all graph optimisations.
+and `--target tensorrt` (S8S8), with the default quantizer placement (TensorRT's: layer inputs only) and with
+`--placement ort-cpu` (also residual adds and pooling, asymmetric activations; exported U8S8); the peer =
+`quant_pre_process` + `quantize_static` (QDQ, MinMax, per-channel weights) as U8S8, S8S8 and U8S8 with
+`reduce_range` (7-bit weights), on the same calibration images.
+Latency: median of timed runs after warm-up, batch 1 and 16, `--threads` intra-op threads, all graph optimisations;
+`--rounds` round-robin passes over the variants, each figure the median of its rounds (this VM's speed drifts).
 Accuracy (same sessions, so fused kernels) on the test split for trained bundles (`default` and `vit` are our
 fine-tunes; `resnet50` and `vit_small` are randomly initialised at 224 px, for speed only).
 """
@@ -32,7 +35,15 @@ from craft_deploy.models.bundle import make_manifest, read_manifest
 TRAINED = {"default": "runs/seed_sweep/sam-0.05-s0", "vit": "runs/vit-adam"}
 RANDOM = {"resnet50": "resnet50", "vit_small": "vit_small_patch16_224"}
 PEERS = [("uint8", False, "ORT U8S8"), ("int8", False, "ORT S8S8"), ("uint8", True, "ORT U8S8 reduce-range")]
-VARIANTS = ["fp32", "ours W8A8 U8S8", "ours W8A8 S8S8", "ours W7A8 U8S8", *(label for _, _, label in PEERS)]
+# (compressed bundle dir, compress --quant, --placement, export --target, label)
+OURS = [
+    ("w8a8", "w8a8", "tensorrt", "ort-cpu", "ours W8A8 U8S8"),
+    ("w8a8", "w8a8", "tensorrt", "tensorrt", "ours W8A8 S8S8"),
+    ("w7a8", "w7a8", "tensorrt", "ort-cpu", "ours W7A8 U8S8"),
+    ("w8a8-ortplace", "w8a8", "ort-cpu", "ort-cpu", "ours W8A8 ort-placement"),
+    ("w7a8-ortplace", "w7a8", "ort-cpu", "ort-cpu", "ours W7A8 ort-placement"),
+]
+VARIANTS = ["fp32", *(label for *_, label in OURS), *(label for _, _, label in PEERS)]
 
 
 def random_bundle(arch: str, like: str, out: Path) -> Path:
@@ -50,14 +61,37 @@ def random_bundle(arch: str, like: str, out: Path) -> Path:
     return out
 
 
-def session(path: Path, threads: int):
+def session(path: Path, threads: int, optimize: bool = True, save_to: Path | None = None):
+    """A CPU session with every graph optimisation (or none, for a file optimised offline); `save_to` keeps the
+    optimised graph."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    level = ort.GraphOptimizationLevel
+    opts.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
+    if save_to is not None:
+        opts.optimized_model_filepath = str(save_to)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def offline_optimized(path: Path, threads: int, calib: np.ndarray, min_seconds: float) -> dict[str, float]:
+    """Graph optimisation saved offline: session start-up and latency of `path` optimised at load time vs its
+    optimised graph saved once and loaded with optimisations off (the saved graph is specific to this CPU)."""
+    saved = path.with_name(path.stem + "-optimized.onnx")
+    session(path, threads, save_to=saved)
+    res: dict[str, float] = {}
+    for key, file, optimize in (("at_load", path, True), ("saved", saved, False)):
+        starts = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            sess = session(file, threads, optimize)
+            starts.append((time.perf_counter() - t0) * 1e3)
+        res[f"{key}_session_ms"] = statistics.median(starts)
+        for b in (1, 16):
+            res[f"{key}_b{b}_ms"] = latency_ms(sess, calib[:b], min_seconds)
+    return res
 
 
 def latency_ms(sess, batch: np.ndarray, min_seconds: float, min_iters: int = 10) -> float:
@@ -114,7 +148,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calib-samples", type=int, default=256)
     ap.add_argument("--eval-subset", type=int, default=2000)
-    ap.add_argument("--min-seconds", type=float, default=2.0)
+    ap.add_argument("--min-seconds", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=3, help="round-robin passes over the variants; medians reported")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--prepare", action="store_true", help="build every model file, time nothing")
     args = ap.parse_args()
@@ -137,8 +172,8 @@ def main() -> None:
         if not (d / "fp32-onnx").exists():
             export(ExportConfig(verify_samples=16), bundle, d / "fp32-onnx")
         files["fp32"] = d / "fp32-onnx" / "model.onnx"
-        for quant in ("w8a8", "w7a8"):
-            if not (d / quant).exists():
+        for bundle_dir, quant, placement, target, label in OURS:
+            if not (d / bundle_dir).exists():
                 t0 = time.perf_counter()
                 qcfg = CompressConfig(
                     quant=quant,
@@ -146,15 +181,14 @@ def main() -> None:
                     calib_samples=args.calib_samples,
                     eval_subset=200,
                     bn_recalibrate=True,
+                    placement=placement,
                 )
-                compress(qcfg, bundle, d / quant)
-                print(f"{name}: compress {quant} {time.perf_counter() - t0:.0f} s", flush=True)
-        for quant, target in (("w8a8", "ort-cpu"), ("w8a8", "tensorrt"), ("w7a8", "ort-cpu")):
-            out = d / f"{quant}-{target}"
-            if not out.exists():  # random-init models have near-tied logits: judge them by |diff|, not top-1
-                atol = 0.25 if name in RANDOM else None
-                export(ExportConfig(target=target, verify_samples=64, atol=atol), d / quant, out)
-            files[f"ours {quant.upper()} {'U8S8' if target == 'ort-cpu' else 'S8S8'}"] = out / "model.onnx"
+                compress(qcfg, bundle, d / bundle_dir)
+                print(f"{name}: compress {bundle_dir} {time.perf_counter() - t0:.0f} s", flush=True)
+            out = d / f"{bundle_dir}-{target}"
+            if not out.exists():
+                export(ExportConfig(target=target, verify_samples=64), d / bundle_dir, out)
+            files[label] = out / "model.onnx"
         for act, reduce, label in PEERS:
             path = d / f"ort-{act}{'-rr' if reduce else ''}.onnx"
             if not path.exists():
@@ -169,15 +203,26 @@ def main() -> None:
         if name in TRAINED:
             xs, ys = zip(*(splits.test[i] for i in range(len(splits.test))))
             images, labels = torch.stack(xs).numpy(), np.array(ys)
+        sessions = {label: session(path, args.threads) for label, path in files.items()}
+        # round-robin over the variants: on a shared VM whose speed drifts for minutes, every variant is sampled in
+        # every round, and each figure is the median of its rounds
+        samples: dict[str, dict[int, list[float]]] = {label: {1: [], 16: []} for label in files}
+        for _ in range(args.rounds):
+            for label, sess in sessions.items():
+                for b in (1, 16):
+                    samples[label][b].append(latency_ms(sess, calib[:b], args.min_seconds))
         for label, path in files.items():
-            sess = session(path, args.threads)
             res = {"size_mb": path.stat().st_size / 1e6}
             for b in (1, 16):
-                res[f"b{b}_ms"] = latency_ms(sess, calib[:b], args.min_seconds)
+                res[f"b{b}_ms"] = statistics.median(samples[label][b])
+                res[f"b{b}_rounds_ms"] = samples[label][b]
             if images is not None:
-                res["top1"] = top1(sess, images, labels)
+                res["top1"] = top1(sessions[label], images, labels)
             row["results"][label] = res
-            print(json.dumps({"model": name, "variant": label, **{k: round(v, 2) for k, v in res.items()}}), flush=True)
+            print(json.dumps({"model": name, "variant": label, **res}), flush=True)
+        best = "ours W7A8 ort-placement"
+        row["offline_optimized"] = offline_optimized(files[best], args.threads, calib, args.min_seconds)
+        print(json.dumps({"model": name, "offline_optimized": row["offline_optimized"]}), flush=True)
         rows.append(row)
     if args.prepare:
         return
@@ -200,6 +245,18 @@ def table(rows: list[dict]) -> str:
         if "top1" in r["results"]["fp32"]:
             cells = [f"{r['results'][v]['top1']:.2f}" for v in VARIANTS]
             lines.append(f"| {r['architecture']} {r['input'][-1]}px | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| ours W7A8 ort-placement | session start ms (optimised at load / saved offline) | b1 ms | b16 ms |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        o = r["offline_optimized"]
+        lines.append(
+            f"| {r['architecture']} {r['input'][-1]}px | {o['at_load_session_ms']:.0f} / {o['saved_session_ms']:.0f} "
+            f"| {o['at_load_b1_ms']:.2f} / {o['saved_b1_ms']:.2f} "
+            f"| {o['at_load_b16_ms']:.2f} / {o['saved_b16_ms']:.2f} |"
+        )
     return "\n".join(lines)
 
 
