@@ -1,6 +1,6 @@
 """Repeat-run stability: the same bench twice back to back; p50 difference and CV per batch size.
 
-python benchmarks/bench_stability.py runs/demo/adam-fp32-onnx runs/demo/adam-w8a8-onnx --out benchmarks/results
+python benchmarks/bench_stability.py runs/demo/adam-fp32-onnx runs/demo/adam-w7a8-cpu-onnx --out benchmarks/results
 """
 
 from __future__ import annotations

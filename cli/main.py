@@ -252,7 +252,10 @@ def compress(bundle, out, overwrite, include, exclude, **kw) -> None:
                 f"{100 * meth['model_zero_fraction']:.1f}% of all weights zero"
             )
         else:
-            click.echo(f"  quantized {meth['config']} ({meth['calibration']}): {len(meth['layers'])} layers")
+            click.echo(
+                f"  quantized {meth['config']} ({meth['calibration']}, {meth['placement']} placement): "
+                f"{len(meth['layers'])} layers, {len(meth['tensors'])} block/pool tensors"
+            )
     click.echo(f"bundle: {out}")
 
 
