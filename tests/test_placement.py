@@ -119,7 +119,7 @@ def test_asymmetric_bundles_are_refused_for_tensorrt(resnet_ort, tmp_path):
 @pytest.mark.parametrize(
     "kw, message",
     [
-        (dict(quant="w4a16", placement="ort-cpu"), "quantize activations"),
+        (dict(quant="w4a16", placement="ort-cpu"), "got --quant w4a16 .* quantize activations"),
         (dict(quant="w8a8", calib_method="entropy", placement="ort-cpu"), "minmax, percentile or mse"),
         (dict(quant="w8a8", placement="openvino"), "must be one of tensorrt, ort-cpu"),
         (dict(sparsity="2:4", placement="ort-cpu"), "need --quant"),

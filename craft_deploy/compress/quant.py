@@ -75,8 +75,8 @@ class QuantConfig(MethodConfig):
             raise CraftError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         if self.placement == "ort-cpu" and (self.a_bits == 16 or self.calib_method in ("entropy", "ptq4vit")):
             raise CraftError(
-                f"--placement ort-cpu places asymmetric activation quantizers, which {self.name} with "
-                f"--calib-method {self.calib_method} does not have: quantize activations (e.g. --quant w8a8) and "
+                f"--placement ort-cpu adds asymmetric activation quantizers; got --quant {self.name} with "
+                f"--calib-method {self.calib_method}: quantize activations (e.g. --quant w7a8, not wXa16) and "
                 "calibrate with minmax, percentile or mse"
             )
         if self.search_points < 2 or self.search_rounds < 1:
