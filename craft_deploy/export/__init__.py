@@ -133,7 +133,7 @@ def plan_export(cfg: ExportConfig, manifest: dict[str, Any], bundle_path: str | 
 
 
 def weight_zero_count(proto: onnx_lib.ModelProto) -> int:
-    """Exact zeros in the weights of Conv/Gemm/MatMul nodes (read through DequantizeLinear and Reshape)."""
+    """Exact zeros in the weights of Conv/Gemm/MatMul nodes, read through DequantizeLinear, Reshape, Cast, Transpose."""
     inits = initializers(proto.graph)
     writers = producers(proto.graph)
     zeros = 0
@@ -141,7 +141,7 @@ def weight_zero_count(proto: onnx_lib.ModelProto) -> int:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
             continue
         name = node.input[1]
-        while name in writers and writers[name].op_type in ("DequantizeLinear", "Reshape", "Cast"):
+        while name in writers and writers[name].op_type in ("DequantizeLinear", "Reshape", "Cast", "Transpose"):
             name = writers[name].input[0]
         if name in inits:
             zeros += int((onnx_lib.numpy_helper.to_array(inits[name]) == 0).sum())
