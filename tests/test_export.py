@@ -134,10 +134,30 @@ def test_ort_cpu_target_writes_uint8_activations_with_identical_results(tiny_w8a
     np.testing.assert_allclose(run[0][0], run[1][0], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("act", ["Relu", "Clip"])
-def test_requantized_layer_outputs_change_no_value(act):
+def _rewrite_outputs(nodes, init, x, out_shape, rewrite):
+    """Build a one-input graph, apply `rewrite` to a copy (full checker after), and run both in ONNX's reference
+    evaluator on `x`; returns (rewrite's return value, rewritten model, output before, output after)."""
     from onnx import TensorProto, helper
     from onnx.reference import ReferenceEvaluator
+
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, out_shape)],
+        init,
+    )
+    before = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+    model = copy.deepcopy(before)
+    result = rewrite(model)
+    onnx.checker.check_model(model, full_check=True)
+    ref, got = (ReferenceEvaluator(m).run(None, {"x": x})[0] for m in (before, model))
+    return result, model, ref, got
+
+
+@pytest.mark.parametrize("act", ["Relu", "Clip"])
+def test_requantized_layer_outputs_change_no_value(act):
+    from onnx import helper
 
     from craft_deploy.export.precision import requantize_layer_outputs
 
@@ -161,25 +181,13 @@ def test_requantized_layer_outputs_change_no_value(act):
         helper.make_node("QuantizeLinear", ["a", "s1", "z"], ["aq"]),
         helper.make_node("DequantizeLinear", ["aq", "s1", "z"], ["out"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4, 8, 8])],
-        init,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
-    before = copy.deepcopy(model)
-    assert requantize_layer_outputs(model) == 1
-    onnx.checker.check_model(model, full_check=True)
     x = (rng.standard_normal((2, 3, 8, 8)) * 3).astype(np.float32)
-    ref, got = (ReferenceEvaluator(m).run(None, {"x": x})[0] for m in (before, model))
-    assert np.abs(ref).max() > 1 and np.array_equal(ref, got)
+    added, _, ref, got = _rewrite_outputs(nodes, init, x, [2, 4, 8, 8], requantize_layer_outputs)
+    assert added == 1 and np.abs(ref).max() > 1 and np.array_equal(ref, got)
 
 
 def test_requantized_pads_pools_and_adds_change_no_value():
-    from onnx import TensorProto, helper
-    from onnx.reference import ReferenceEvaluator
+    from onnx import helper
 
     from craft_deploy.export.precision import requantize_grid_ops, requantize_layer_outputs
 
@@ -209,22 +217,15 @@ def test_requantized_pads_pools_and_adds_change_no_value():
         helper.make_node("QuantizeLinear", ["m", "s1", "z1"], ["mq"]),
         helper.make_node("DequantizeLinear", ["mq", "s1", "z1"], ["out"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 9, 9])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3, 3, 4])],
-        init,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
-    before = copy.deepcopy(model)
-    assert requantize_layer_outputs(model) == 1  # after the Add (through Relu and MaxPool); the Conv already has one
-    assert requantize_grid_ops(model) == 1  # after the Pad
-    onnx.checker.check_model(model, full_check=True)
-    ops = [n.op_type for n in model.graph.node]
-    assert ops.count("QuantizeLinear") == 5
     x = (rng.standard_normal((2, 3, 9, 9)) * 3).astype(np.float32)
-    ref, got = (ReferenceEvaluator(m).run(None, {"x": x})[0] for m in (before, model))
+
+    def rewrite(model):
+        # after the Add (through Relu and MaxPool; the Conv already has one), then after the Pad
+        return requantize_layer_outputs(model), requantize_grid_ops(model)
+
+    added, model, ref, got = _rewrite_outputs(nodes, init, x, [2, 3, 3, 4], rewrite)
+    assert added == (1, 1)
+    assert [n.op_type for n in model.graph.node].count("QuantizeLinear") == 5
     assert np.abs(ref).max() > 1 and np.array_equal(ref, got)
 
 
@@ -238,8 +239,7 @@ def test_requantized_pads_pools_and_adds_change_no_value():
     ],
 )
 def test_clamps_before_post_relu_quantizers_are_dropped_exactly(act, hi, zp, dropped):
-    from onnx import TensorProto, helper
-    from onnx.reference import ReferenceEvaluator
+    from onnx import helper
 
     from craft_deploy.export.precision import drop_clamps_before_quantize
 
@@ -254,20 +254,9 @@ def test_clamps_before_post_relu_quantizers_are_dropped_exactly(act, hi, zp, dro
         helper.make_node("QuantizeLinear", ["a", "s", "z"], ["q"]),
         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["out"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [64])],
-        init,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
-    before = copy.deepcopy(model)
-    assert drop_clamps_before_quantize(model) == int(dropped)
-    onnx.checker.check_model(model, full_check=True)
     x = np.linspace(-8, 8, 64, dtype=np.float32)
-    ref, got = (ReferenceEvaluator(m).run(None, {"x": x})[0] for m in (before, model))
-    assert np.array_equal(ref, got)
+    removed, _, ref, got = _rewrite_outputs(nodes, init, x, [64], drop_clamps_before_quantize)
+    assert removed == int(dropped) and np.array_equal(ref, got)
 
 
 def test_w7a8_runs_exactly_in_fused_integer_kernels(tiny_bundle, tmp_path):

@@ -133,6 +133,27 @@ def to_uint8_activations(proto: onnx.ModelProto) -> int:
     return moved
 
 
+def _constant(name: str, inits: dict[str, onnx.TensorProto]) -> float | None:
+    """The value of a one-element initializer, or None when `name` is not one."""
+    return float(numpy_helper.to_array(inits[name])) if name in inits else None
+
+
+def _clamp_bounds(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[float | None, float | None]:
+    """(lower, upper) bound of a Relu (0, inf) or Clip (an absent bound is -inf / inf, a non-constant one None)."""
+    if node.op_type == "Relu":
+        return 0.0, float("inf")
+    bound = [node.input[i] if len(node.input) > i else "" for i in (1, 2)]
+    lo = _constant(bound[0], inits) if bound[0] else float("-inf")
+    hi = _constant(bound[1], inits) if bound[1] else float("inf")
+    return lo, hi
+
+
+def _qdq_pair(tensor: str, scale_zp: list[str], out: str, label: str) -> list[onnx.NodeProto]:
+    """QuantizeLinear(tensor) -> DequantizeLinear -> `out`, on the grid `scale_zp` (scale, zero point names)."""
+    q = helper.make_node("QuantizeLinear", [tensor, *scale_zp], [tensor + "_requant_q"], name=label + "_q")
+    return [q, helper.make_node("DequantizeLinear", [q.output[0], *scale_zp], [out], name=label + "_dq")]
+
+
 def drop_clamps_before_quantize(proto: onnx.ModelProto) -> int:
     """Remove each Relu / Clip(0, hi) whose every reader is a QuantizeLinear with the grid's lowest zero point (a
     post-ReLU grid [0, top], top <= hi), in place; returns how many were removed.
@@ -146,8 +167,12 @@ def drop_clamps_before_quantize(proto: onnx.ModelProto) -> int:
     readers = consumers(graph)
     outputs = {o.name for o in graph.output}
 
-    def value(name: str) -> float | None:
-        return float(numpy_helper.to_array(inits[name])) if name in inits else None
+    def post_relu_grid_within(q: onnx.NodeProto, hi: float) -> bool:
+        """q's grid starts at 0 (zero point = the type's minimum) and its top is at most `hi`."""
+        zp = numpy_helper.to_array(inits[q.input[2]])
+        scale = _constant(q.input[1], inits)
+        info = np.iinfo(zp.dtype)
+        return zp.size == 1 and scale is not None and int(zp) == info.min and (info.max - info.min) * scale <= hi
 
     dropped = []
     for node in graph.node:
@@ -158,21 +183,8 @@ def drop_clamps_before_quantize(proto: onnx.ModelProto) -> int:
             q.op_type != "QuantizeLinear" or len(q.input) < 3 or q.input[2] not in inits for q in quants
         ):
             continue
-        lo = (
-            0.0 if node.op_type == "Relu" else (value(node.input[1]) if len(node.input) > 1 and node.input[1] else None)
-        )
-        hi = (
-            float("inf") if node.op_type == "Relu" or len(node.input) < 3 or not node.input[2] else value(node.input[2])
-        )
-        if lo != 0.0 or hi is None:
-            continue
-        ok = True
-        for q in quants:
-            zp, scale = numpy_helper.to_array(inits[q.input[2]]), value(q.input[1])
-            info = np.iinfo(zp.dtype)
-            if zp.size != 1 or scale is None or int(zp) != info.min or (info.max - info.min) * scale > hi:
-                ok = False
-        if not ok:
+        lo, hi = _clamp_bounds(node, inits)
+        if lo != 0.0 or hi is None or not all(post_relu_grid_within(q, hi) for q in quants):
             continue
         for q in quants:
             q.input[0] = node.input[0]
@@ -201,8 +213,7 @@ def _commutes_with_rounding(node: onnx.NodeProto, inits: dict) -> bool:
     """Relu, Clip(0, hi), MaxPool, Flatten and Reshape give the same result before or after rounding onto a grid
     that contains 0 (they are monotone or move values); a Clip with another lower bound is not known to."""
     if node.op_type == "Clip":
-        lower = node.input[1] if len(node.input) >= 2 else ""
-        return lower in inits and float(numpy_helper.to_array(inits[lower])) == 0.0
+        return _clamp_bounds(node, inits)[0] == 0.0
     return node.op_type in PASS_THROUGH_OPS
 
 
@@ -239,14 +250,9 @@ def requantize_layer_outputs(proto: onnx.ModelProto) -> int:
         params = {tuple(q.input[1:]) for q in quants}
         if len(params) != 1:
             continue
-        scale_zp = list(quants[0].input[1:])
         name = node.output[0]
-        q = helper.make_node("QuantizeLinear", [name, *scale_zp], [name + "_requant_q"], name=node.name + "_requant_q")
-        dq = helper.make_node(
-            "DequantizeLinear", [q.output[0], *scale_zp], [name + "_requant"], name=node.name + "_requant_dq"
-        )
-        first.input[0] = dq.output[0]
-        graph.node.extend([q, dq])
+        first.input[0] = name + "_requant"
+        graph.node.extend(_qdq_pair(name, list(quants[0].input[1:]), name + "_requant", node.name + "_requant"))
         added += 1
     if added:
         topological_sort(graph)
@@ -287,12 +293,7 @@ def requantize_grid_ops(proto: onnx.ModelProto) -> int:
             continue
         name = node.output[0]
         node.output[0] = name + "_pre_requant"
-        label = node.name or name
-        q = helper.make_node(
-            "QuantizeLinear", [node.output[0], *dq.input[1:]], [name + "_requant_q"], name=label + "_rq"
-        )
-        back = helper.make_node("DequantizeLinear", [q.output[0], *dq.input[1:]], [name], name=label + "_rdq")
-        graph.node.extend([q, back])
+        graph.node.extend(_qdq_pair(node.output[0], list(dq.input[1:]), name, (node.name or name) + "_requant"))
         added += 1
     if added:
         topological_sort(graph)
