@@ -71,8 +71,10 @@ def main() -> None:
                 top1 = evaluate(model, splits.test)["top1"]
                 key = f"w{w}a{a}/{method}"
                 row["results"][key] = {"top1": top1, "calibration_seconds": seconds, "timings": report["timings"]}
-                print(json.dumps({"bundle": row["bundle"], "config": key, "top1": top1, "seconds": round(seconds, 1)}),
-                      flush=True)
+                print(
+                    json.dumps({"bundle": row["bundle"], "config": key, "top1": top1, "seconds": round(seconds, 1)}),
+                    flush=True,
+                )
         rows.append(row)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -45,8 +45,16 @@ def train(args: argparse.Namespace) -> None:
             )
             resume = out if partial_dir(out).exists() else None
             rec = run(cfg, out, resume=resume)
-            print(json.dumps({"run": out.name, "test_top1": rec["metrics"]["test_top1"],
-                              "seconds_per_epoch": rec["timings"]["seconds_per_epoch"]}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "run": out.name,
+                        "test_top1": rec["metrics"]["test_top1"],
+                        "seconds_per_epoch": rec["timings"]["seconds_per_epoch"],
+                    }
+                ),
+                flush=True,
+            )
 
 
 COMPRESSIONS = {
@@ -78,8 +86,9 @@ def evaluate(args: argparse.Namespace) -> None:
     def sharpness(bundle, splits, batchnorm: str) -> dict:
         """lambda_max on the same training images for every run (seed 1 of the calibration draw), batches of 32."""
         fixed = list(DataLoader(calibration_subset(splits.train, LAMBDA_IMAGES, seed=1), batch_size=32))
-        return lambda_max(copy.deepcopy(bundle.model), nn.CrossEntropyLoss(), fixed, iters=30, tol=1e-3,
-                          batchnorm=batchnorm)
+        return lambda_max(
+            copy.deepcopy(bundle.model), nn.CrossEntropyLoss(), fixed, iters=30, tol=1e-3, batchnorm=batchnorm
+        )
 
     torch.set_num_threads(args.threads)
     root, out = Path(args.runs), Path(args.out)
@@ -116,8 +125,12 @@ def evaluate(args: argparse.Namespace) -> None:
         for name, spec in COMPRESSIONS.items():
             model = copy.deepcopy(bundle.model)
             if "quant" in spec:
-                ccfg = QuantConfig(w_bits=spec["quant"][0], a_bits=spec["quant"][1], calib_method="mse",
-                                   bn_recalibrate=spec.get("bn", False))
+                ccfg = QuantConfig(
+                    w_bits=spec["quant"][0],
+                    a_bits=spec["quant"][1],
+                    calib_method="mse",
+                    bn_recalibrate=spec.get("bn", False),
+                )
             else:
                 ccfg = PruneConfig(n=spec["prune"][0], m=spec["prune"][1], bn_recalibrate=True)
             apply_method(model, ccfg, calib)
@@ -129,7 +142,8 @@ def evaluate(args: argparse.Namespace) -> None:
     cols = ["fp32", "lambda_max", "lambda_max_batch", *COMPRESSIONS]
     lines = [
         "| fine-tune | seeds | s/epoch | FP32 | lambda_max (BN eval) | lambda_max (BN batch) | "
-        + " | ".join(COMPRESSIONS) + " |",
+        + " | ".join(COMPRESSIONS)
+        + " |",
         "|---|---|---|---|---|---|" + "---|" * len(COMPRESSIONS),
     ]
     for method in RUNS:

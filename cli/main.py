@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import functools
+import importlib
+import os
 import sys
+from importlib import metadata
 
 import click
 
-from craft_deploy import CraftError, __version__
+from craft_deploy import EXIT_INTERRUPTED, CraftError, __version__
 from craft_deploy.config import EXPORT_FORMATS, EXPORT_PRECISIONS, EXPORT_TARGETS, QUANT_PLACEMENTS
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 success; 2 bad usage or bad input (a flag value, a bundle or file refused); 3 regression gate "
+    "failed; 4 an artifact failed its verification (export or engine disagrees with PyTorch); 130 interrupted."
+)
+PLUGIN_GROUP = "craft_deploy.plugins"
+PLUGIN_ENV = "CRAFT_DEPLOY_PLUGINS"
 
 
 def _guard(fn):
-    """Turn a CraftError (bad input) into a one-line message and exit code 1, without a traceback."""
+    """Turn a CraftError into a one-line message and its exit code (2 bad input, 4 failed verification), without a
+    traceback; Ctrl-C exits 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -20,12 +31,47 @@ def _guard(fn):
             return fn(*args, **kwargs)
         except CraftError as e:
             click.secho(f"error: {e}", fg="red", err=True)
-            sys.exit(1)
+            sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.secho("interrupted; nothing was written to --out (finetune: continue with --resume OUT)", err=True)
-            sys.exit(130)
+            sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
+
+
+class RegistryChoice(click.Choice):
+    """A choice among the names of a registry (calibrators, pruning scores, optimizers, backends), read when the
+    command line is parsed or its help is shown, so that a class registered by a plugin is accepted and listed."""
+
+    def __init__(self, where: str):
+        self.where = where  # "module:TABLE", imported only when the choices are needed
+        super().__init__([])
+
+    @property
+    def choices(self):  # type: ignore[override]
+        module, table = self.where.split(":")
+        return tuple(getattr(importlib.import_module(module), table))
+
+    @choices.setter
+    def choices(self, value) -> None:  # click.Choice.__init__ assigns it; the registry is the source
+        pass
+
+
+def load_plugins() -> list[str]:
+    """Import third-party modules that register calibrators, pruning scores, methods, optimizers or backends: every
+    entry point in the `craft_deploy.plugins` group, and the comma-separated modules in $CRAFT_DEPLOY_PLUGINS."""
+    loaded = []
+    for ep in metadata.entry_points(group=PLUGIN_GROUP):
+        ep.load()
+        loaded.append(ep.value)
+    for name in filter(None, (s.strip() for s in os.environ.get(PLUGIN_ENV, "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            click.secho(f"error: ${PLUGIN_ENV} names {name!r}, which cannot be imported ({e})", fg="red", err=True)
+            sys.exit(2)
+        loaded.append(name)
+    return loaded
 
 
 def _split(values: tuple[str, ...]) -> tuple[str, ...]:
@@ -39,13 +85,16 @@ data_root_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, prog_name="craft-deploy")
 def main() -> None:
     """Compression-aware fine-tuning, one-shot compression, export and benchmarking of timm vision models.
 
-    The stages chain through directories: finetune -> compress -> export -> bench.
+    The stages chain through directories: finetune -> compress -> export -> bench. Plugins (modules that register
+    calibrators, pruning scores, methods, optimizers or backends) load from the `craft_deploy.plugins` entry point
+    group and from $CRAFT_DEPLOY_PLUGINS (comma-separated module names).
     """
+    load_plugins()
 
 
 @main.command()
@@ -69,7 +118,8 @@ def main() -> None:
     "--optimizer",
     default="adam",
     show_default=True,
-    help="adam or sgd (baselines), sam (with --sam-every K: efficient SAM), asam, cram.",
+    type=RegistryChoice("craft_deploy.finetune.optimizers:OPTIMIZERS"),
+    help="adam or sgd (baselines), sam (with --sam-every K: efficient SAM), asam, cram, or a plugin's.",
 )
 @click.option(
     "--base",
@@ -156,8 +206,8 @@ def finetune(out, overwrite, resume, **kw) -> None:
     "--prune-method",
     default="magnitude",
     show_default=True,
-    type=click.Choice(["magnitude", "wanda"]),
-    help="Weight score: |W|, or Wanda's |W| * ||X_j|| from calibration activations.",
+    type=RegistryChoice("craft_deploy.compress.prune:PRUNE_SCORES"),
+    help="Weight score: |W|, Wanda's |W| * ||X_j|| from calibration activations, or a plugin's.",
 )
 @click.option(
     "--granularity",
@@ -182,9 +232,9 @@ def finetune(out, overwrite, resume, **kw) -> None:
     "--calib-method",
     default="minmax",
     show_default=True,
-    type=click.Choice(["minmax", "percentile", "mse", "entropy", "ptq4vit"]),
+    type=RegistryChoice("craft_deploy.compress.calibrators:CALIBRATORS"),
     help="Activation ranges: min-max, a percentile of |x|, the MSE-optimal clip, TensorRT's entropy (KL) threshold, "
-    "or PTQ4ViT (twin-uniform softmax/GELU quantizers, Hessian-guided scale search; ViTs, else mse).",
+    "PTQ4ViT (twin-uniform softmax/GELU quantizers, Hessian-guided scale search; ViTs, else mse), or a plugin's.",
 )
 @click.option("--percentile", default=99.99, show_default=True, type=float, help="For --calib-method percentile.")
 @click.option(
@@ -245,17 +295,7 @@ def compress(bundle, out, overwrite, include, exclude, **kw) -> None:
         f"({rec['data']['test']} images)"
     )
     for meth in rec["methods"]:
-        if "model_zero_fraction" in meth:
-            skipped = len(meth["skipped"])
-            click.echo(
-                f"  pruned {meth['pattern']} ({meth['score']}): {len(meth['layers'])} layers, {skipped} left dense, "
-                f"{100 * meth['model_zero_fraction']:.1f}% of all weights zero"
-            )
-        else:
-            click.echo(
-                f"  quantized {meth['config']} ({meth['calibration']}, {meth['placement']} placement): "
-                f"{len(meth['layers'])} layers, {len(meth['tensors'])} block/pool tensors"
-            )
+        click.echo(f"  {meth['summary']}")
     click.echo(f"bundle: {out}")
 
 
@@ -404,7 +444,7 @@ def bench(models, out, overwrite, batch_sizes, **kw) -> None:
     """Accuracy and latency of exported models (or bundles with --backend pytorch); bench.json, report.md, plots.
 
     With --baseline the run is a regression gate: it exits 3 when any (model, backend, batch) row is slower or less
-    accurate than the baseline allows, 0 when it passes, 1 on bad input.
+    accurate than the baseline allows, 0 when it passes, 2 on bad input.
 
     \b
     Examples:

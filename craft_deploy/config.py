@@ -9,6 +9,24 @@ from typing import Any
 
 from craft_deploy import CraftError
 
+_SCALARS: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def _of_type(value: Any, ann: str) -> bool:
+    """Whether a JSON value fits a field annotation written as `int`, `float | None`, `tuple[str, ...]`, ..."""
+    for alt in (a.strip() for a in ann.split("|")):
+        if alt == "None" and value is None:
+            return True
+        if alt in _SCALARS and isinstance(value, _SCALARS[alt]) and (alt == "bool" or not isinstance(value, bool)):
+            return True
+        if alt.startswith("tuple[") and isinstance(value, (list, tuple)):
+            inner = alt[len("tuple[") : -1].split(",")[0].strip()
+            if all(_of_type(v, inner) for v in value):
+                return True
+        if alt not in _SCALARS and alt != "None" and not alt.startswith("tuple["):
+            return True  # an annotation this check does not model (e.g. Literal): __post_init__ validates it
+    return False
+
 
 class _Config:
     def to_dict(self) -> dict[str, Any]:
@@ -16,11 +34,20 @@ class _Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
+        """Build from JSON: unknown fields and values of the wrong type are CraftErrors naming the field."""
+        if not isinstance(d, dict):
+            raise CraftError(f"{cls.__name__} must be a JSON object, got {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(fields)
         if unknown:
-            raise CraftError(f"{cls.__name__} has no field(s) {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
+            raise CraftError(f"{cls.__name__} has no field(s) {sorted(unknown)}; known: {sorted(fields)}")
+        kw = {}
+        for name, value in d.items():
+            ann = str(fields[name].type)
+            if not _of_type(value, ann):
+                raise CraftError(f"{cls.__name__}.{name} must be {ann}, got {str(repr(value))[:60]}")
+            kw[name] = tuple(value) if isinstance(value, list) and ann.startswith("tuple[") else value
+        return cls(**kw)
 
 
 def parse_sparsity(text: str | float | None) -> tuple[str, float | tuple[int, int]] | None:

@@ -21,7 +21,7 @@ def _ok(args):
 
 def _fails(args, message):
     res = CliRunner().invoke(main, args)
-    assert res.exit_code == 1, res.output
+    assert res.exit_code == 2, res.output
     assert message in res.output, res.output
     assert "Traceback" not in res.output
     return res.output
@@ -89,7 +89,7 @@ def test_info_lists_backends():
             "unknown dataset 'mnist-3d'",
         ),
         (["finetune", *TINY, "--rho", "-1"], "--rho must be positive"),
-        (["finetune", *TINY, "--optimizer", "lion"], "registered: adam, asam, cram, sam, sgd"),
+        (["finetune", *TINY, "--optimizer", "lion"], "'lion' is not one of 'adam', 'sgd', 'sam', 'asam', 'cram'"),
     ],
 )
 def test_bad_finetune_input(tmp_path, args, message):

@@ -5,16 +5,9 @@ from torch import nn
 from conftest import tiny_model_and_calib
 from craft_deploy import CraftError
 from craft_deploy.compress import METHODS, PruneConfig, QuantConfig
-from craft_deploy.compress.primitives import (
-    as_input_groups,
-    fake_quant,
-    from_input_groups,
-    nm_mask,
-    qmax_for,
-    sqnr_db,
-    unstructured_mask,
-)
+from craft_deploy.compress.primitives import as_input_groups, from_input_groups, nm_mask, unstructured_mask
 from craft_deploy.compress.qmodules import ActQuantizer
+from craft_deploy.compress.qparams import fake_quant, qmax_for, sqnr_db
 from craft_deploy.compress.registry import apply_method
 from craft_deploy.models import load_model
 
@@ -69,10 +62,18 @@ def test_act_quantizer_uses_the_narrow_grid(bits):
     assert len(torch.unique(y)) <= 2**bits
 
 
-@pytest.mark.parametrize("cfg_cls", list(METHODS))
-def test_every_registered_method_changes_the_model_and_reports(cfg_cls):
+# One small config per registered method; a method registered without one fails test_every_method_has_an_example.
+METHOD_EXAMPLES = {"prune": PruneConfig(n=2, m=4), "quantize": QuantConfig()}
+
+
+def test_every_method_has_an_example():
+    assert set(METHOD_EXAMPLES) == set(METHODS)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_registered_method_changes_the_model_and_reports(name):
     model, calib, data = tiny_model_and_calib()
-    cfg = cfg_cls(n=2, m=4) if cfg_cls is PruneConfig else cfg_cls()
+    cfg = METHOD_EXAMPLES[name]
     with torch.no_grad():
         before = model(data)
     report = apply_method(model, cfg, calib)

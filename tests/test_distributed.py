@@ -31,12 +31,47 @@ def _rel_diff(a, b):
 
 
 def _torchrun(tmp_path, optimizer, out):
-    args = ["--model", VIT["model"], "--data", VIT["data"], "--no-pretrained", "--epochs", "1", "--batch-size", "32",
-            "--img-size", "32", "--warmup-steps", "5", "--train-subset", "512", "--eval-subset", "200",
-            "--optimizer", optimizer, "--threads", "1", "--device", "cpu", "--out", str(out)]
+    args = [
+        "--model",
+        VIT["model"],
+        "--data",
+        VIT["data"],
+        "--no-pretrained",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--img-size",
+        "32",
+        "--warmup-steps",
+        "5",
+        "--train-subset",
+        "512",
+        "--eval-subset",
+        "200",
+        "--optimizer",
+        optimizer,
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "craft_deploy.cli.main", "finetune", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "craft_deploy.cli.main",
+        "finetune",
+        *args,
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     return res

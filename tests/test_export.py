@@ -86,7 +86,7 @@ def test_fp16_export_keeps_layernorm_and_softmax_in_fp32(which, tiny_bundle, tin
 def test_w8a8_exports_qdq_with_int8_weights(tiny_w8a8, tiny_w8a8_onnx):
     rec, proto, ref, got = _check(tiny_w8a8_onnx, tiny_w8a8)
     ops = rec["ops"]
-    n_layers = len(load_bundle(tiny_w8a8).manifest["quantization"]["layers"])
+    n_layers = len(load_bundle(tiny_w8a8).manifest["methods"][-1]["state"]["layers"])
     assert ops["QuantizeLinear"] == n_layers  # one per quantized input; weight Qs folded away
     assert ops["DequantizeLinear"] == 2 * n_layers and rec["rewrites"]["weights_folded"] == n_layers
     # BatchNorm folded into the Q/DQ convs (integers kept, scales and bias rescaled), so nothing sits between a Conv
@@ -293,7 +293,7 @@ def test_w4a16_exports_int4_weights_at_opset_21(group, tiny_bundle, tmp_path):
     assert next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 21
     inits = _inits(proto)
     dqs = _weight_dqs(proto)
-    n_layers = len(load_bundle(tmp_path / "w4").manifest["quantization"]["layers"])
+    n_layers = len(load_bundle(tmp_path / "w4").manifest["methods"][-1]["state"]["layers"])
     assert len(dqs) == n_layers == rec["rewrites"]["int4_weights"]
     for dq in dqs:
         assert inits[dq.input[0]].data_type == onnx.TensorProto.INT4

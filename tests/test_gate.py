@@ -112,7 +112,7 @@ def test_baseline_of_another_model_or_schema_is_refused(tiny_w8a8_onnx, baseline
         lambda rec: [m.update(architecture="resnet50") for m in rec["models"].values()],
     )
     res = _invoke(["bench", str(tiny_w8a8_onnx), *FAST, "--baseline", str(other), "--out", str(tmp_path / "b")])
-    assert res.exit_code == 1 and "is another model" in res.output
+    assert res.exit_code == 2 and "is another model" in res.output
     old = _edit(baseline, tmp_path / "old.json", lambda rec: rec.update(bench_schema="craft-deploy/bench/v0"))
     with pytest.raises(CraftError, match="bench schema 'craft-deploy/bench/v0'"):
         read_baseline(old)
@@ -122,7 +122,7 @@ def test_baseline_of_another_model_or_schema_is_refused(tiny_w8a8_onnx, baseline
 
 def test_update_baseline_needs_a_path(tiny_w8a8_onnx, tmp_path):
     res = _invoke(["bench", str(tiny_w8a8_onnx), *FAST, "--update-baseline", "--out", str(tmp_path / "b")])
-    assert res.exit_code == 1 and "--update-baseline needs --baseline PATH" in res.output
+    assert res.exit_code == 2 and "--update-baseline needs --baseline PATH" in res.output
 
 
 def test_several_models_give_a_pareto_plot(tiny_bundle, tiny_w8a8_onnx, tmp_path):

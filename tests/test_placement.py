@@ -14,6 +14,7 @@ from craft_deploy import CraftError
 from craft_deploy.compress import run as compress
 from craft_deploy.compress.placement import ort_cpu_tensors
 from craft_deploy.compress.qmodules import activation_quantizers
+from craft_deploy.compress.registry import method_state
 from craft_deploy.config import CompressConfig, ExportConfig, FinetuneConfig
 from craft_deploy.export import run as export
 from craft_deploy.models import load_bundle, load_model
@@ -55,7 +56,7 @@ def resnet_ort(tiny_resnet, tmp_path_factory):
 
 def test_post_relu_ranges_start_at_zero_and_the_bundle_round_trips(resnet_ort):
     bundle = load_bundle(resnet_ort / "bundle")
-    quant = bundle.manifest["quantization"]
+    quant = method_state(bundle.manifest, "quantize")
     assert quant["placement"] == "ort-cpu" and quant["tensors"]["layer1.0"]["sides"] == ["input", "output"]
     acts = activation_quantizers(bundle.model)
     assert "layer1.0.output_quantizer" in acts and "global_pool.input_quantizer" in acts

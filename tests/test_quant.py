@@ -10,9 +10,9 @@ from torch import nn
 from conftest import tiny_model_and_calib
 from craft_deploy import CraftError
 from craft_deploy.compress.attention import QuantMatMul
-from craft_deploy.compress.calibrators import CALIB_METHODS, RangeObserver, compute_range
-from craft_deploy.compress.primitives import sqnr_db
+from craft_deploy.compress.calibrators import CALIBRATORS, RangeObserver, compute_range
 from craft_deploy.compress.qmodules import ActQuantizer, TwinActQuantizer, WeightQuantizer, activation_quantizers
+from craft_deploy.compress.qparams import sqnr_db
 from craft_deploy.compress.quant import QuantConfig
 from craft_deploy.compress.registry import apply_method
 from craft_deploy.config import CompressConfig
@@ -145,7 +145,7 @@ def test_twin_uniform_quantizers():
     assert y[0] < 0 and y[2] == 0 and torch.isclose(y[-1], g.delta2 * 7)
 
 
-@pytest.mark.parametrize("method", [m for m in CALIB_METHODS if m != "ptq4vit"])
+@pytest.mark.parametrize("method", [m for m, c in CALIBRATORS.items() if not c.twin_quantizers])
 @pytest.mark.parametrize("name", ["test_efficientnet", "test_vit"])
 def test_every_calibrator_quantizes_real_models(name, method):
     model, calib, data = tiny_model_and_calib(name)
@@ -252,7 +252,7 @@ def test_calibrated_scales_round_trip_through_the_bundle(tiny_bundle, tmp_path):
     rec = run(CompressConfig(quant="w6a6", calib_method="mse", act_asymmetric=True, calib_samples=64), tiny_bundle, out)
     assert rec["methods"][0]["calibration"] == "mse"
     bundle = load_bundle(out)
-    assert bundle.manifest["quantization"]["weight_calibration"] == "mse"
+    assert bundle.manifest["methods"][-1]["state"]["weight_calibration"] == "mse"
     loaded = activation_quantizers(bundle.model)
     ranges = rec["methods"][0]["activation_ranges"]
     assert set(ranges) == set(loaded)
@@ -266,6 +266,7 @@ def test_ptq4vit_bundles_are_refused_by_export_with_the_alternative():
     from craft_deploy.config import ExportConfig
     from craft_deploy.export import plan_export
 
-    manifest = {"quantization": {"config": "w8a8", "layers": {"a": {"a_twin": "gelu", "w_bits": 8}}, "matmuls": {}}}
+    state = {"config": "w8a8", "layers": {"a": {"a_twin": "gelu", "w_bits": 8}}, "matmuls": {}}
+    manifest = {"methods": [{"method": "quantize", "config": None, "state": state}]}
     with pytest.raises(CraftError, match="--calib-method mse"):
         plan_export(ExportConfig(), manifest, "runs/vit-w8a8")

@@ -28,7 +28,12 @@ def analyze_model(model: nn.Module, train_split, cfg: AnalyzeConfig) -> dict[str
     t0 = time.perf_counter()
     fixed = list(DataLoader(calibration_subset(train_split, cfg.lambda_images, seed=cfg.seed + 1), batch_size=32))
     sharp = lambda_max(
-        copy.deepcopy(model), nn.CrossEntropyLoss(), fixed, cfg.lambda_iters, cfg.lambda_tol, cfg.seed,
+        copy.deepcopy(model),
+        nn.CrossEntropyLoss(),
+        fixed,
+        cfg.lambda_iters,
+        cfg.lambda_tol,
+        cfg.seed,
         batchnorm=cfg.lambda_batchnorm,
     )
     sharp["seconds"] = time.perf_counter() - t0

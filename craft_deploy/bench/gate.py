@@ -6,11 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from craft_deploy import CraftError
+from craft_deploy import EXIT_REGRESSION, CraftError  # noqa: F401  (EXIT_REGRESSION re-exported)
 from craft_deploy.artifacts import read_json
 
 BENCH_SCHEMA = "craft-deploy/bench/v1"
-EXIT_REGRESSION = 3
 # What must agree between a baseline's model and this run's before their numbers are compared.
 IDENTITY = ("architecture", "num_classes", "input_size", "dataset")
 

@@ -15,7 +15,16 @@ from tqdm import tqdm
 from craft_deploy.artifacts import check_out_dir, staged_dir
 from craft_deploy.compress.prune import PruneConfig, sparsity_report
 from craft_deploy.compress.quant import QuantConfig
-from craft_deploy.compress.registry import METHODS, CalibLoop, MethodConfig, apply_method, register_method
+from craft_deploy.compress.registry import (
+    METHODS,
+    CalibLoop,
+    Method,
+    MethodConfig,
+    manifest_entry,
+    method_for,
+    method_state,
+    register_method,
+)
 from craft_deploy.config import CompressConfig, parse_sparsity
 from craft_deploy.data import calibration_subset, splits_for_manifest
 from craft_deploy.evaluate import evaluate
@@ -25,6 +34,7 @@ from craft_deploy.records import stage_entry, write_record
 __all__ = [
     "METHODS",
     "CalibLoop",
+    "Method",
     "MethodConfig",
     "PruneConfig",
     "QuantConfig",
@@ -87,30 +97,12 @@ def run(cfg: CompressConfig, bundle_path: str | Path, out: str | Path, overwrite
         reports: list[dict[str, Any]] = []
         timings: dict[str, float] = {}
         for mcfg in methods:
+            method = method_for(mcfg)
             t0 = time.perf_counter()
-            report = apply_method(model, mcfg, calib_loop(calib))
+            report = method.apply(model, mcfg, calib_loop(calib))
             timings[type(mcfg).__name__] = time.perf_counter() - t0
-            reports.append(report)
-            if isinstance(mcfg, PruneConfig):
-                sparsity = sparsity_report(model, report["layers"], mcfg.n, mcfg.m)
-                report["model_zero_fraction"] = sparsity["model_zero_fraction"]
-                report["layers"] = sparsity["layers"]
-                manifest["sparsity"] = {
-                    "pattern": mcfg.pattern,
-                    "score": mcfg.score,
-                    "granularity": mcfg.granularity,
-                    "layers": {n: mcfg.pattern for n in report["layers"]},
-                }
-            else:
-                manifest["quantization"] = {
-                    "config": report["config"],
-                    "calibration": report["calibration"],
-                    "weight_calibration": report["weight_calibration"],
-                    "layers": report["layers"],
-                    "matmuls": report["matmuls"],
-                    "tensors": report["tensors"],
-                    "placement": report["placement"],
-                }
+            manifest["methods"].append(manifest_entry(mcfg, report))
+            reports.append({"method": method.name, **{k: v for k, v in report.items() if k != "state"}})
         after = evaluate(model.eval(), splits.test, desc="test (after)")
         manifest["stages"].append(stage_entry("compress", cfg.to_dict(), test_top1=after["top1"]))
         save_bundle(model, stage, manifest)
@@ -138,7 +130,7 @@ def bundle_sparsity(bundle_path: str | Path) -> dict[str, Any]:
     from craft_deploy.config import parse_sparsity
 
     bundle = load_bundle(bundle_path)
-    recorded = bundle.manifest.get("sparsity") or {}
+    recorded = method_state(bundle.manifest, "prune") or {}
     parsed = parse_sparsity(recorded.get("pattern", "").replace("unstructured ", "")) if recorded else None
     n, m = parsed[1] if parsed and parsed[0] == "nm" else (None, None)
     target = (1 - n / m) if n else (parsed[1] if parsed else None)

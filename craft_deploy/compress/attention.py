@@ -7,10 +7,10 @@ and exports like any timm model.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
+
+from craft_deploy.compress.spec import MatMulQuantSpec
 
 try:  # timm >= 1.0: the class behind vit_*, deit_*, eva-style blocks
     from timm.layers.attention import Attention
@@ -55,14 +55,14 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, Attention)}
 
 
-def quantize_attention(mod: nn.Module, spec: dict[str, Any]) -> None:
-    """Give an Attention block quantized matmuls: `{"a_bits": 8, "a_symmetric": True, "probs_twin": False}`."""
+def quantize_attention(mod: nn.Module, spec: MatMulQuantSpec) -> None:
+    """Give an Attention block quantized matmuls."""
     from craft_deploy.compress.qmodules import ActQuantizer, TwinActQuantizer
 
     if not isinstance(mod, Attention):
         raise TypeError(f"expected a timm Attention block, got {type(mod).__name__}")
-    bits, sym = spec["a_bits"], spec.get("a_symmetric", True)
+    bits, sym = spec.a_bits, spec.a_symmetric
     mod.qk_matmul = QuantMatMul(ActQuantizer(bits, sym), ActQuantizer(bits, sym))
-    probs = TwinActQuantizer(bits, "softmax") if spec.get("probs_twin") else ActQuantizer(bits, sym)
+    probs = TwinActQuantizer(bits, "softmax") if spec.probs_twin else ActQuantizer(bits, sym)
     mod.av_matmul = QuantMatMul(probs, ActQuantizer(bits, sym))
     mod.__class__ = QuantAttention

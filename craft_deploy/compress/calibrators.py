@@ -1,4 +1,5 @@
-"""Activation range calibration from streaming statistics: min-max, percentile, MSE and entropy (KL).
+"""Activation range calibration from streaming statistics: registered calibrators (min-max, percentile, MSE,
+entropy (KL), PTQ4ViT; a third-party module can add its own with `@register_calibrator`).
 
 An observer sees every calibration batch twice at most: pass 1 keeps the running range, pass 2 a fixed 2048-bin
 histogram over that range (TensorRT's bin count). Memory is two scalars and one histogram per quantizer, whatever
@@ -13,15 +14,10 @@ import numpy as np
 import torch
 
 from craft_deploy import CraftError
+from craft_deploy.compress.qparams import fake_quant_range_np, qmax_for
+from craft_deploy.registry import name_registrar
 
 HIST_BINS = 2048
-CALIB_METHODS = ("minmax", "percentile", "mse", "entropy", "ptq4vit")
-
-
-def int_grid(bits: int, symmetric: bool) -> tuple[int, int]:
-    """Signed integer grid of a `bits`-bit quantizer: [-qmax, qmax] (symmetric) or [-2^(b-1), 2^(b-1) - 1]."""
-    half = 2 ** (bits - 1)
-    return (-(half - 1), half - 1) if symmetric else (-half, half - 1)
 
 
 class RangeObserver:
@@ -64,34 +60,107 @@ class RangeObserver:
         return self.lo + width * (np.arange(self.bins) + 0.5)
 
 
-def fake_quant_np(x: np.ndarray, lo: float, hi: float, bits: int, symmetric: bool) -> np.ndarray:
-    """Reference fake-quant of values `x` for the range [lo, hi] (symmetric: [-hi, hi])."""
-    qmin, qmax = int_grid(bits, symmetric)
-    if symmetric:
-        scale, zp = max(hi, 1e-12) / qmax, 0.0
-    else:
-        scale = max(hi - lo, 1e-12) / (qmax - qmin)
-        zp = float(np.clip(qmin - np.round(lo / scale), qmin, qmax))
-    return (np.clip(np.round(x / scale) + zp, qmin, qmax) - zp) * scale
+class Calibrator:
+    """Turns what a RangeObserver saw into an activation range; one registered subclass per `--calib-method`.
+
+    Subclass it and decorate with `@register_calibrator("name")`: the name is then accepted by `--calib-method` and
+    listed in its help. `range` gets an observer whose pass 1 (running min/max) is done and, when `histogram` is true,
+    whose pass 2 (a histogram over that range) is done too; it returns (lo, hi), or (0, amax) for symmetric observers.
+    """
+
+    name: str = ""
+    histogram: bool = True  # needs pass 2 over the calibration data
+    symmetric_only: bool = False  # refuses --act-asymmetric and --placement ort-cpu
+    twin_quantizers: bool = False  # PTQ4ViT's twin-uniform quantizers: simulation only, no Q/DQ export
+    weight_method: str = "mse"  # weight scales to pair it with unless --weight-calib says otherwise
+
+    def __init__(self, percentile: float = 99.99):
+        self.percentile = percentile
+
+    def range(self, obs: RangeObserver, bits: int) -> tuple[float, float]:
+        raise NotImplementedError
+
+    def compute(self, obs: RangeObserver, bits: int) -> tuple[float, float]:
+        """The calibrated range of an observer; symmetric observers return (-amax, amax)."""
+        if obs.hist is None and self.histogram:
+            raise CraftError(f"calibrator {self.name!r} needs the histogram pass, which did not run")
+        lo, hi = self.range(obs, bits)
+        return (-hi, hi) if obs.symmetric else (lo, hi)
+
+    def refine(self, model, calib, cfg) -> list[str]:
+        """A step after every range is set (PTQ4ViT's search); returns notes for the report."""
+        return []
+
+
+CALIBRATORS: dict[str, type[Calibrator]] = {}
+register_calibrator = name_registrar(CALIBRATORS)
+"""Class decorator adding a Calibrator subclass to CALIBRATORS under a `--calib-method` name."""
+
+
+def calibrator(name: str, percentile: float = 99.99) -> Calibrator:
+    """An instance of the calibrator registered as `name`, or a CraftError naming the registered ones."""
+    if name not in CALIBRATORS:
+        raise CraftError(f"--calib-method {name!r} is unknown; choose one of {', '.join(CALIBRATORS)}")
+    return CALIBRATORS[name](percentile)
 
 
 def compute_range(obs: RangeObserver, method: str, bits: int, percentile: float = 99.99) -> tuple[float, float]:
-    """The calibrated range (lo, hi) of an observer; symmetric observers return (-amax, amax)."""
-    if method == "minmax" or obs.hist is None:
-        lo, hi = min(obs.lo, 0.0), max(obs.hi, 0.0)
-    elif method == "percentile":
-        lo, hi = _percentile(obs, percentile)
-    elif method == "mse":
-        lo, hi = _mse(obs, bits)
-    elif method == "entropy":
-        if not obs.symmetric:
-            raise CraftError("--calib-method entropy calibrates symmetric ranges; drop --act-asymmetric or use mse")
-        lo, hi = 0.0, _entropy(obs, bits)
-    else:
-        raise CraftError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIB_METHODS)}")
-    if obs.symmetric:
-        return -hi, hi
-    return lo, hi
+    """The range calibrator `method` computes from `obs`."""
+    return calibrator(method, percentile).compute(obs, bits)
+
+
+@register_calibrator("minmax")
+class MinMax(Calibrator):
+    """The observed range, widened to hold 0."""
+
+    histogram = False
+    weight_method = "minmax"
+
+    def range(self, obs: RangeObserver, bits: int) -> tuple[float, float]:
+        return min(obs.lo, 0.0), max(obs.hi, 0.0)
+
+
+@register_calibrator("percentile")
+class Percentile(Calibrator):
+    """The `--percentile` of |x| (or of x at both ends, asymmetric)."""
+
+    def range(self, obs: RangeObserver, bits: int) -> tuple[float, float]:
+        return _percentile(obs, self.percentile)
+
+
+@register_calibrator("mse")
+class MSE(Calibrator):
+    """The clipping range that minimises the histogram's expected squared quantization error."""
+
+    def range(self, obs: RangeObserver, bits: int) -> tuple[float, float]:
+        return _mse(obs, bits)
+
+
+@register_calibrator("entropy")
+class Entropy(Calibrator):
+    """TensorRT's entropy calibration: the |x| threshold whose quantized histogram is closest in KL divergence."""
+
+    symmetric_only = True
+
+    def range(self, obs: RangeObserver, bits: int) -> tuple[float, float]:
+        return 0.0, _entropy(obs, bits)
+
+
+@register_calibrator("ptq4vit")
+class PTQ4ViT(Calibrator):
+    """PTQ4ViT: min-max ranges, twin-uniform softmax/GELU quantizers, then the Hessian-guided scale search."""
+
+    histogram = False
+    symmetric_only = True
+    twin_quantizers = True
+
+    def range(self, obs: RangeObserver, bits: int) -> tuple[float, float]:
+        return min(obs.lo, 0.0), max(obs.hi, 0.0)
+
+    def refine(self, model, calib, cfg) -> list[str]:
+        from craft_deploy.compress.ptq4vit import hessian_guided_search
+
+        return [f"hessian-guided search over {len(hessian_guided_search(model, calib, cfg))} ops"]
 
 
 def _percentile(obs: RangeObserver, p: float) -> tuple[float, float]:
@@ -116,7 +185,7 @@ def _mse(obs: RangeObserver, bits: int, points: int = 100) -> tuple[float, float
         coarse = np.linspace(0.1, 1.0, 19)
         candidates = [(obs.lo * a, obs.hi * b) for a in coarse for b in coarse]
     for lo, hi in candidates:
-        err = float((hist * (centers - fake_quant_np(centers, lo, hi, bits, obs.symmetric)) ** 2).sum())
+        err = float((hist * (centers - fake_quant_range_np(centers, lo, hi, bits, obs.symmetric)) ** 2).sum())
         if err < best_err:
             best, best_err = (lo, hi), err
     return best
@@ -156,7 +225,7 @@ def _kl(p: np.ndarray, q: np.ndarray) -> float:
 @torch.no_grad()
 def mse_weight_scale(rows: torch.Tensor, bits: int, points: int = 40) -> torch.Tensor:
     """Per-row symmetric scale of a weight viewed as rows, minimising the squared error over clip ratios 0.5..1."""
-    qmax = 2 ** (bits - 1) - 1
+    qmax = qmax_for(bits)
     amax = rows.abs().amax(dim=1).clamp(min=1e-8)
     best_scale = amax / qmax
     best_err = torch.full_like(amax, math.inf)

@@ -1,4 +1,7 @@
-"""Pure functions behind every compression method: N:M and unstructured masks, quantization parameters, fake-quant."""
+"""Pure functions behind pruning: the input-group layout of weights, and N:M, unstructured and per-row masks.
+
+Quantization grids and fake-quant live in craft_deploy.compress.qparams.
+"""
 
 from __future__ import annotations
 
@@ -54,32 +57,3 @@ def row_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
     if k > 0:
         keep.scatter_(1, score.argsort(dim=1)[:, :k], False)
     return keep
-
-
-def qmax_for(bits: int) -> int:
-    """Largest integer of a signed `bits`-bit grid: 127 for 8 bits, 31 for 6, 7 for 4."""
-    return 2 ** (bits - 1) - 1
-
-
-def choose_qparams(amax: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric scale mapping [-amax, amax] onto [-qmax, qmax]; never zero, so empty channels stay valid."""
-    return amax.clamp(min=1e-8) / qmax_for(bits)
-
-
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int, axis: int | None = None) -> torch.Tensor:
-    """Reference symmetric fake-quant: clamp(round(x / s), -qmax - 1, qmax) * s, with s per `axis` if given.
-
-    Rounding is half-to-even, as torch.round and ONNX QuantizeLinear do.
-    """
-    if axis is not None:
-        shape = [1] * x.ndim
-        shape[axis] = -1
-        scale = scale.reshape(shape)
-    q = torch.clamp(torch.round(x / scale), -qmax_for(bits) - 1, qmax_for(bits))
-    return q * scale
-
-
-def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB."""
-    noise = (reference - approx).pow(2).mean()
-    return float(10 * torch.log10(reference.pow(2).mean() / noise.clamp(min=1e-30)))

@@ -1,4 +1,5 @@
-"""One-shot pruning: magnitude or Wanda scores; unstructured (per layer, per row, global) or N:M; masks baked in.
+"""One-shot pruning by registered scores (magnitude, Wanda; `@register_prune_score` adds one); unstructured (per
+layer, per row, global) or N:M; masks baked in.
 
 Wanda (Sun et al., 2023) scores weight W_ij by |W_ij| * ||X_j||_2, the L2 norm of input feature j over the
 calibration set; for convolutions feature j is an input channel (its norm over batch and space), shared by the
@@ -18,10 +19,50 @@ from craft_deploy import CraftError
 from craft_deploy.compress.batchnorm import recalibrate_batchnorm
 from craft_deploy.compress.layers import model_blocks, select_layers
 from craft_deploy.compress.primitives import as_input_groups, from_input_groups, nm_mask, row_mask, unstructured_mask
-from craft_deploy.compress.registry import CalibLoop, MethodConfig, calibrate_with_hooks, register_method
+from craft_deploy.compress.registry import CalibLoop, Method, MethodConfig, calibrate_with_hooks, register_method
+from craft_deploy.registry import name_registrar
 
-SCORES = ("magnitude", "wanda")
 GRANULARITIES = ("layer", "row", "global")
+
+
+class PruneScore:
+    """A per-weight importance: the weights with the lowest scores are pruned. One registered subclass per
+    `--prune-method`.
+
+    Subclass it and decorate with `@register_prune_score("name")`: the name is then accepted by `--prune-method` and
+    listed in its help. `score` gets the weight's |W| laid out as `as_input_groups` rows (the last axis is the input
+    feature or input channel) and, when `needs_input_norms`, ||X_j||_2 of every input feature over the calibration
+    set; it returns a score of the same shape.
+    """
+
+    name: str = ""
+    needs_input_norms: bool = False
+
+    def score(self, magnitude: torch.Tensor, input_norms: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+PRUNE_SCORES: dict[str, type[PruneScore]] = {}
+register_prune_score = name_registrar(PRUNE_SCORES)
+"""Class decorator adding a PruneScore subclass to PRUNE_SCORES under a `--prune-method` name."""
+
+
+@register_prune_score("magnitude")
+class Magnitude(PruneScore):
+    """|W|."""
+
+    def score(self, magnitude: torch.Tensor, input_norms: torch.Tensor | None) -> torch.Tensor:
+        return magnitude
+
+
+@register_prune_score("wanda")
+class Wanda(PruneScore):
+    """Wanda: |W_ij| * ||X_j||_2."""
+
+    needs_input_norms = True
+
+    def score(self, magnitude: torch.Tensor, input_norms: torch.Tensor | None) -> torch.Tensor:
+        return magnitude * input_norms.to(magnitude.dtype)[None, :]
 
 
 @dataclass(frozen=True)
@@ -31,7 +72,7 @@ class PruneConfig(MethodConfig):
     ratio: float | None = None
     n: int | None = None
     m: int | None = None
-    score: Literal["magnitude", "wanda"] = "magnitude"
+    score: str = "magnitude"
     granularity: Literal["layer", "row", "global"] = "layer"
     sequential: bool = True
     bn_recalibrate: bool = False
@@ -43,8 +84,8 @@ class PruneConfig(MethodConfig):
             raise CraftError(f"--sparsity ratio must be in (0, 1), e.g. 0.5, got {self.ratio}")
         if self.n is not None and (self.m is None or not 0 < self.n < self.m):
             raise CraftError(f"--sparsity N:M needs 0 < N < M, got {self.n}:{self.m}; try --sparsity 2:4")
-        if self.score not in SCORES:
-            raise CraftError(f"--prune-method {self.score!r} is unknown; choose one of {', '.join(SCORES)}")
+        if self.score not in PRUNE_SCORES:
+            raise CraftError(f"--prune-method {self.score!r} is unknown; choose one of {', '.join(PRUNE_SCORES)}")
         if self.granularity not in GRANULARITIES:
             raise CraftError(f"--granularity {self.granularity!r} is unknown; choose one of {', '.join(GRANULARITIES)}")
 
@@ -57,8 +98,12 @@ class PruneConfig(MethodConfig):
         return 1 - self.n / self.m if self.n is not None else self.ratio
 
     @property
+    def scorer(self) -> PruneScore:
+        return PRUNE_SCORES[self.score]()
+
+    @property
     def needs_data(self) -> bool:
-        return self.score == "wanda" or self.bn_recalibrate
+        return self.scorer.needs_input_norms or self.bn_recalibrate
 
 
 def _input_feature_norms(model: nn.Module, layers: dict[str, nn.Module], calib: CalibLoop) -> dict[str, torch.Tensor]:
@@ -85,10 +130,9 @@ def _input_feature_norms(model: nn.Module, layers: dict[str, nn.Module], calib: 
     return {name: s.sqrt() for name, s in sumsq.items()}
 
 
-def _score_rows(mod: nn.Module, norms: torch.Tensor | None) -> torch.Tensor:
-    """Scores laid out like `as_input_groups(weight)`: |W|, times the input feature norm for Wanda."""
-    rows = as_input_groups(mod.weight.detach()).abs()
-    return rows * norms.to(rows.dtype)[None, :] if norms is not None else rows
+def _score_rows(scorer: PruneScore, mod: nn.Module, norms: torch.Tensor | None) -> torch.Tensor:
+    """Scores laid out like `as_input_groups(weight)`."""
+    return scorer.score(as_input_groups(mod.weight.detach()).abs(), norms)
 
 
 def _block_groups(model: nn.Module, names: list[str]) -> list[list[str]]:
@@ -101,13 +145,13 @@ def _block_groups(model: nn.Module, names: list[str]) -> list[list[str]]:
     return list(groups.values())
 
 
-@register_method(PruneConfig)
 @torch.no_grad()
 def prune(model: nn.Module, cfg: PruneConfig, calib: CalibLoop | None = None) -> dict[str, Any]:
     """Zero the lowest-scoring weights of every selected layer; returns the per-layer report."""
     if cfg.needs_data and calib is None:
-        what = "Wanda scores" if cfg.score == "wanda" else "BatchNorm re-calibration"
+        what = f"{cfg.score} scores" if cfg.scorer.needs_input_norms else "BatchNorm re-calibration"
         raise CraftError(f"{what} need calibration data: give --calib-samples N (images from the training split)")
+    scorer = cfg.scorer
     layers, skipped = select_layers(model, cfg.include, cfg.exclude)
     report: dict[str, Any] = {
         "pattern": cfg.pattern,
@@ -134,8 +178,8 @@ def prune(model: nn.Module, cfg: PruneConfig, calib: CalibLoop | None = None) ->
         }
 
     if cfg.granularity == "global" and cfg.n is None:
-        norms = _input_feature_norms(model, layers, calib) if cfg.score == "wanda" else {}
-        scores = {name: _score_rows(mod, norms.get(name)) for name, mod in layers.items()}
+        norms = _input_feature_norms(model, layers, calib) if scorer.needs_input_norms else {}
+        scores = {name: _score_rows(scorer, mod, norms.get(name)) for name, mod in layers.items()}
         flat = torch.cat([s.flatten() for s in scores.values()])
         k = int(round(cfg.ratio * flat.numel()))
         threshold = flat.kthvalue(k).values if k > 0 else flat.min() - 1
@@ -143,12 +187,13 @@ def prune(model: nn.Module, cfg: PruneConfig, calib: CalibLoop | None = None) ->
             apply(name, s > threshold)
         report["global_threshold"] = float(threshold)
     else:
-        steps = _block_groups(model, list(layers)) if (cfg.score == "wanda" and cfg.sequential) else [list(layers)]
+        sequential = scorer.needs_input_norms and cfg.sequential
+        steps = _block_groups(model, list(layers)) if sequential else [list(layers)]
         for group in steps:
             sub = {name: layers[name] for name in group}
-            norms = _input_feature_norms(model, sub, calib) if cfg.score == "wanda" else {}
+            norms = _input_feature_norms(model, sub, calib) if scorer.needs_input_norms else {}
             for name, mod in sub.items():
-                score = _score_rows(mod, norms.get(name))
+                score = _score_rows(scorer, mod, norms.get(name))
                 if cfg.n is not None:
                     keep = nm_mask(score, cfg.n, cfg.m)
                 elif cfg.granularity == "row":
@@ -161,7 +206,41 @@ def prune(model: nn.Module, cfg: PruneConfig, calib: CalibLoop | None = None) ->
         report["steps"] = len(steps)
     if cfg.bn_recalibrate:
         report["bn_recalibrated"] = recalibrate_batchnorm(model, calib)
+    achieved = sparsity_report(model, report["layers"], cfg.n, cfg.m)
+    report["model_zero_fraction"] = achieved["model_zero_fraction"]
+    report["layers"] = achieved["layers"]
+    report["summary"] = (
+        f"pruned {cfg.pattern} ({cfg.score}): {len(report['layers'])} layers, {len(report['skipped'])} left dense, "
+        f"{100 * report['model_zero_fraction']:.1f}% of all weights zero"
+    )
+    report["state"] = {
+        "pattern": cfg.pattern,
+        "score": cfg.score,
+        "granularity": cfg.granularity,
+        "layers": {n: cfg.pattern for n in report["layers"]},
+    }
     return report
+
+
+@register_method("prune", PruneConfig)
+class Prune(Method):
+    """One-shot pruning. Masks are baked into the weights (exact zeros), so restore changes no structure; it checks
+    that every recorded layer is a Linear/Conv2d of the model."""
+
+    def apply(self, model: nn.Module, cfg: PruneConfig, calib: CalibLoop | None) -> dict[str, Any]:
+        return prune(model, cfg, calib)
+
+    def restore(self, model: nn.Module, state: dict[str, Any]) -> None:
+        layers = state.get("layers")
+        if not isinstance(layers, dict) or not all(isinstance(p, str) for p in layers.values()):
+            raise CraftError(f"prune state: layers must map layer names to their pattern, got {layers!r}"[:300])
+        for name in layers:
+            try:
+                mod = model.get_submodule(name)
+            except AttributeError:
+                raise CraftError(f"prune state names layer {name!r}, which the model does not have") from None
+            if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+                raise CraftError(f"prune state names {name!r}, a {type(mod).__name__}, not a Linear/Conv2d layer")
 
 
 def sparsity_report(model: nn.Module, layers: dict[str, Any], n: int | None, m: int | None) -> dict[str, Any]:

@@ -10,14 +10,15 @@ PTQ4ViT's twin-uniform quantizer (two scales, one for small values) has no Q/DQ 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from craft_deploy import CraftError
-from craft_deploy.compress.calibrators import RangeObserver, int_grid, mse_weight_scale
+from craft_deploy.compress.calibrators import RangeObserver, mse_weight_scale
+from craft_deploy.compress.qparams import act_grid, asymmetric_qparams, choose_qparams, qmax_for, symmetric_act_qparams
+from craft_deploy.compress.spec import LayerQuantSpec, MatMulQuantSpec, TensorQuantSpec
 
 
 class WeightQuantizer(nn.Module):
@@ -53,7 +54,7 @@ class WeightQuantizer(nn.Module):
             scale = mse_weight_scale(rows if self.granularity != "tensor" else rows.reshape(1, -1), self.bits)
         else:
             amax = rows.abs().amax(dim=1) if self.granularity != "tensor" else rows.abs().amax().reshape(1)
-            scale = amax.clamp(min=1e-8) / int_grid(self.bits, True)[1]
+            scale = choose_qparams(amax, self.bits)
         self.scale.copy_(scale.expand_as(self.scale))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -71,13 +72,8 @@ class WeightQuantizer(nn.Module):
     def clamp(self, w: torch.Tensor) -> torch.Tensor:
         """Clip weights (or weight rows) to [-qmax, qmax] steps: a clipped (MSE) or narrow (INT6, INT4) grid stays
         exact."""
-        lim = (self.scale * int_grid(self.bits, True)[1]).reshape(-1, *[1] * (w.ndim - 1))
+        lim = (self.scale * qmax_for(self.bits)).reshape(-1, *[1] * (w.ndim - 1))
         return torch.clamp(w, -lim, lim)
-
-
-def _act_grid(bits: int) -> tuple[int, int]:
-    """Activations use the full signed grid [-2^(b-1), 2^(b-1) - 1]; symmetric scales map amax to 2^(b-1) - 1."""
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
 class _ActivationQuantizer(nn.Module):
@@ -109,7 +105,7 @@ class ActQuantizer(_ActivationQuantizer):
         self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        qmin, qmax = _act_grid(self.bits)
+        qmin, qmax = act_grid(self.bits)
         if self.bits < 8:  # keep a narrower grid exact when it is written as int8 Q/DQ
             zp = self.zero_point.to(x.dtype)
             x = torch.clamp(x, (qmin - zp) * self.scale, (qmax - zp) * self.scale)
@@ -118,19 +114,13 @@ class ActQuantizer(_ActivationQuantizer):
     @torch.no_grad()
     def set_range(self, lo: float, hi: float) -> None:
         """Scale (and zero point) mapping [lo, hi] onto the integer grid; symmetric uses max(|lo|, |hi|)."""
-        qmin, qmax = _act_grid(self.bits)
-        if self.symmetric:
-            self.scale.fill_(max(abs(lo), abs(hi), 1e-8) / qmax)
-            self.zero_point.zero_()
-        else:
-            lo, hi = min(lo, 0.0), max(hi, 0.0)
-            scale = max(hi - lo, 1e-8) / (qmax - qmin)
-            self.scale.fill_(scale)
-            self.zero_point.fill_(int(min(max(qmin - round(lo / scale), qmin), qmax)))
+        scale, zero_point = (symmetric_act_qparams if self.symmetric else asymmetric_qparams)(lo, hi, self.bits)
+        self.scale.fill_(scale)
+        self.zero_point.fill_(zero_point)
 
     def range(self) -> tuple[float, float]:
         """The calibrated range: (-amax, amax) when symmetric, else the grid's ends."""
-        qmin, qmax = _act_grid(self.bits)
+        qmin, qmax = act_grid(self.bits)
         s, zp = float(self.scale), int(self.zero_point)
         return (-qmax * s, qmax * s) if self.symmetric else ((qmin - zp) * s, (qmax - zp) * s)
 
@@ -193,48 +183,48 @@ def _quantize_output(module: nn.Module, args: tuple, out: torch.Tensor) -> torch
     return module.output_quantizer(out)
 
 
-def make_act_quantizer(spec: dict[str, Any], bits_key: str = "a_bits") -> nn.Module:
-    twin = spec.get("a_twin")
-    if twin:
-        return TwinActQuantizer(spec[bits_key], twin)
-    return ActQuantizer(spec[bits_key], symmetric=spec.get("a_symmetric", True))
+def make_act_quantizer(bits: int, symmetric: bool, twin: str | None = None) -> nn.Module:
+    return TwinActQuantizer(bits, twin) if twin else ActQuantizer(bits, symmetric=symmetric)
 
 
 def attach_quantizers(
     model: nn.Module,
-    layers: dict[str, dict[str, Any]],
-    matmuls: dict[str, dict[str, Any]] | None = None,
-    tensors: dict[str, dict[str, Any]] | None = None,
+    layers: dict[str, LayerQuantSpec],
+    matmuls: dict[str, MatMulQuantSpec] | None = None,
+    tensors: dict[str, TensorQuantSpec] | None = None,
 ) -> None:
-    """Attach weight/input quantizers to the named layers and, for ViTs, to the attention matmuls.
-
-    `layers`: `{name: {"w_bits": 8, "a_bits": 8, "w_granularity": "channel", "group_size": 0, "a_symmetric": True,
-    "a_twin": None}}` (a_bits 16 = float inputs). `matmuls`: `{attention module name: {"a_bits": 8, "a_symmetric":
-    True, "probs_twin": False}}`. `tensors`: `{module name: {"a_bits": 8, "a_symmetric": False, "sides": ["output"]}}`,
-    quantizers on any module's input and/or output (see compress.placement).
-    """
+    """Attach weight/input quantizers to the named layers, to ViT attention matmuls, and to any module's input and/or
+    output (`tensors`, see compress.placement). Names that are not the right kind of module are CraftErrors."""
     for name, spec in layers.items():
-        mod = model.get_submodule(name)
-        wq = WeightQuantizer(
-            mod.weight.shape, spec["w_bits"], spec.get("w_granularity", "channel"), spec.get("group_size", 0)
-        )
+        mod = _submodule(model, name, (nn.Linear, nn.Conv2d), "a Linear or Conv2d layer")
+        wq = WeightQuantizer(mod.weight.shape, spec.w_bits, spec.w_granularity, spec.group_size)
         parametrize.register_parametrization(mod, "weight", wq)
-        if spec["a_bits"] < 16:
-            mod.input_quantizer = make_act_quantizer(spec)
+        if spec.quantizes_input:
+            mod.input_quantizer = make_act_quantizer(spec.a_bits, spec.a_symmetric, spec.a_twin)
             mod.register_forward_pre_hook(_quantize_input)
     if matmuls:
-        from craft_deploy.compress.attention import quantize_attention
+        from craft_deploy.compress.attention import Attention, quantize_attention
 
-        for name, spec in matmuls.items():
-            quantize_attention(model.get_submodule(name), spec)
-    for name, spec in (tensors or {}).items():
-        mod = model.get_submodule(name)
-        if "input" in spec["sides"]:
-            mod.input_quantizer = make_act_quantizer(spec)
+        for name, mspec in matmuls.items():
+            quantize_attention(_submodule(model, name, Attention, "a timm Attention block"), mspec)
+    for name, tspec in (tensors or {}).items():
+        mod = _submodule(model, name, nn.Module, "a module")
+        if "input" in tspec.sides:
+            mod.input_quantizer = make_act_quantizer(tspec.a_bits, tspec.a_symmetric)
             mod.register_forward_pre_hook(_quantize_input)
-        if "output" in spec["sides"]:
-            mod.output_quantizer = make_act_quantizer(spec)
+        if "output" in tspec.sides:
+            mod.output_quantizer = make_act_quantizer(tspec.a_bits, tspec.a_symmetric)
             mod.register_forward_hook(_quantize_output)
+
+
+def _submodule(model: nn.Module, name: str, kind: type | tuple[type, ...], what: str) -> nn.Module:
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        raise CraftError(f"the model has no module {name!r} to quantize") from None
+    if not isinstance(mod, kind):
+        raise CraftError(f"module {name!r} is a {type(mod).__name__}, not {what}; cannot quantize it as one")
+    return mod
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:

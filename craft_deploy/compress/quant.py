@@ -17,11 +17,12 @@ from torch import nn
 from craft_deploy import CraftError
 from craft_deploy.compress.attention import attention_modules
 from craft_deploy.compress.batchnorm import batchnorms, recalibrate_batchnorm
-from craft_deploy.compress.calibrators import CALIB_METHODS, RangeObserver, compute_range
+from craft_deploy.compress.calibrators import CALIBRATORS, Calibrator, RangeObserver, calibrator
 from craft_deploy.compress.layers import select_layers
 from craft_deploy.compress.placement import PLACEMENTS, ort_cpu_tensors
 from craft_deploy.compress.qmodules import ActQuantizer, activation_quantizers, attach_quantizers, quantized_layers
-from craft_deploy.compress.registry import CalibLoop, MethodConfig, register_method
+from craft_deploy.compress.registry import CalibLoop, Method, MethodConfig, register_method
+from craft_deploy.compress.spec import LayerQuantSpec, MatMulQuantSpec, TensorQuantSpec, read_specs
 
 WEIGHT_GRANULARITIES = ("channel", "tensor", "group")
 
@@ -49,10 +50,7 @@ class QuantConfig(MethodConfig):
             raise CraftError(f"weight bits must be 2..8, got {self.w_bits}")
         if not (2 <= self.a_bits <= 8 or self.a_bits == 16):
             raise CraftError(f"activation bits must be 2..8 or 16 (float), got {self.a_bits}")
-        if self.calib_method not in CALIB_METHODS:
-            raise CraftError(
-                f"--calib-method {self.calib_method!r} is unknown; choose one of {', '.join(CALIB_METHODS)}"
-            )
+        cal = calibrator(self.calib_method)  # validates the name against the registry
         if not 50.0 < self.percentile <= 100.0:
             raise CraftError(f"--percentile must be in (50, 100], e.g. 99.99, got {self.percentile}")
         if self.weight_calib not in (None, "minmax", "mse"):
@@ -69,15 +67,17 @@ class QuantConfig(MethodConfig):
             )
         if self.group_size < 0 or self.group_size == 1:
             raise CraftError(f"--group-size must be >= 2 (e.g. 64 or 128), got {self.group_size}")
-        if self.calib_method == "entropy" and self.act_asymmetric:
-            raise CraftError("--calib-method entropy calibrates symmetric ranges; drop --act-asymmetric or use mse")
+        if cal.symmetric_only and self.act_asymmetric:
+            raise CraftError(
+                f"--calib-method {self.calib_method} calibrates symmetric ranges; drop --act-asymmetric or use mse"
+            )
         if self.placement not in PLACEMENTS:
             raise CraftError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
-        if self.placement == "ort-cpu" and (self.a_bits == 16 or self.calib_method in ("entropy", "ptq4vit")):
+        if self.placement == "ort-cpu" and (self.a_bits == 16 or cal.symmetric_only):
             raise CraftError(
                 f"--placement ort-cpu adds asymmetric activation quantizers; got --quant {self.name} with "
                 f"--calib-method {self.calib_method}: quantize activations (e.g. --quant w7a8, not wXa16) and "
-                "calibrate with minmax, percentile or mse"
+                f"calibrate with {_or_list([n for n, c in CALIBRATORS.items() if not c.symmetric_only])}"
             )
         if self.search_points < 2 or self.search_rounds < 1:
             raise CraftError(f"search needs >= 2 points and >= 1 round, got {self.search_points}, {self.search_rounds}")
@@ -93,11 +93,10 @@ class QuantConfig(MethodConfig):
 
     @property
     def weight_method(self) -> str:
-        """Weights are known exactly, so only min-max and MSE clipping apply; every calibrator but min-max uses MSE."""
-        return self.weight_calib or ("minmax" if self.calib_method == "minmax" else "mse")
+        """Weights are known exactly, so only min-max and MSE clipping apply; each calibrator names its pairing."""
+        return self.weight_calib or CALIBRATORS[self.calib_method].weight_method
 
 
-@register_method(QuantConfig)
 @torch.no_grad()
 def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dict[str, Any]:
     """Attach quantizers to every selected layer (stem and depthwise included), calibrate, freeze the scales.
@@ -107,34 +106,37 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dic
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     method = cfg.calib_method
+    cal = calibrator(method, cfg.percentile)
     notes: list[str] = []
-    attn = attention_modules(model) if (cfg.quant_attention or method == "ptq4vit") and cfg.a_bits < 16 else {}
-    if method == "ptq4vit" and not attn:
-        method = "mse"
-        notes.append("ptq4vit needs a ViT (timm Attention blocks) and quantized activations; calibrated with mse")
+    attn = attention_modules(model) if (cfg.quant_attention or cal.twin_quantizers) and cfg.a_bits < 16 else {}
+    if cal.twin_quantizers and not attn:
+        method, cal = "mse", calibrator("mse", cfg.percentile)
+        notes.append(
+            f"{cfg.calib_method} needs a ViT (timm Attention blocks) and quantized activations; calibrated with mse"
+        )
     layers, skipped = select_layers(model, cfg.include, cfg.exclude, skip_stem=False, skip_depthwise=False)
-    spec: dict[str, dict[str, Any]] = {}
+    spec: dict[str, LayerQuantSpec] = {}
     for name, mod in layers.items():
         per_row = mod.weight[0].numel()
         if cfg.group_size and per_row % cfg.group_size:
             skipped[name] = f"{per_row} weights per output channel are not a multiple of --group-size {cfg.group_size}"
             continue
-        spec[name] = {
-            "w_bits": cfg.w_bits,
-            "a_bits": cfg.a_bits,
-            "w_granularity": cfg.w_granularity,
-            "group_size": cfg.group_size,
-            "a_symmetric": cfg.act_symmetric,
-            "a_twin": "gelu" if method == "ptq4vit" and _after_gelu(name, model) else None,
-        }
+        spec[name] = LayerQuantSpec(
+            w_bits=cfg.w_bits,
+            a_bits=cfg.a_bits,
+            w_granularity=cfg.w_granularity,
+            group_size=cfg.group_size,
+            a_symmetric=cfg.act_symmetric,
+            a_twin="gelu" if cal.twin_quantizers and _after_gelu(name, model) else None,
+        )
     matmuls = {
-        name: {"a_bits": cfg.a_bits, "a_symmetric": cfg.act_symmetric, "probs_twin": method == "ptq4vit"}
+        name: MatMulQuantSpec(a_bits=cfg.a_bits, a_symmetric=cfg.act_symmetric, probs_twin=cal.twin_quantizers)
         for name in attn
     }
     tensors = {}
     if cfg.placement == "ort-cpu":
         tensors = {
-            name: {"a_bits": cfg.a_bits, "a_symmetric": False, "sides": sides}
+            name: TensorQuantSpec(a_bits=cfg.a_bits, a_symmetric=False, sides=tuple(sides))
             for name, sides in ort_cpu_tensors(model).items()
         }
         if not tensors:
@@ -149,15 +151,13 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dic
         if calib is None:
             raise CraftError(f"--quant {cfg.name} quantizes activations and needs calibration data")
         t1 = time.perf_counter()
-        observe_ranges(model, act, calib, "minmax" if method == "ptq4vit" else method, cfg)
+        observe_ranges(model, act, calib, cal)
         timings["activations_seconds"] = time.perf_counter() - t1
-        if method == "ptq4vit":
-            from craft_deploy.compress.ptq4vit import hessian_guided_search
-
-            t2 = time.perf_counter()
-            search = hessian_guided_search(model, calib, cfg)
-            timings["hessian_search_seconds"] = time.perf_counter() - t2
-            notes.append(f"hessian-guided search over {len(search)} ops")
+        t2 = time.perf_counter()
+        refined = cal.refine(model, calib, cfg)
+        if refined:
+            timings["refine_seconds"] = time.perf_counter() - t2
+            notes.extend(refined)
         ranges = {n: [round(v, 6) for v in q.range()] for n, q in act.items() if isinstance(q, ActQuantizer)}
     bn_count = 0
     if cfg.bn_recalibrate and batchnorms(model):
@@ -169,14 +169,20 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dic
     elif cfg.bn_recalibrate:
         notes.append("--bn-recalibrate: the model has no BatchNorm; nothing re-estimated")
     timings["total_seconds"] = time.perf_counter() - t0
-    return {
+    state = {
         "config": cfg.name,
         "calibration": method,
         "weight_calibration": cfg.weight_method,
-        "layers": spec,
-        "matmuls": matmuls,
-        "tensors": tensors,
+        "layers": {n: s.to_dict() for n, s in spec.items()},
+        "matmuls": {n: s.to_dict() for n, s in matmuls.items()},
+        "tensors": {n: s.to_dict() for n, s in tensors.items()},
         "placement": cfg.placement,
+    }
+    return {
+        **state,
+        "state": state,
+        "summary": f"quantized {cfg.name} ({method}, {cfg.placement} placement): {len(spec)} layers, "
+        f"{len(tensors)} block/pool tensors",
         "skipped": skipped,
         "activation_ranges": ranges,
         "bn_recalibrated": bn_count,
@@ -185,9 +191,12 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dic
     }
 
 
-def observe_ranges(
-    model: nn.Module, act: dict[str, nn.Module], calib: CalibLoop, method: str, cfg: QuantConfig
-) -> None:
+def _or_list(names: list[str]) -> str:
+    """'a, b or c'."""
+    return " or ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else "".join(names)
+
+
+def observe_ranges(model: nn.Module, act: dict[str, nn.Module], calib: CalibLoop, cal: Calibrator) -> None:
     """Calibrate every activation quantizer: a range pass, then (for histogram methods) a histogram pass."""
     observers = {name: RangeObserver(getattr(q, "symmetric", False)) for name, q in act.items()}
     for name, q in act.items():
@@ -195,7 +204,7 @@ def observe_ranges(
     try:
         model.eval()
         calib(model)
-        if method != "minmax":
+        if cal.histogram:
             for obs in observers.values():
                 obs.start_histogram()
             calib(model)
@@ -203,7 +212,7 @@ def observe_ranges(
         for q in act.values():
             q.observer = None
     for name, q in act.items():
-        q.set_range(*compute_range(observers[name], method, q.bits, cfg.percentile))
+        q.set_range(*cal.compute(observers[name], q.bits))
 
 
 def _after_gelu(name: str, model: nn.Module) -> bool:
@@ -212,3 +221,26 @@ def _after_gelu(name: str, model: nn.Module) -> bool:
         return False
     mlp = model.get_submodule(name.rsplit(".", 1)[0])
     return isinstance(getattr(mlp, "act", None), nn.GELU)
+
+
+@register_method("quantize", QuantConfig)
+class Quantize(Method):
+    """Uniform PTQ; restore re-attaches every recorded quantizer (their scales load with the weights)."""
+
+    def apply(self, model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dict[str, Any]:
+        return quantize(model, cfg, calib)
+
+    def restore(self, model: nn.Module, state: dict[str, Any]) -> None:
+        layers, matmuls, tensors = quant_specs(state)
+        attach_quantizers(model, layers, matmuls, tensors)
+
+
+def quant_specs(
+    state: dict[str, Any],
+) -> tuple[dict[str, LayerQuantSpec], dict[str, MatMulQuantSpec], dict[str, TensorQuantSpec]]:
+    """The typed layer, matmul and tensor specs of a quantize state read from a manifest (validated)."""
+    return (
+        read_specs(state.get("layers"), LayerQuantSpec, "layer"),
+        read_specs(state.get("matmuls"), MatMulQuantSpec, "matmul"),
+        read_specs(state.get("tensors"), TensorQuantSpec, "tensor"),
+    )

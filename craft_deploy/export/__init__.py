@@ -13,8 +13,11 @@ import onnx as onnx_lib  # aliased: the submodule craft_deploy.export.onnx rebin
 import torch
 from torch.utils.data import DataLoader
 
-from craft_deploy import CraftError
+from craft_deploy import CraftError, VerificationError
 from craft_deploy.artifacts import atomic_write_bytes, atomic_write_json, check_out_dir, staged_dir
+from craft_deploy.compress.quant import quant_specs
+from craft_deploy.compress.registry import method_state
+from craft_deploy.compress.spec import FLOAT_BITS
 from craft_deploy.config import ExportConfig
 from craft_deploy.data import splits_for_manifest
 from craft_deploy.export.graph import initializers, producers
@@ -72,7 +75,7 @@ class ExportPlan:
 
 def plan_export(cfg: ExportConfig, manifest: dict[str, Any], bundle_path: str | Path) -> ExportPlan:
     """Resolve --precision auto and the opset, and refuse combinations that cannot be exported, naming what can."""
-    quant = manifest.get("quantization") or {}
+    quant = method_state(manifest, "quantize") or {}
     name = quant.get("config", "")
     precision = cfg.precision if cfg.precision != "auto" else ("int8" if quant else "fp32")
     if precision == "int8" and not quant:
@@ -90,15 +93,14 @@ def plan_export(cfg: ExportConfig, manifest: dict[str, Any], bundle_path: str | 
             f"--format torch-tensorrt compiles float models; {bundle_path} is quantized ({name}): use --format "
             "tensorrt, which builds INT8 kernels from the Q/DQ ONNX"
         )
-    twin = any(s.get("a_twin") for s in quant.get("layers", {}).values()) or any(
-        s.get("probs_twin") for s in (quant.get("matmuls") or {}).values()
-    )
+    layers, matmuls, tensors = quant_specs(quant)
+    twin = any(s.a_twin for s in layers.values()) or any(s.probs_twin for s in matmuls.values())
     if twin:
         raise CraftError(
             "this bundle uses PTQ4ViT's twin-uniform quantizers (two scales per tensor), which ONNX Q/DQ cannot "
             "express; quantize with --calib-method mse, percentile or entropy to export"
         )
-    int4 = any(s.get("w_bits", 8) <= 4 for s in quant.get("layers", {}).values())
+    int4 = any(s.w_bits <= 4 for s in layers.values())
     if int4 and cfg.target == "tensorrt":
         raise CraftError(
             f"{bundle_path} has INT4 weights ({name}); TensorRT runs INT4 only as weight-only block quantization of "
@@ -111,9 +113,9 @@ def plan_export(cfg: ExportConfig, manifest: dict[str, Any], bundle_path: str | 
             f"or pass --opset {INT4_OPSET}"
         )
     asymmetric = any(
-        spec.get("a_bits", 8) < 16 and not spec.get("a_symmetric", True)
-        for group in ("layers", "matmuls", "tensors")
-        for spec in (quant.get(group) or {}).values()
+        spec.a_bits < FLOAT_BITS and not spec.a_symmetric
+        for group in (layers, matmuls, tensors)
+        for spec in group.values()
     )
     if asymmetric and cfg.target == "tensorrt":
         raise CraftError(
@@ -127,7 +129,7 @@ def plan_export(cfg: ExportConfig, manifest: dict[str, Any], bundle_path: str | 
     opset = cfg.opset or (INT4_OPSET if int4 else 17)
     if not quant:
         return ExportPlan(precision, opset, precision, precision)
-    has_acts = any(s.get("a_bits", 16) < 16 for s in quant.get("layers", {}).values())
+    has_acts = any(s.quantizes_input for s in layers.values())
     activations = ("uint8" if cfg.target == "ort-cpu" else "int8") if has_acts else "fp32"
     return ExportPlan(precision, opset, "int4" if int4 else "int8", activations)
 
@@ -255,7 +257,7 @@ def run(cfg: ExportConfig, bundle_path: str | Path, out: str | Path, overwrite: 
             record = _export_onnx(cfg, bundle, bundle_path, stage, plan, images, ref, t0)
         failed = [k for k, v in record["verification"].items() if isinstance(v, dict) and v.get("passed") is False]
         if failed:
-            raise CraftError(
+            raise VerificationError(
                 f"{', '.join(failed)} disagrees with PyTorch beyond tolerance: "
                 f"{ {k: record['verification'][k] for k in failed} }; nothing was written to {out}"
             )
@@ -274,10 +276,11 @@ def _export_onnx(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images
         raise CraftError(f"the exported ONNX model fails onnx.checker: {str(e)[:400]}") from e
     check = verify_onnx(path, images, ref)
     # zeros of the pruned layers in the bundle: each must still be an exact zero in the ONNX weights
-    check["weight_zeros_bundle"] = _pruned_zeros(bundle) if manifest.get("sparsity") else None
+    pruned = method_state(manifest, "prune")
+    check["weight_zeros_bundle"] = _pruned_zeros(bundle, pruned) if pruned else None
     check["weight_zeros_onnx"] = weight_zero_count(proto)
     check["passed"] = _judge(check, plan.precision, cfg.atol)
-    if manifest.get("sparsity") and check["weight_zeros_onnx"] < check["weight_zeros_bundle"]:
+    if pruned and check["weight_zeros_onnx"] < check["weight_zeros_bundle"]:
         check["passed"] = False
         check["error"] = "pruned weights are not exactly zero in the exported initializers"
     ops: dict[str, int] = {}
@@ -297,7 +300,7 @@ def _export_onnx(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images
             cfg, bundle, stage, plan, images, ref
         )
         extra.update(engine)
-    quant = manifest.get("quantization") or {}
+    quant = method_state(manifest, "quantize") or {}
     artifact = stage / ("model.engine" if cfg.format == "tensorrt" else "model.onnx")
     return _record(
         stage,
@@ -404,8 +407,8 @@ def _record(stage: Path, cfg: ExportConfig, bundle_path, plan: ExportPlan, artif
     )
 
 
-def _pruned_zeros(bundle) -> int:
-    layers = (bundle.manifest.get("sparsity") or {}).get("layers", {})
+def _pruned_zeros(bundle, pruned: dict[str, Any]) -> int:
+    layers = pruned.get("layers", {})
     model = bundle.model
     total = 0
     for name in layers:

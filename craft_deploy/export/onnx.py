@@ -16,6 +16,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
+from craft_deploy.compress.registry import method_state
 from craft_deploy.export.graph import consumers, drop_unused_initializers, initializers, producers
 
 META_KEY = "craft_deploy"
@@ -308,10 +309,10 @@ def export_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
         "class_names",
         "dataset",
         "data",
-        "quantization",
-        "sparsity",
     )
     meta = {k: manifest.get(k) for k in keep}
+    meta["quantization"] = method_state(manifest, "quantize")
+    meta["sparsity"] = method_state(manifest, "prune")
     stages = manifest.get("stages") or []
     meta["producer_git_sha"] = stages[-1].get("git_sha") if stages else None
     if meta.get("quantization"):

@@ -10,8 +10,8 @@ from torch import nn
 
 from craft_deploy import CraftError
 from craft_deploy.artifacts import atomic_write_bytes, atomic_write_json, read_json
+from craft_deploy.models.manifest import BUNDLE_SCHEMA, validate_manifest
 
-BUNDLE_SCHEMA = "craft-deploy/bundle/v1"
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
 
@@ -52,8 +52,7 @@ def make_manifest(
         "class_names": class_names,
         "dataset": dataset,
         "stages": [],
-        "quantization": None,
-        "sparsity": None,
+        "methods": [],
     }
 
 
@@ -70,28 +69,26 @@ def save_bundle(model: nn.Module, path: str | Path, manifest: dict[str, Any]) ->
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """Read and validate a bundle's manifest, with an error that says what is wrong."""
+    """Read and validate a bundle's manifest (every field's type and range), with an error that says what is wrong."""
     path = Path(path)
     if not path.is_dir():
         raise CraftError(f"bundle {path} does not exist or is not a directory (expected {MANIFEST} + {WEIGHTS})")
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise CraftError(f"{path} is not a model bundle: {MANIFEST} is missing")
-    manifest = read_json(mpath, "bundle manifest")
-    if not isinstance(manifest, dict) or manifest.get("schema") != BUNDLE_SCHEMA:
-        got = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
-        raise CraftError(f"{mpath} has schema {got!r}; this craft-deploy reads {BUNDLE_SCHEMA!r}")
-    for key in ("architecture", "num_classes", "input_size", "mean", "std"):
-        if key not in manifest:
-            raise CraftError(f"bundle manifest {mpath} lacks {key!r}")
-    return manifest
+    try:
+        return validate_manifest(read_json(mpath, "bundle manifest"))
+    except CraftError as e:
+        raise CraftError(f"{mpath}: {e}") from None
 
 
 def load_bundle(path: str | Path) -> Bundle:
-    """Rebuild the model a bundle describes (compression wrappers included) and load its weights; never unpickles."""
-    from safetensors import SafetensorError
+    """Rebuild the model a bundle describes, replay every compression method's `restore`, check the weights' names and
+    shapes against it, then load them; never unpickles."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
+    from craft_deploy.compress.registry import restore_methods
     from craft_deploy.models.factory import load_model
 
     path = Path(path)
@@ -99,23 +96,33 @@ def load_bundle(path: str | Path) -> Bundle:
     wpath = path / WEIGHTS
     if not wpath.is_file():
         raise CraftError(f"bundle {path} has no {WEIGHTS}")
+    model = load_model(
+        manifest["architecture"],
+        num_classes=manifest["num_classes"],
+        pretrained=False,
+        img_size=manifest["input_size"][-1],
+    )
     try:
+        restore_methods(model, manifest)
+    except CraftError as e:
+        raise CraftError(f"bundle {path}: {e}") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    try:
+        with safe_open(str(wpath), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         state = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError) as e:
         raise CraftError(f"bundle weights {wpath} are corrupt or truncated ({e})") from e
-    model = load_model(
-        manifest["architecture"],
-        num_classes=int(manifest["num_classes"]),
-        pretrained=False,
-        img_size=int(manifest["input_size"][-1]),
-    )
-    if manifest.get("quantization"):
-        from craft_deploy.compress.qmodules import attach_quantizers
-
-        quant = manifest["quantization"]
-        attach_quantizers(model, quant["layers"], quant.get("matmuls"), quant.get("tensors"))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CraftError(f"bundle weights {wpath} do not match its manifest: {str(e)[:400]}") from e
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    wrong = [f"{k} {shapes[k]} (expected {expected[k]})" for k in expected if k in shapes and shapes[k] != expected[k]]
+    if missing or unexpected or wrong:
+        details = "; ".join(
+            f"{what}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+            for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if items
+        )
+        raise CraftError(
+            f"bundle weights {wpath} do not match the {manifest['architecture']} its manifest describes ({details})"
+        )
+    model.load_state_dict(state, strict=True)
     return Bundle(model=model.eval(), manifest=manifest)

@@ -1,0 +1,75 @@
+"""Integer grids and quantization parameters: the only place grid maths lives.
+
+Weights are symmetric on [-qmax, qmax] (qmax = 2^(b-1) - 1); activations use the full signed grid
+[-2^(b-1), 2^(b-1) - 1], symmetric scales mapping amax to 2^(b-1) - 1. Narrower grids (INT6, INT5, ...) are stored
+on the int8 grid of ONNX Q/DQ, clamped to their own range first, which keeps them exact. Rounding is half-to-even, as
+torch.round and ONNX QuantizeLinear do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+MIN_SCALE = 1e-8  # a scale is never zero, so empty channels and constant tensors stay valid
+
+
+def qmax_for(bits: int) -> int:
+    """Largest integer of a signed `bits`-bit grid: 127 for 8 bits, 31 for 6, 7 for 4."""
+    return 2 ** (bits - 1) - 1
+
+
+def int_grid(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Signed integer grid of a `bits`-bit quantizer: [-qmax, qmax] (symmetric) or [-2^(b-1), 2^(b-1) - 1]."""
+    half = 2 ** (bits - 1)
+    return (-(half - 1), half - 1) if symmetric else (-half, half - 1)
+
+
+def act_grid(bits: int) -> tuple[int, int]:
+    """Activations use the full signed grid whether their range is symmetric or not."""
+    return int_grid(bits, symmetric=False)
+
+
+def choose_qparams(amax: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric scale mapping [-amax, amax] onto [-qmax, qmax]."""
+    return amax.clamp(min=MIN_SCALE) / qmax_for(bits)
+
+
+def symmetric_act_qparams(lo: float, hi: float, bits: int) -> tuple[float, int]:
+    """(scale, zero point 0) of a symmetric activation range: max(|lo|, |hi|) maps to 2^(b-1) - 1."""
+    return max(abs(lo), abs(hi), MIN_SCALE) / act_grid(bits)[1], 0
+
+
+def asymmetric_qparams(lo: float, hi: float, bits: int) -> tuple[float, int]:
+    """(scale, zero point) mapping [lo, hi], widened to hold 0 exactly, onto the full signed grid."""
+    qmin, qmax = act_grid(bits)
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max(hi - lo, MIN_SCALE) / (qmax - qmin)
+    return scale, int(min(max(qmin - round(lo / scale), qmin), qmax))
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int, axis: int | None = None) -> torch.Tensor:
+    """Reference symmetric fake-quant: clamp(round(x / s), -qmax - 1, qmax) * s, with s per `axis` if given."""
+    if axis is not None:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+    q = torch.clamp(torch.round(x / scale), -qmax_for(bits) - 1, qmax_for(bits))
+    return q * scale
+
+
+def fake_quant_range_np(x: np.ndarray, lo: float, hi: float, bits: int, symmetric: bool) -> np.ndarray:
+    """Fake-quant of values `x` for the calibrated range [lo, hi] (symmetric: [-hi, hi]), as calibrators score it."""
+    qmin, qmax = int_grid(bits, symmetric)
+    if symmetric:
+        scale, zp = max(hi, 1e-12) / qmax, 0.0
+    else:
+        scale = max(hi - lo, 1e-12) / (qmax - qmin)
+        zp = float(np.clip(qmin - np.round(lo / scale), qmin, qmax))
+    return (np.clip(np.round(x / scale) + zp, qmin, qmax) - zp) * scale
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB."""
+    noise = (reference - approx).pow(2).mean()
+    return float(10 * torch.log10(reference.pow(2).mean() / noise.clamp(min=1e-30)))
