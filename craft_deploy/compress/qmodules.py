@@ -198,7 +198,7 @@ def attach_quantizers(
     for name, spec in layers.items():
         mod = _submodule(model, name, (nn.Linear, nn.Conv2d), "a Linear or Conv2d layer")
         wq = WeightQuantizer(mod.weight.shape, spec.w_bits, spec.w_granularity, spec.group_size)
-        parametrize.register_parametrization(mod, "weight", wq)
+        parametrize.register_parametrization(mod, "weight", wq, unsafe=True)  # shape-preserving; no trial call
         if spec.quantizes_input:
             mod.input_quantizer = make_act_quantizer(spec.a_bits, spec.a_symmetric, spec.a_twin)
             mod.register_forward_pre_hook(_quantize_input)

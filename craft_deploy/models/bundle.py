@@ -82,35 +82,44 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise CraftError(f"{mpath}: {e}") from None
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Rebuild the model a bundle describes, replay every compression method's `restore`, check the weights' names and
-    shapes against it, then load them; never unpickles."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
+def _build(manifest: dict[str, Any]) -> nn.Module:
+    """The architecture a manifest names, with every recorded method's structure restored (weights not loaded)."""
     from craft_deploy.compress.registry import restore_methods
     from craft_deploy.models.factory import load_model
 
-    path = Path(path)
-    manifest = read_manifest(path)
-    wpath = path / WEIGHTS
-    if not wpath.is_file():
-        raise CraftError(f"bundle {path} has no {WEIGHTS}")
     model = load_model(
         manifest["architecture"],
         num_classes=manifest["num_classes"],
         pretrained=False,
         img_size=manifest["input_size"][-1],
     )
+    restore_methods(model, manifest)
+    return model
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Rebuild the model a bundle describes, replay every compression method's `restore`, check the weights' names and
+    shapes against it, then load them; never unpickles.
+
+    The names and shapes are checked against a model built on the meta device first, so a tampered bundle (another
+    architecture, a resized head) is refused before any real memory is allocated for it.
+    """
+    import torch
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    wpath = path / WEIGHTS
+    if not wpath.is_file():
+        raise CraftError(f"bundle {path} has no {WEIGHTS}")
     try:
-        restore_methods(model, manifest)
-    except CraftError as e:
-        raise CraftError(f"bundle {path}: {e}") from None
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in _build(manifest).state_dict().items()}
         with safe_open(str(wpath), framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        state = load_file(str(wpath))
+    except CraftError as e:
+        raise CraftError(f"bundle {path}: {e}") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise CraftError(f"bundle weights {wpath} are corrupt or truncated ({e})") from e
     missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
@@ -124,5 +133,10 @@ def load_bundle(path: str | Path) -> Bundle:
         raise CraftError(
             f"bundle weights {wpath} do not match the {manifest['architecture']} its manifest describes ({details})"
         )
+    try:
+        state = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CraftError(f"bundle weights {wpath} are corrupt or truncated ({e})") from e
+    model = _build(manifest)
     model.load_state_dict(state, strict=True)
     return Bundle(model=model.eval(), manifest=manifest)
