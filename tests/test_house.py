@@ -13,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
+from test_compress import METHOD_EXAMPLES
 
 from conftest import tiny_model_and_calib
 from craft_deploy import EXIT_INTERRUPTED, EXIT_REGRESSION, EXIT_VERIFICATION
@@ -24,7 +25,6 @@ from craft_deploy.compress.registry import apply_method, manifest_entry
 from craft_deploy.config import _Config
 from craft_deploy.models import load_bundle, save_bundle
 from craft_deploy.models.bundle import make_manifest
-from test_compress import METHOD_EXAMPLES
 
 
 def _cli(args, env=None):
