@@ -207,7 +207,8 @@ def finetune(out, overwrite, resume, **kw) -> None:
     default="magnitude",
     show_default=True,
     type=RegistryChoice("craft_deploy.compress.prune:PRUNE_SCORES"),
-    help="Weight score: |W|, Wanda's |W| * ||X_j|| from calibration activations, or a plugin's.",
+    help="Weight score: |W|, Wanda's |W| * ||X_j|| from calibration activations, SparseGPT (OBS saliency, kept weights "
+    "updated to reconstruct each layer's outputs), or a plugin's.",
 )
 @click.option(
     "--granularity",

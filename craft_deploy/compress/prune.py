@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from craft_deploy import CraftError
 from craft_deploy.compress.batchnorm import recalibrate_batchnorm
@@ -37,9 +38,18 @@ class PruneScore:
 
     name: str = ""
     needs_input_norms: bool = False
+    updates_weights: bool = False  # a solver (SparseGPT): `solve` prunes and updates the kept weights itself
 
     def score(self, magnitude: torch.Tensor, input_norms: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def solve(self, mod: nn.Module, hessian: torch.Tensor, cfg: PruneConfig) -> None:
+        """Prune `mod.weight` in place given its input Hessian (solvers only)."""
+        raise NotImplementedError
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.needs_input_norms or self.updates_weights
 
 
 PRUNE_SCORES: dict[str, type[PruneScore]] = {}
@@ -53,6 +63,22 @@ class Magnitude(PruneScore):
 
     def score(self, magnitude: torch.Tensor, input_norms: torch.Tensor | None) -> torch.Tensor:
         return magnitude
+
+
+@register_prune_score("sparsegpt")
+class SparseGPT(PruneScore):
+    """SparseGPT: OBS saliency w^2 / [H^-1]_jj, and the kept weights updated to reconstruct the layer's outputs
+    (see craft_deploy.compress.sparsegpt)."""
+
+    updates_weights = True
+
+    def solve(self, mod: nn.Module, hessian: torch.Tensor, cfg: PruneConfig) -> None:
+        from craft_deploy.compress.sparsegpt import BLOCK_SIZE, from_weight_matrix, sparsegpt_prune, weight_matrix
+
+        w = mod.weight
+        block = BLOCK_SIZE if cfg.m is None else max(cfg.m, BLOCK_SIZE // cfg.m * cfg.m)
+        new, _ = sparsegpt_prune(weight_matrix(w.detach()), hessian, cfg.n, cfg.m, cfg.ratio, block_size=block)
+        w.copy_(from_weight_matrix(new.to(w.dtype), w))
 
 
 @register_prune_score("wanda")
@@ -88,6 +114,10 @@ class PruneConfig(MethodConfig):
             raise CraftError(f"--prune-method {self.score!r} is unknown; choose one of {', '.join(PRUNE_SCORES)}")
         if self.granularity not in GRANULARITIES:
             raise CraftError(f"--granularity {self.granularity!r} is unknown; choose one of {', '.join(GRANULARITIES)}")
+        if PRUNE_SCORES[self.score].updates_weights and self.granularity != "layer":
+            raise CraftError(
+                f"--prune-method {self.score} chooses its mask layer by layer; drop --granularity {self.granularity}"
+            )
 
     @property
     def pattern(self) -> str:
@@ -103,7 +133,7 @@ class PruneConfig(MethodConfig):
 
     @property
     def needs_data(self) -> bool:
-        return self.scorer.needs_input_norms or self.bn_recalibrate
+        return self.scorer.needs_calibration or self.bn_recalibrate
 
 
 def _input_feature_norms(model: nn.Module, layers: dict[str, nn.Module], calib: CalibLoop) -> dict[str, torch.Tensor]:
@@ -130,6 +160,16 @@ def _input_feature_norms(model: nn.Module, layers: dict[str, nn.Module], calib: 
     return {name: s.sqrt() for name, s in sumsq.items()}
 
 
+def _input_hessians(model: nn.Module, layers: dict[str, nn.Module], calib: CalibLoop) -> dict[str, torch.Tensor]:
+    """X X^T / samples of every layer's unfolded inputs over the calibration set (SparseGPT's Hessian)."""
+    from craft_deploy.compress.sparsegpt import HessianAccumulator
+
+    accs = {name: HessianAccumulator(mod) for name, mod in layers.items()}
+    handles = [mod.register_forward_pre_hook(accs[name]) for name, mod in layers.items()]
+    calibrate_with_hooks(model, calib, handles)
+    return {name: acc.hessian() for name, acc in accs.items()}
+
+
 def _score_rows(scorer: PruneScore, mod: nn.Module, norms: torch.Tensor | None) -> torch.Tensor:
     """Scores laid out like `as_input_groups(weight)`."""
     return scorer.score(as_input_groups(mod.weight.detach()).abs(), norms)
@@ -149,7 +189,7 @@ def _block_groups(model: nn.Module, names: list[str]) -> list[list[str]]:
 def prune(model: nn.Module, cfg: PruneConfig, calib: CalibLoop | None = None) -> dict[str, Any]:
     """Zero the lowest-scoring weights of every selected layer; returns the per-layer report."""
     if cfg.needs_data and calib is None:
-        what = f"{cfg.score} scores" if cfg.scorer.needs_input_norms else "BatchNorm re-calibration"
+        what = f"{cfg.score} pruning" if cfg.scorer.needs_calibration else "BatchNorm re-calibration"
         raise CraftError(f"{what} need calibration data: give --calib-samples N (images from the training split)")
     scorer = cfg.scorer
     layers, skipped = select_layers(model, cfg.include, cfg.exclude)
@@ -171,6 +211,10 @@ def prune(model: nn.Module, cfg: PruneConfig, calib: CalibLoop | None = None) ->
     def apply(name: str, keep: torch.Tensor) -> None:
         w = layers[name].weight
         w.copy_(from_input_groups(as_input_groups(w) * keep, w))
+        record(name)
+
+    def record(name: str) -> None:
+        w = layers[name].weight
         report["layers"][name] = {
             "target": cfg.target,
             "achieved": float((w == 0).float().mean()),
@@ -187,10 +231,16 @@ def prune(model: nn.Module, cfg: PruneConfig, calib: CalibLoop | None = None) ->
             apply(name, s > threshold)
         report["global_threshold"] = float(threshold)
     else:
-        sequential = scorer.needs_input_norms and cfg.sequential
+        sequential = scorer.needs_calibration and cfg.sequential
         steps = _block_groups(model, list(layers)) if sequential else [list(layers)]
-        for group in steps:
+        for group in tqdm(steps, desc=f"prune ({cfg.score})", unit="block", leave=False, disable=None):
             sub = {name: layers[name] for name in group}
+            if scorer.updates_weights:
+                hessians = _input_hessians(model, sub, calib)
+                for name, mod in sub.items():
+                    scorer.solve(mod, hessians[name], cfg)
+                    record(name)
+                continue
             norms = _input_feature_norms(model, sub, calib) if scorer.needs_input_norms else {}
             for name, mod in sub.items():
                 score = _score_rows(scorer, mod, norms.get(name))
