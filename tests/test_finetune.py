@@ -256,3 +256,18 @@ def test_clip_grad_bounds_the_norm_the_base_step_sees(optimizer):
     assert norm <= 0.01 * (1 + 1e-4)
     with pytest.raises(CraftError, match="--clip-grad must be a positive"):
         FinetuneConfig(clip_grad=0.0)
+
+
+def test_parameter_groups_honour_the_models_no_weight_decay():
+    from craft_deploy.finetune.optimizers import param_groups
+    from craft_deploy.models import load_model
+
+    vit = load_model("test_vit", num_classes=10, pretrained=False, img_size=32)
+    assert {"pos_embed", "cls_token"} <= set(vit.no_weight_decay())
+    decay, no_decay = param_groups(vit, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in vit.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "pos_embed" not in decayed and "cls_token" not in decayed
+    assert {names[id(p)] for p in no_decay["params"]} >= {"pos_embed", "cls_token", "blocks.0.norm1.weight"}
+    assert "blocks.0.attn.qkv.weight" in decayed

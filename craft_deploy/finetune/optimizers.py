@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 from collections.abc import Callable, Iterator
 
 import torch
@@ -23,11 +24,14 @@ register_optimizer = name_registrar(OPTIMIZERS)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices and kernels only; none on norms, biases and other 1-D parameters."""
+    """Weight decay on weight matrices and kernels only: none on norms, biases and other 1-D parameters, nor on what
+    the model's `no_weight_decay()` names (timm's convention: a ViT's pos_embed and cls_token; glob patterns allowed)."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            exempt = p.ndim <= 1 or any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)
+            (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
