@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from ort_cpu_speed import TRAINED, peer_quantize, session
 
+from craft_deploy.compress import from_flags
 from craft_deploy.compress import run as compress
-from craft_deploy.config import CompressConfig, ExportConfig
+from craft_deploy.config import ExportConfig
 from craft_deploy.data import calibration_subset, splits_for_manifest
 from craft_deploy.export import run as export
 from craft_deploy.models import load_bundle
@@ -65,7 +66,7 @@ def main() -> None:
         calib_ds = calibration_subset(splits.train, n)
         calib = np.stack([calib_ds[i][0].numpy() for i in range(len(calib_ds))])
         peer = peer_quantize(fp32 / "model.onnx", work / f"ort-rr-{n}.onnx", calib, "uint8", True)
-        cfg = CompressConfig(
+        cfg = from_flags(
             quant="w7a8", calib_method="mse", bn_recalibrate=True, calib_samples=n, eval_subset=200, placement="ort-cpu"
         )
         compress(cfg, bundle, work / f"ours-{n}", overwrite=True)

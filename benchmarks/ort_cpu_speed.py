@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from craft_deploy.compress import from_flags
 from craft_deploy.compress import run as compress
-from craft_deploy.config import CompressConfig, ExportConfig
+from craft_deploy.config import ExportConfig
 from craft_deploy.data import calibration_subset, splits_for_manifest
 from craft_deploy.export import run as export
 from craft_deploy.models import load_bundle, load_model, save_bundle
@@ -175,7 +176,7 @@ def main() -> None:
         for bundle_dir, quant, placement, target, label in OURS:
             if not (d / bundle_dir).exists():
                 t0 = time.perf_counter()
-                qcfg = CompressConfig(
+                qcfg = from_flags(
                     quant=quant,
                     calib_method="mse",
                     calib_samples=args.calib_samples,

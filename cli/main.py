@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import os
 import sys
 from importlib import metadata
+from typing import Any
 
 import click
+from click._utils import UNSET
 
 from craft_deploy import EXIT_INTERRUPTED, CraftError, __version__
-from craft_deploy.config import EXPORT_FORMATS, EXPORT_PRECISIONS, EXPORT_TARGETS, QUANT_PLACEMENTS
+from craft_deploy.config import (
+    EXPORT_FORMATS,
+    EXPORT_PRECISIONS,
+    EXPORT_TARGETS,
+    QUANT_PLACEMENTS,
+    AnalyzeConfig,
+    BenchConfig,
+    CompressConfig,
+    ExportConfig,
+    FinetuneConfig,
+)
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 2 bad usage or bad input (a flag value, a bundle or file refused); 3 regression gate "
@@ -57,6 +70,45 @@ class RegistryChoice(click.Choice):
         pass
 
 
+class _FieldDefault:
+    """An option default that is a config dataclass field's default, looked up when the command line is parsed or its
+    help shown (so configs that live in stage modules are imported only then)."""
+
+    def __init__(self, configs: tuple[str | type, ...], name: str, fallback: Any):
+        self.configs, self.name, self.fallback = configs, name, fallback  # name: the config field
+
+    def resolve(self) -> Any:
+        for config in self.configs:
+            if isinstance(config, str):
+                module, cls = config.split(":")
+                config = getattr(importlib.import_module(module), cls)
+            field = next((f for f in dataclasses.fields(config) if f.name == self.name), None)
+            if field is not None and field.default is not dataclasses.MISSING and not isinstance(field.default, tuple):
+                return self.fallback if field.default is None else field.default
+        return self.fallback
+
+
+class _ConfigOption(click.Option):
+    def get_default(self, ctx: click.Context, call: bool = True) -> Any:
+        value = super().get_default(ctx, call=call)
+        return value.resolve() if isinstance(value, _FieldDefault) else value
+
+
+def defaults_from(*configs: str | type, **fields: str):
+    """Command decorator: every option that sets no default of its own takes the default of the config field of its
+    name (`fields` maps an option to a field of another name), from the first of `configs` (classes, or "module:Class")
+    that has it, so the CLI never repeats a default."""
+
+    def deco(cmd: click.Command) -> click.Command:
+        for param in cmd.params:
+            if isinstance(param, click.Option) and param.default in (None, UNSET):
+                param.default = _FieldDefault(configs, fields.get(param.name, param.name), param.default)
+                param.__class__ = _ConfigOption
+        return cmd
+
+    return deco
+
+
 def load_plugins() -> list[str]:
     """Import third-party modules that register calibrators, pruning scores, methods, optimizers or backends: every
     entry point in the `craft_deploy.plugins` group, and the comma-separated modules in $CRAFT_DEPLOY_PLUGINS."""
@@ -97,18 +149,17 @@ def main() -> None:
     load_plugins()
 
 
+@defaults_from(FinetuneConfig)
 @main.command()
-@click.option("--model", default="tf_efficientnet_lite0", show_default=True, help="Any timm model name.")
+@click.option("--model", show_default=True, help="Any timm model name.")
 @click.option(
     "--pretrained/--no-pretrained",
-    default=True,
     show_default=True,
     help="Pretrained weights (bundled for tf_efficientnet_lite0/1/2, timm's hub otherwise).",
 )
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local .safetensors/.pth state dict to start from.")
 @click.option(
     "--data",
-    default="fashion-mnist",
     show_default=True,
     help="fashion-mnist, digits, cifar10, cifar100, flowers102, oxford-pets, stanford-cars, fgvc-aircraft, "
     "food101, or imagefolder:PATH.",
@@ -116,14 +167,12 @@ def main() -> None:
 @data_root_option
 @click.option(
     "--optimizer",
-    default="adam",
     show_default=True,
     type=RegistryChoice("craft_deploy.finetune.optimizers:OPTIMIZERS"),
     help="adam or sgd (baselines), sam (with --sam-every K: efficient SAM), asam, cram, or a plugin's.",
 )
 @click.option(
     "--base",
-    default="adam",
     show_default=True,
     type=click.Choice(["adam", "sgd"]),
     help="Base optimizer of sam/asam/cram.",
@@ -133,7 +182,6 @@ def main() -> None:
 )
 @click.option(
     "--sam-every",
-    default=1,
     show_default=True,
     type=int,
     help="sam/asam: a fresh ascent direction every K steps, reused in between (cost ~(K+1)/K of the base).",
@@ -147,24 +195,22 @@ def main() -> None:
 @click.option("--cram-nm", default=None, help="cram: compress to N:M (e.g. 2:4) instead of global magnitude.")
 @click.option("--cram-plus", is_flag=True, help="cram: add the clean gradient (CrAM+).")
 @click.option("--analyze", is_flag=True, help="Also write analyze.json (lambda_max, weight rank, activation ranges).")
-@click.option("--lr", default=1e-3, show_default=True, type=float)
-@click.option("--weight-decay", default=0.05, show_default=True, type=float)
-@click.option("--epochs", default=2, show_default=True, type=int)
-@click.option("--batch-size", default=32, show_default=True, type=int)
-@click.option("--img-size", default=64, show_default=True, type=int)
-@click.option("--warmup-steps", default=50, show_default=True, type=int, help="Linear LR warm-up before cosine decay.")
-@click.option("--label-smoothing", default=0.1, show_default=True, type=float)
+@click.option("--lr", show_default=True, type=float)
+@click.option("--weight-decay", show_default=True, type=float)
+@click.option("--epochs", show_default=True, type=int)
+@click.option("--batch-size", show_default=True, type=int)
+@click.option("--img-size", show_default=True, type=int)
+@click.option("--warmup-steps", show_default=True, type=int, help="Linear LR warm-up before cosine decay.")
+@click.option("--label-smoothing", show_default=True, type=float)
 @click.option("--clip-grad", default=None, type=float, help="Clip the global gradient norm before each base step.")
 @click.option(
     "--amp", type=click.Choice(["bf16", "fp16"]), help="Mixed precision (fp16 with loss scaling needs a CUDA GPU)."
 )
-@click.option(
-    "--grad-accum", default=1, show_default=True, type=int, help="Split each batch into this many micro-batches."
-)
+@click.option("--grad-accum", show_default=True, type=int, help="Split each batch into this many micro-batches.")
 @click.option("--device", help="cpu or cuda[:N] (default: cuda when a GPU is visible). Under torchrun: one per rank.")
 @click.option("--train-subset", type=int, help="Train on the first N images of a seeded permutation.")
 @click.option("--eval-subset", type=int, help="Evaluate on the first N val/test images of a seeded permutation.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", show_default=True, type=int)
 @click.option("--threads", type=int, help="CPU threads for PyTorch.")
 @click.option("--resume", type=click.Path(), help="Continue a killed run: its --out (or its checkpoint).")
 @out_option
@@ -179,7 +225,6 @@ def finetune(out, overwrite, resume, **kw) -> None:
       craft-deploy finetune --optimizer sam --rho 0.05 --out runs/sam
       craft-deploy finetune --optimizer sam --rho 0.05 --out runs/sam --resume runs/sam   # after a kill
     """
-    from craft_deploy.config import FinetuneConfig
     from craft_deploy.finetune import run
 
     try:
@@ -199,12 +244,18 @@ def finetune(out, overwrite, resume, **kw) -> None:
     )
 
 
+@defaults_from(
+    CompressConfig,
+    "craft_deploy.compress.prune:PruneConfig",
+    "craft_deploy.compress.quant:QuantConfig",
+    prune_method="score",
+    weight_granularity="w_granularity",
+)
 @main.command()
 @click.argument("bundle", type=click.Path())
-@click.option("--sparsity", help="Magnitude pruning: a ratio in (0, 1) such as 0.5, or N:M such as 2:4.")
+@click.option("--sparsity", help="Pruning: a ratio in (0, 1) such as 0.5, or N:M such as 2:4.")
 @click.option(
     "--prune-method",
-    default="magnitude",
     show_default=True,
     type=RegistryChoice("craft_deploy.compress.prune:PRUNE_SCORES"),
     help="Weight score: |W|, Wanda's |W| * ||X_j|| from calibration activations, SparseGPT (OBS saliency, kept weights "
@@ -212,14 +263,12 @@ def finetune(out, overwrite, resume, **kw) -> None:
 )
 @click.option(
     "--granularity",
-    default="layer",
     show_default=True,
     type=click.Choice(["layer", "row", "global"]),
     help="Where an unstructured ratio is applied: each layer, each output row, or all layers at once.",
 )
 @click.option(
     "--sequential/--no-sequential",
-    default=True,
     show_default=True,
     help="Wanda: gather statistics block by block on the partly pruned model.",
 )
@@ -231,13 +280,12 @@ def finetune(out, overwrite, resume, **kw) -> None:
 @click.option("--quant", help="Post-training quantization wXaY: w8a8, w6a6, w6a16, w4a16 (a16 = float activations).")
 @click.option(
     "--calib-method",
-    default="minmax",
     show_default=True,
     type=RegistryChoice("craft_deploy.compress.calibrators:CALIBRATORS"),
     help="Activation ranges: min-max, a percentile of |x|, the MSE-optimal clip, TensorRT's entropy (KL) threshold, "
     "PTQ4ViT (twin-uniform softmax/GELU quantizers, Hessian-guided scale search; ViTs, else mse), or a plugin's.",
 )
-@click.option("--percentile", default=99.99, show_default=True, type=float, help="For --calib-method percentile.")
+@click.option("--percentile", show_default=True, type=float, help="For --calib-method percentile.")
 @click.option(
     "--weight-calib",
     type=click.Choice(["minmax", "mse"]),
@@ -246,7 +294,6 @@ def finetune(out, overwrite, resume, **kw) -> None:
 )
 @click.option(
     "--weight-granularity",
-    default="channel",
     show_default=True,
     type=click.Choice(["channel", "tensor"]),
     help="One weight scale per output channel or per tensor.",
@@ -256,7 +303,6 @@ def finetune(out, overwrite, resume, **kw) -> None:
 @click.option("--quant-attention", is_flag=True, help="ViTs: also quantize the Q K^T and softmax x V matmul inputs.")
 @click.option(
     "--placement",
-    default="tensorrt",
     show_default=True,
     type=click.Choice(QUANT_PLACEMENTS),
     help="Where activation quantizers go: tensorrt = inputs of Conv/Linear only (TensorRT fuses the rest); ort-cpu = "
@@ -264,7 +310,6 @@ def finetune(out, overwrite, resume, **kw) -> None:
 )
 @click.option(
     "--calib-samples",
-    default=256,
     show_default=True,
     type=int,
     help="Calibration images, drawn from the training split.",
@@ -273,7 +318,7 @@ def finetune(out, overwrite, resume, **kw) -> None:
 @click.option("--include", multiple=True, help="Glob(s) over module names to compress (default: Linear/Conv).")
 @click.option("--exclude", multiple=True, help="Glob(s) over module names to leave alone.")
 @data_root_option
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", show_default=True, type=int)
 @out_option
 @overwrite_option
 @_guard
@@ -285,10 +330,9 @@ def compress(bundle, out, overwrite, include, exclude, **kw) -> None:
       craft-deploy compress runs/adam --quant w8a8 --calib-samples 256 --out runs/adam-w8a8
       craft-deploy compress runs/sam --sparsity 2:4 --quant w8a8 --out runs/sam-24-w8a8
     """
-    from craft_deploy.compress import run
-    from craft_deploy.config import CompressConfig
+    from craft_deploy.compress import from_flags, run
 
-    cfg = CompressConfig(include=_split(include), exclude=_split(exclude), **kw)
+    cfg = from_flags(include=_split(include), exclude=_split(exclude), **kw)
     rec = run(cfg, bundle, out, overwrite)
     m = rec["metrics"]
     click.echo(
@@ -323,6 +367,7 @@ def sparsity(bundle) -> None:
     )
 
 
+@defaults_from(ExportConfig)
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.option(
@@ -335,14 +380,12 @@ def sparsity(bundle) -> None:
 )
 @click.option(
     "--precision",
-    default="auto",
     show_default=True,
     type=click.Choice(EXPORT_PRECISIONS),
     help="auto: int8 Q/DQ for quantized bundles, fp32 otherwise; fp16 keeps LayerNorm/softmax in FP32.",
 )
 @click.option(
     "--target",
-    default="tensorrt",
     show_default=True,
     type=click.Choice(EXPORT_TARGETS),
     help="Q/DQ flavour: tensorrt = int8 activations (S8S8); ort-cpu = uint8 activations, zero point 128 (U8S8).",
@@ -350,7 +393,6 @@ def sparsity(bundle) -> None:
 @click.option("--opset", type=int, help="ONNX opset (default 17, or 21 for INT4 weights).")
 @click.option(
     "--verify-samples",
-    default=64,
     show_default=True,
     type=int,
     help="Test images run through PyTorch and the exported model to verify the export.",
@@ -363,7 +405,7 @@ def sparsity(bundle) -> None:
 )
 @click.option("--batch-sizes", default="1,16", show_default=True, help="TensorRT profile: smallest..largest batch.")
 @click.option("--sparse", is_flag=True, help="TensorRT: SPARSE_WEIGHTS (2:4-pruned weights may get sparse kernels).")
-@click.option("--workspace-gb", default=4.0, show_default=True, type=float, help="TensorRT builder workspace.")
+@click.option("--workspace-gb", show_default=True, type=float, help="TensorRT builder workspace.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache file (read and updated).")
 @data_root_option
 @out_option
@@ -378,7 +420,7 @@ def export(bundle, out, overwrite, format_, batch_sizes, **kw) -> None:
       craft-deploy export runs/sam-w8a8 --target ort-cpu --out runs/sam-w8a8-cpu
       craft-deploy export runs/sam-24-w8a8 --format tensorrt --sparse --out runs/sam-24-w8a8-trt
     """
-    from craft_deploy.config import ExportConfig, parse_batch_sizes
+    from craft_deploy.config import parse_batch_sizes
     from craft_deploy.export import run
 
     cfg = ExportConfig(format=format_, batch_sizes=parse_batch_sizes(batch_sizes), **kw)
@@ -395,11 +437,11 @@ def export(bundle, out, overwrite, format_, batch_sizes, **kw) -> None:
         click.echo(f"warning: {rec['warning']}", err=True)
 
 
+@defaults_from(BenchConfig)
 @main.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path())
 @click.option(
     "--backend",
-    default="ort-cpu",
     show_default=True,
     help="ort-cpu, ort-cuda, ort-trt, tensorrt, torch-tensorrt or pytorch (see `craft-deploy info`).",
 )
@@ -407,32 +449,29 @@ def export(bundle, out, overwrite, format_, batch_sizes, **kw) -> None:
 @click.option("--data", default=None, help="Dataset for accuracy (default: the one the model was tuned on).")
 @data_root_option
 @click.option("--eval-subset", type=int, help="Accuracy on the first N images of a seeded permutation.")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["val", "test"]))
-@click.option("--warmup", default=5, show_default=True, type=int)
-@click.option("--iters", default=30, show_default=True, type=int, help="Timed iterations (at least).")
-@click.option("--min-seconds", default=0.5, show_default=True, type=float, help="Time each batch size at least this.")
+@click.option("--split", show_default=True, type=click.Choice(["val", "test"]))
+@click.option("--warmup", show_default=True, type=int)
+@click.option("--iters", show_default=True, type=int, help="Timed iterations (at least).")
+@click.option("--min-seconds", show_default=True, type=float, help="Time each batch size at least this.")
 @click.option(
     "--max-cv",
-    default=0.10,
     show_default=True,
     type=float,
     help="A batch size whose coefficient of variation exceeds this is re-measured.",
 )
-@click.option("--retries", default=2, show_default=True, type=int, help="Re-measurements of a noisy batch size.")
+@click.option("--retries", show_default=True, type=int, help="Re-measurements of a noisy batch size.")
 @click.option("--threads", type=int, help="CPU threads for the backend.")
 @click.option("--compile", is_flag=True, help="pytorch backend: torch.compile the model.")
 @click.option("--include-transfer", is_flag=True, help="GPU backends: time the host-to-device copy too.")
 @click.option("--baseline", type=click.Path(dir_okay=False), help="A previous bench.json to gate against.")
 @click.option(
     "--max-latency-regression",
-    default=0.10,
     show_default=True,
     type=float,
     help="Fail when p50 latency grows by more than this fraction.",
 )
 @click.option(
     "--max-accuracy-drop",
-    default=0.5,
     show_default=True,
     type=float,
     help="Fail when top-1 falls by more than this many points.",
@@ -455,7 +494,7 @@ def bench(models, out, overwrite, batch_sizes, **kw) -> None:
       craft-deploy bench runs/m.onnx --baseline ci/bench-baseline.json --max-latency-regression 0.10 --out runs/b1
     """
     from craft_deploy.bench import EXIT_REGRESSION, run
-    from craft_deploy.config import BenchConfig, parse_batch_sizes
+    from craft_deploy.config import parse_batch_sizes
 
     rec = run(BenchConfig(batch_sizes=parse_batch_sizes(batch_sizes), **kw), list(models), out, overwrite)
     click.echo(
@@ -480,29 +519,26 @@ def bench(models, out, overwrite, batch_sizes, **kw) -> None:
             sys.exit(EXIT_REGRESSION)
 
 
+@defaults_from(AnalyzeConfig)
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.option(
     "--lambda-images",
-    default=64,
     show_default=True,
     type=int,
     help="Fixed training images for the Hessian's largest eigenvalue.",
 )
-@click.option("--lambda-iters", default=20, show_default=True, type=int, help="Power iterations at most.")
-@click.option(
-    "--lambda-tol", default=1e-3, show_default=True, type=float, help="Relative change that counts as converged."
-)
+@click.option("--lambda-iters", show_default=True, type=int, help="Power iterations at most.")
+@click.option("--lambda-tol", show_default=True, type=float, help="Relative change that counts as converged.")
 @click.option(
     "--lambda-batchnorm",
-    default="eval",
     show_default=True,
     type=click.Choice(["eval", "batch"]),
     help="BatchNorm in the Hessian's loss: running statistics (eval) or each batch's own (batch, as in training).",
 )
-@click.option("--calib-samples", default=256, show_default=True, type=int, help="Images for activation ranges.")
+@click.option("--calib-samples", show_default=True, type=int, help="Images for activation ranges.")
 @data_root_option
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", show_default=True, type=int)
 @out_option
 @overwrite_option
 @_guard
@@ -514,7 +550,6 @@ def analyze(bundle, out, overwrite, **kw) -> None:
       craft-deploy analyze runs/sam --out runs/sam-analyze
     """
     from craft_deploy.analyze import run
-    from craft_deploy.config import AnalyzeConfig
 
     rec = run(AnalyzeConfig(**kw), bundle, out, overwrite)
     s = rec["sharpness"]

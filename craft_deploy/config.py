@@ -35,6 +35,10 @@ class _Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
         """Build from JSON: unknown fields and values of the wrong type are CraftErrors naming the field."""
+        return cls(**cls._checked(d))
+
+    @classmethod
+    def _checked(cls, d: Any) -> dict[str, Any]:
         if not isinstance(d, dict):
             raise CraftError(f"{cls.__name__} must be a JSON object, got {type(d).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -47,7 +51,7 @@ class _Config:
             if not _of_type(value, ann):
                 raise CraftError(f"{cls.__name__}.{name} must be {ann}, got {str(repr(value))[:60]}")
             kw[name] = tuple(value) if isinstance(value, list) and ann.startswith("tuple[") else value
-        return cls(**kw)
+        return kw
 
 
 def parse_sparsity(text: str | float | None) -> tuple[str, float | tuple[int, int]] | None:
@@ -162,75 +166,40 @@ class FinetuneConfig(_Config):
 
 @dataclass(frozen=True)
 class CompressConfig(_Config):
-    """One-shot pruning and/or post-training quantization of a bundle."""
+    """One-shot compression: the method configs themselves (each owns and validates its values), in the order they
+    run, and the calibration data they share. `craft_deploy.compress.from_flags` builds one from the CLI's flags."""
 
-    sparsity: str | None = None
-    prune_method: str = "magnitude"
-    granularity: str = "layer"
-    sequential: bool = True
-    bn_recalibrate: bool = False
-    quant: str | None = None
-    calib_method: str = "minmax"
-    percentile: float = 99.99
-    weight_calib: str | None = None
-    weight_granularity: str = "channel"
-    group_size: int | None = None
-    act_asymmetric: bool = False
-    quant_attention: bool = False
-    placement: str = "tensorrt"
+    methods: tuple[Any, ...] = ()  # MethodConfig instances of registered methods (craft_deploy.compress.registry)
     calib_samples: int = 256
     eval_subset: int | None = None
     data_root: str | None = None
     seed: int = 0
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.sparsity is None and self.quant is None:
-            raise CraftError("nothing to do: give --sparsity (e.g. 2:4 or 0.5) and/or --quant (e.g. w8a8)")
-        parse_sparsity(self.sparsity)
-        quant = parse_quant(self.quant)
-        if quant is None and (
-            self.calib_method != "minmax" or self.group_size or self.act_asymmetric or self.placement != "tensorrt"
-        ):
-            raise CraftError(
-                "--calib-method, --group-size, --act-asymmetric and --placement need --quant (e.g. --quant w8a8)"
-            )
-        if self.group_size is not None and self.group_size < 2:
-            raise CraftError(f"--group-size must be >= 2 weights (e.g. 64 or 128), got {self.group_size}")
-        if self.group_size is not None and self.weight_granularity not in ("channel", "group"):
-            raise CraftError(
-                f"--group-size sets group granularity; drop --weight-granularity {self.weight_granularity}"
-            )
-        if quant is not None:
-            self.quant_config()  # validates the quantization options with errors that name the flag
+        object.__setattr__(self, "methods", tuple(self.methods))
+        if not self.methods:
+            raise CraftError("nothing to do: give --sparsity (e.g. 2:4) and/or --quant (e.g. w8a8)")
+        if any(not hasattr(m, "method_name") for m in self.methods):
+            raise CraftError(f"every compression method must be a registered method's config, got {self.methods!r}")
         if self.calib_samples <= 0:
             raise CraftError(f"--calib-samples must be positive, got {self.calib_samples}")
-        object.__setattr__(self, "include", tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
 
-    def quant_config(self):
-        """The QuantConfig that `--quant` and the calibration flags describe (None without --quant)."""
-        from craft_deploy.compress.quant import QuantConfig
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "methods"}
+        return {"methods": [{"method": m.method_name, "config": m.to_dict()} for m in self.methods], **d}
 
-        quant = parse_quant(self.quant)
-        if quant is None:
-            return None
-        return QuantConfig(
-            include=self.include,
-            exclude=self.exclude,
-            w_bits=quant[0],
-            a_bits=quant[1],
-            calib_method=self.calib_method,
-            percentile=self.percentile,
-            weight_calib=self.weight_calib,
-            w_granularity="group" if self.group_size else self.weight_granularity,
-            group_size=self.group_size or 0,
-            act_asymmetric=self.act_asymmetric,
-            quant_attention=self.quant_attention,
-            bn_recalibrate=self.bn_recalibrate,
-            placement=self.placement,
-        )
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        from craft_deploy.compress.registry import method_named  # the registry knows the configs; imported on use
+
+        if not isinstance(d, dict) or not isinstance(d.get("methods"), list):
+            raise CraftError(f"CompressConfig must be an object with a list of methods, got {str(d)[:80]}")
+        methods = []
+        for entry in d["methods"]:
+            if not isinstance(entry, dict) or set(entry) != {"method", "config"}:
+                raise CraftError(f"CompressConfig.methods entries are {{method, config}}, got {str(entry)[:80]}")
+            methods.append(method_named(entry["method"]).config_cls.from_dict(entry["config"]))
+        return cls(methods=tuple(methods), **cls._checked({k: v for k, v in d.items() if k != "methods"}))
 
 
 QUANT_PLACEMENTS = ("tensorrt", "ort-cpu")  # see craft_deploy.compress.placement

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from craft_deploy.config import CompressConfig, ExportConfig, FinetuneConfig
+from craft_deploy.config import ExportConfig, FinetuneConfig
 
 TINY = dict(
     model="test_efficientnet",
@@ -74,10 +74,10 @@ def tiny_bundle(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_w8a8(tiny_bundle, tmp_path_factory):
-    from craft_deploy.compress import run
+    from craft_deploy.compress import from_flags, run
 
     out = tmp_path_factory.mktemp("tiny") / "w8a8"
-    run(CompressConfig(quant="w8a8", calib_samples=64), tiny_bundle, out)
+    run(from_flags(quant="w8a8", calib_samples=64), tiny_bundle, out)
     return out
 
 

@@ -3,10 +3,10 @@ import json
 import pytest
 
 from craft_deploy import CraftError
+from craft_deploy.compress import from_flags
 from craft_deploy.config import (
     AnalyzeConfig,
     BenchConfig,
-    CompressConfig,
     ExportConfig,
     FinetuneConfig,
     parse_batch_sizes,
@@ -19,7 +19,7 @@ from craft_deploy.config import (
     "cfg",
     [
         FinetuneConfig(optimizer="sam", rho=0.1, train_subset=100),
-        CompressConfig(sparsity="2:4", quant="w8a8", include=("blocks.*",)),
+        from_flags(sparsity="2:4", quant="w8a8", include=("blocks.*",)),
         ExportConfig(verify_samples=8),
         ExportConfig(format="tensorrt", precision="fp16", batch_sizes=(1, 4, 8), sparse=True, timing_cache="t.bin"),
         BenchConfig(batch_sizes=(1, 8, 32)),
@@ -88,7 +88,7 @@ def test_finetune_rejects_negative_rho():
 
 def test_compress_needs_something_to_do():
     with pytest.raises(CraftError, match="nothing to do"):
-        CompressConfig()
+        from_flags()
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,9 @@ import torch
 from onnx import numpy_helper
 
 from craft_deploy import CraftError
+from craft_deploy.compress import from_flags
 from craft_deploy.compress import run as compress
-from craft_deploy.config import CompressConfig, ExportConfig
+from craft_deploy.config import ExportConfig
 from craft_deploy.export import run as export
 from craft_deploy.export.onnx import fold_shape_constants, read_metadata, static_same_padding
 from craft_deploy.models import load_bundle
@@ -46,7 +47,7 @@ def _weight_dqs(proto):
 @pytest.fixture(scope="module")
 def tiny_w6a6(tiny_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "w6a6"
-    compress(CompressConfig(quant="w6a6", calib_samples=64, calib_method="mse"), tiny_bundle, out)
+    compress(from_flags(quant="w6a6", calib_samples=64, calib_method="mse"), tiny_bundle, out)
     return out
 
 
@@ -261,7 +262,7 @@ def test_clamps_before_post_relu_quantizers_are_dropped_exactly(act, hi, zp, dro
 
 def test_w7a8_runs_exactly_in_fused_integer_kernels(tiny_bundle, tmp_path):
     # 7-bit weights cannot overflow the 16-bit u8 x s8 pair sums of AVX2 kernels, so fused kernels agree everywhere
-    compress(CompressConfig(quant="w7a8", calib_samples=32), tiny_bundle, tmp_path / "w7a8")
+    compress(from_flags(quant="w7a8", calib_samples=32), tiny_bundle, tmp_path / "w7a8")
     rec = export(ExportConfig(target="ort-cpu", verify_samples=32), tmp_path / "w7a8", tmp_path / "onnx")
     fused = rec["verification"]["onnxruntime_fused_kernels"]
     assert fused["within_tolerance"] and fused["top1_agreement"] >= 0.95 and "warning" not in rec
@@ -281,7 +282,7 @@ def test_w6a6_exports_the_narrow_grid_exactly(tiny_w6a6, tmp_path):
 @pytest.mark.parametrize("group", [0, 16])
 def test_w4a16_exports_int4_weights_at_opset_21(group, tiny_bundle, tmp_path):
     extra = {"group_size": group} if group else {}
-    compress(CompressConfig(quant="w4a16", calib_samples=32, **extra), tiny_bundle, tmp_path / "w4")
+    compress(from_flags(quant="w4a16", calib_samples=32, **extra), tiny_bundle, tmp_path / "w4")
     with pytest.raises(CraftError, match="ort-cpu"):  # TensorRT has no INT4 convolutions
         export(ExportConfig(), tmp_path / "w4", tmp_path / "trt")
     with pytest.raises(CraftError, match="opset 21"):
@@ -306,7 +307,7 @@ def test_w4a16_exports_int4_weights_at_opset_21(group, tiny_bundle, tmp_path):
 
 def test_vit_w8a8_with_attention_matmuls_exports(tiny_vit_bundle, tmp_path):
     compress(
-        CompressConfig(quant="w8a8", calib_samples=32, calib_method="mse", quant_attention=True),
+        from_flags(quant="w8a8", calib_samples=32, calib_method="mse", quant_attention=True),
         tiny_vit_bundle,
         tmp_path / "q",
     )
@@ -333,7 +334,7 @@ def test_every_compression_of_a_tiny_vit_exports_and_agrees(spec, tiny_vit_bundl
     bundle = tiny_vit_bundle
     if spec is not None:
         bundle = tmp_path / "c"
-        compress(CompressConfig(calib_samples=32, **spec), tiny_vit_bundle, bundle)
+        compress(from_flags(calib_samples=32, **spec), tiny_vit_bundle, bundle)
     rec = export(ExportConfig(target="ort-cpu", verify_samples=32), bundle, tmp_path / "onnx")
     _, proto, ref, got = _check(tmp_path / "onnx", bundle)  # full checker, fresh inputs, new batch size
     v = rec["verification"]["onnxruntime"]
@@ -348,7 +349,7 @@ def test_every_compression_of_a_tiny_vit_exports_and_agrees(spec, tiny_vit_bundl
 
 
 def test_pruned_weights_stay_zero_in_onnx(tiny_bundle, tmp_path):
-    compress(CompressConfig(sparsity="2:4", quant="w8a8", calib_samples=32), tiny_bundle, tmp_path / "c")
+    compress(from_flags(sparsity="2:4", quant="w8a8", calib_samples=32), tiny_bundle, tmp_path / "c")
     # 2:4 wrecks this tiny model (near-tied logits): the default Q/DQ judgement accepts it by |diff| <= 10% of scale
     rec = export(ExportConfig(verify_samples=16), tmp_path / "c", tmp_path / "e")
     v = rec["verification"]["onnxruntime"]
@@ -440,7 +441,7 @@ def test_truncated_bundle_fails_cleanly(tiny_bundle, tmp_path):
 @pytest.mark.parametrize("sparse", [False, True])
 def test_tensorrt_engine_from_w8a8_and_2_4(sparse, tiny_bundle, tmp_path):
     spec = {"sparsity": "2:4", "quant": "w8a8"} if sparse else {"quant": "w8a8"}
-    compress(CompressConfig(calib_samples=32, **spec), tiny_bundle, tmp_path / "q")
+    compress(from_flags(calib_samples=32, **spec), tiny_bundle, tmp_path / "q")
     rec = export(
         ExportConfig(format="tensorrt", sparse=sparse, timing_cache=str(tmp_path / "cache.bin")),
         tmp_path / "q",

@@ -304,3 +304,48 @@ def test_a_tampered_bundle_is_a_one_line_error_with_exit_2(damage, tiny_w8a8, tm
     assert message.startswith("error: ") and "\n" not in message and "Traceback" not in res.output, res.output
     assert expected in message, message
     assert not (tmp_path / "out").exists()
+
+
+# --- one config layer ------------------------------------------------------------------------------------------------
+
+
+def test_cli_defaults_are_the_configs_defaults_never_a_second_copy():
+    import dataclasses
+
+    from craft_deploy.cli.main import _FieldDefault
+    from craft_deploy.config import AnalyzeConfig, BenchConfig, CompressConfig, ExportConfig, FinetuneConfig
+
+    configs = {
+        "finetune": [FinetuneConfig],
+        "compress": [CompressConfig, PruneConfig, QuantConfig],
+        "export": [ExportConfig],
+        "bench": [BenchConfig],
+        "analyze": [AnalyzeConfig],
+    }
+    renamed = {"prune_method": "score", "weight_granularity": "w_granularity"}
+    checked = 0
+    for command, classes in configs.items():
+        for param in main.commands[command].params:
+            field_name = renamed.get(param.name, param.name)
+            owner = next((c for c in classes if field_name in {f.name for f in dataclasses.fields(c)}), None)
+            if owner is None:
+                continue
+            default = next(f.default for f in dataclasses.fields(owner) if f.name == field_name)
+            if isinstance(default, tuple) or default is None:
+                continue  # a list flag (e.g. "1,16") or no default at all
+            assert isinstance(param.default, _FieldDefault), f"{command} --{param.name} repeats a default"
+            assert param.default.resolve() == default, (command, param.name)
+            checked += 1
+    assert checked >= 40
+
+
+def test_compress_config_holds_the_method_configs_themselves():
+    from craft_deploy.compress import from_flags
+
+    cfg = from_flags(sparsity="2:4", prune_method="sparsegpt", quant="w6a16", group_size=32, calib_samples=64)
+    assert cfg.methods == (
+        PruneConfig(n=2, m=4, score="sparsegpt"),
+        QuantConfig(w_bits=6, a_bits=16, w_granularity="group", group_size=32),
+    )
+    assert cfg.to_dict()["methods"][0] == {"method": "prune", "config": cfg.methods[0].to_dict()}
+    assert type(cfg).from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

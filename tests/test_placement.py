@@ -11,11 +11,12 @@ import torch
 
 from conftest import TINY
 from craft_deploy import CraftError
+from craft_deploy.compress import from_flags
 from craft_deploy.compress import run as compress
 from craft_deploy.compress.placement import ort_cpu_tensors
 from craft_deploy.compress.qmodules import activation_quantizers
 from craft_deploy.compress.registry import method_state
-from craft_deploy.config import CompressConfig, ExportConfig, FinetuneConfig
+from craft_deploy.config import ExportConfig, FinetuneConfig
 from craft_deploy.export import run as export
 from craft_deploy.models import load_bundle, load_model
 
@@ -48,7 +49,7 @@ def tiny_resnet(tmp_path_factory):
 def resnet_ort(tiny_resnet, tmp_path_factory):
     """W7A8 (exact in AVX2's fused u8 x s8 kernels too) with ONNX Runtime's placement, exported U8S8."""
     d = tmp_path_factory.mktemp("resnet-ort")
-    cfg = CompressConfig(quant="w7a8", calib_method="mse", calib_samples=64, placement="ort-cpu")
+    cfg = from_flags(quant="w7a8", calib_method="mse", calib_samples=64, placement="ort-cpu")
     compress(cfg, tiny_resnet, d / "bundle")
     export(ExportConfig(target="ort-cpu", verify_samples=64), d / "bundle", d / "onnx")
     return d
@@ -94,7 +95,7 @@ def test_ort_placement_runs_every_conv_and_add_as_integer_kernels(tiny_resnet, r
     assert ops.get("QuantizeLinear") == 1 and ops.get("DequantizeLinear") == 1
     assert rec["rewrites"]["clamps_dropped"] > 0  # ReLUs before post-ReLU grids
     # the default (TensorRT) placement of the same model leaves convs in float on ONNX Runtime CPU
-    compress(CompressConfig(quant="w7a8", calib_samples=64), tiny_resnet, tmp_path / "trt-bundle")
+    compress(from_flags(quant="w7a8", calib_samples=64), tiny_resnet, tmp_path / "trt-bundle")
     export(ExportConfig(target="ort-cpu", verify_samples=16), tmp_path / "trt-bundle", tmp_path / "trt-onnx")
     default_ops = _optimized_ops(tmp_path / "trt-onnx" / "model.onnx", tmp_path)
     assert sum(default_ops.get(op, 0) for op in FLOAT_CONVS) > 0 and not default_ops.get("QLinearAdd")
@@ -128,4 +129,4 @@ def test_asymmetric_bundles_are_refused_for_tensorrt(resnet_ort, tmp_path):
 )
 def test_placement_options_are_validated(kw, message):
     with pytest.raises(CraftError, match=message):
-        CompressConfig(**kw)
+        from_flags(**kw)

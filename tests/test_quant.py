@@ -9,13 +9,13 @@ from torch import nn
 
 from conftest import tiny_model_and_calib
 from craft_deploy import CraftError
+from craft_deploy.compress import from_flags
 from craft_deploy.compress.attention import QuantMatMul
 from craft_deploy.compress.calibrators import CALIBRATORS, RangeObserver, compute_range
 from craft_deploy.compress.qmodules import ActQuantizer, TwinActQuantizer, WeightQuantizer, activation_quantizers
 from craft_deploy.compress.qparams import sqnr_db
 from craft_deploy.compress.quant import QuantConfig
 from craft_deploy.compress.registry import apply_method
-from craft_deploy.config import CompressConfig
 
 
 def _observe(x: torch.Tensor, symmetric: bool = True, batches: int = 4) -> RangeObserver:
@@ -241,7 +241,7 @@ def test_ptq4vit_falls_back_to_mse_on_a_cnn():
 )
 def test_quantization_options_are_validated(kw, message):
     with pytest.raises(CraftError, match=message):
-        CompressConfig(**kw)
+        from_flags(**kw)
 
 
 def test_calibrated_scales_round_trip_through_the_bundle(tiny_bundle, tmp_path):
@@ -249,7 +249,7 @@ def test_calibrated_scales_round_trip_through_the_bundle(tiny_bundle, tmp_path):
     from craft_deploy.models import load_bundle
 
     out = tmp_path / "q"
-    rec = run(CompressConfig(quant="w6a6", calib_method="mse", act_asymmetric=True, calib_samples=64), tiny_bundle, out)
+    rec = run(from_flags(quant="w6a6", calib_method="mse", act_asymmetric=True, calib_samples=64), tiny_bundle, out)
     assert rec["methods"][0]["calibration"] == "mse"
     bundle = load_bundle(out)
     assert bundle.manifest["methods"][-1]["state"]["weight_calibration"] == "mse"

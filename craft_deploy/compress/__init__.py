@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from craft_deploy import CraftError
 from craft_deploy.artifacts import check_out_dir, staged_dir
 from craft_deploy.compress.prune import PruneConfig, sparsity_report
 from craft_deploy.compress.quant import QuantConfig
@@ -25,7 +26,7 @@ from craft_deploy.compress.registry import (
     method_state,
     register_method,
 )
-from craft_deploy.config import CompressConfig, parse_sparsity
+from craft_deploy.config import CompressConfig, parse_quant, parse_sparsity
 from craft_deploy.data import calibration_subset, splits_for_manifest
 from craft_deploy.evaluate import evaluate
 from craft_deploy.models import load_bundle, save_bundle
@@ -40,33 +41,64 @@ __all__ = [
     "QuantConfig",
     "bundle_sparsity",
     "calib_loop",
+    "from_flags",
     "register_method",
     "run",
 ]
 
 
-def method_configs(cfg: CompressConfig) -> list[MethodConfig]:
-    """The methods a CompressConfig asks for, in the order they run: pruning, then quantization."""
+def from_flags(
+    sparsity: str | None = None,
+    prune_method: str = PruneConfig.score,
+    granularity: str = PruneConfig.granularity,
+    sequential: bool = PruneConfig.sequential,
+    bn_recalibrate: bool = False,
+    quant: str | None = None,
+    calib_method: str = QuantConfig.calib_method,
+    percentile: float = QuantConfig.percentile,
+    weight_calib: str | None = QuantConfig.weight_calib,
+    weight_granularity: str = QuantConfig.w_granularity,
+    group_size: int | None = None,
+    act_asymmetric: bool = QuantConfig.act_asymmetric,
+    quant_attention: bool = QuantConfig.quant_attention,
+    placement: str = QuantConfig.placement,
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+    **data: Any,
+) -> CompressConfig:
+    """The CompressConfig the `compress` flags describe: `--sparsity` (N:M or a ratio) becomes a PruneConfig, `--quant
+    wXaY` a QuantConfig, each validating its own values; `data` holds calib_samples, eval_subset, data_root, seed."""
     methods: list[MethodConfig] = []
-    sparsity = parse_sparsity(cfg.sparsity)
-    if sparsity is not None:
-        kind, value = sparsity
-        kw = {"n": value[0], "m": value[1]} if kind == "nm" else {"ratio": value}
+    parsed = parse_sparsity(sparsity)
+    if parsed is not None:
+        kind, value = parsed
+        pattern = {"n": value[0], "m": value[1]} if kind == "nm" else {"ratio": value}
         methods.append(
-            PruneConfig(
-                include=cfg.include,
-                exclude=cfg.exclude,
-                score=cfg.prune_method,
-                granularity=cfg.granularity,
-                sequential=cfg.sequential,
-                bn_recalibrate=cfg.bn_recalibrate,
-                **kw,
+            PruneConfig(include=include, exclude=exclude, score=prune_method, granularity=granularity,
+                        sequential=sequential, bn_recalibrate=bn_recalibrate, **pattern)
+        )  # fmt: skip
+    bits = parse_quant(quant)
+    if bits is None:
+        if (calib_method, bool(group_size), act_asymmetric, placement) != (
+            QuantConfig.calib_method,
+            False,
+            False,
+            "tensorrt",
+        ):
+            raise CraftError(
+                "--calib-method, --group-size, --act-asymmetric and --placement need --quant (e.g. --quant w8a8)"
             )
-        )
-    quant = cfg.quant_config()
-    if quant is not None:
-        methods.append(quant)
-    return methods
+    else:
+        if group_size and weight_granularity not in ("channel", "group"):
+            raise CraftError(f"--group-size sets group granularity; drop --weight-granularity {weight_granularity}")
+        methods.append(
+            QuantConfig(include=include, exclude=exclude, w_bits=bits[0], a_bits=bits[1], calib_method=calib_method,
+                        percentile=percentile, weight_calib=weight_calib,
+                        w_granularity="group" if group_size else weight_granularity,
+                        group_size=group_size or 0, act_asymmetric=act_asymmetric, quant_attention=quant_attention,
+                        bn_recalibrate=bn_recalibrate, placement=placement)
+        )  # fmt: skip
+    return CompressConfig(methods=tuple(methods), **data)
 
 
 def calib_loop(ds: Dataset, batch_size: int = 64) -> CalibLoop:
@@ -85,7 +117,6 @@ def calib_loop(ds: Dataset, batch_size: int = 64) -> CalibLoop:
 def run(cfg: CompressConfig, bundle_path: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Prune and/or quantize the bundle at `bundle_path`; write the compressed bundle and compress.json to `out`."""
     check_out_dir(out, overwrite)
-    methods = method_configs(cfg)
     bundle = load_bundle(bundle_path)
     with staged_dir(out, overwrite) as stage:
         t_start = time.perf_counter()
@@ -96,7 +127,7 @@ def run(cfg: CompressConfig, bundle_path: str | Path, out: str | Path, overwrite
         manifest = copy.deepcopy(bundle.manifest)
         reports: list[dict[str, Any]] = []
         timings: dict[str, float] = {}
-        for mcfg in methods:
+        for mcfg in cfg.methods:
             method = method_for(mcfg)
             t0 = time.perf_counter()
             report = method.apply(model, mcfg, calib_loop(calib))

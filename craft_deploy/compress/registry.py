@@ -57,7 +57,6 @@ class Method:
 
 
 METHODS: dict[str, type[Method]] = {}
-_BY_CONFIG: dict[type[MethodConfig], str] = {}
 
 
 def register_method(name: str, config_cls: type[MethodConfig]):
@@ -67,8 +66,8 @@ def register_method(name: str, config_cls: type[MethodConfig]):
         if name in METHODS and METHODS[name] is not cls:
             raise ValueError(f"compression method {name!r} is registered twice")
         cls.name, cls.config_cls = name, config_cls
+        config_cls.method_name = name  # what CompressConfig records for a config of this class
         METHODS[name] = cls
-        _BY_CONFIG[config_cls] = name
         return cls
 
     return deco
@@ -76,7 +75,7 @@ def register_method(name: str, config_cls: type[MethodConfig]):
 
 def method_for(cfg: MethodConfig) -> Method:
     """The registered method a config belongs to."""
-    return METHODS[_BY_CONFIG[type(cfg)]]()
+    return METHODS[cfg.method_name]()
 
 
 def method_named(name: str) -> Method:
@@ -93,7 +92,7 @@ def apply_method(model: nn.Module, cfg: MethodConfig, calib: CalibLoop | None) -
 
 def manifest_entry(cfg: MethodConfig, report: dict[str, Any]) -> dict[str, Any]:
     """What the manifest records of one applied method."""
-    return {"method": method_for(cfg).name, "config": cfg.to_dict(), "state": report["state"]}
+    return {"method": cfg.method_name, "config": cfg.to_dict(), "state": report["state"]}
 
 
 def method_state(manifest: dict[str, Any], name: str) -> dict[str, Any] | None:

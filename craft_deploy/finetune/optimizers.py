@@ -25,7 +25,7 @@ register_optimizer = name_registrar(OPTIMIZERS)
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on weight matrices and kernels only: none on norms, biases and other 1-D parameters, nor on what
-    the model's `no_weight_decay()` names (timm's convention: a ViT's pos_embed and cls_token; glob patterns allowed)."""
+    the model's `no_weight_decay()` names (timm's convention: a ViT's pos_embed and cls_token; globs allowed)."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
