@@ -14,7 +14,9 @@ from craft_deploy.compress import from_flags
 from craft_deploy.compress import run as compress
 from craft_deploy.config import ExportConfig
 from craft_deploy.export import run as export
-from craft_deploy.export.onnx import fold_shape_constants, read_metadata, static_same_padding
+from craft_deploy.export.metadata import read_metadata
+from craft_deploy.export.passes.folding import fold_shape_constants
+from craft_deploy.export.prepare import static_same_padding
 from craft_deploy.models import load_bundle
 
 
@@ -160,7 +162,7 @@ def _rewrite_outputs(nodes, init, x, out_shape, rewrite):
 def test_requantized_layer_outputs_change_no_value(act):
     from onnx import helper
 
-    from craft_deploy.export.precision import requantize_layer_outputs
+    from craft_deploy.export.passes.qdq import requantize_layer_outputs
 
     rng = np.random.default_rng(0)
     init = [
@@ -190,7 +192,7 @@ def test_requantized_layer_outputs_change_no_value(act):
 def test_requantized_pads_pools_and_adds_change_no_value():
     from onnx import helper
 
-    from craft_deploy.export.precision import requantize_grid_ops, requantize_layer_outputs
+    from craft_deploy.export.passes.qdq import requantize_grid_ops, requantize_layer_outputs
 
     rng = np.random.default_rng(1)
     init = [
@@ -242,7 +244,7 @@ def test_requantized_pads_pools_and_adds_change_no_value():
 def test_clamps_before_post_relu_quantizers_are_dropped_exactly(act, hi, zp, dropped):
     from onnx import helper
 
-    from craft_deploy.export.precision import drop_clamps_before_quantize
+    from craft_deploy.export.passes.qdq import drop_clamps_before_quantize
 
     init = [
         numpy_helper.from_array(np.float32(0.02), "s"),
@@ -462,12 +464,12 @@ def test_torch_tensorrt_program(tiny_bundle, tmp_path):
 
 
 def test_qdq_judgement_accepts_near_tie_flips_only():
-    from craft_deploy.export import _judge, compare_outputs
+    from craft_deploy.export.verify import compare_outputs, judge
 
     ref = np.array([[1.00, 0.99, 0.0], [2.0, 0.0, 0.0], [0.0, 3.0, 0.0]] * 4, np.float32)
     got = ref.copy()
     got[0] = [0.98, 1.00, 0.0]  # a near-tie flips: 1 of 12 disagree (92%), with logits 0.02 apart
     check = compare_outputs(ref, got)
-    assert check["top1_agreement"] < 0.95 and _judge(check, "int8", None)
+    assert check["top1_agreement"] < 0.95 and judge(check, "int8", None)
     got[1] = [0.0, 2.5, 0.0]  # a confident prediction flips: no rounding effect does that
-    assert not _judge(compare_outputs(ref, got), "int8", None)
+    assert not judge(compare_outputs(ref, got), "int8", None)

@@ -3,14 +3,21 @@ loads with torch.export.load."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from craft_deploy import CraftError
-from craft_deploy.export.tensorrt import INSTALL_HINT
+from craft_deploy.artifacts import atomic_write_json
+from craft_deploy.export.metadata import export_metadata
+from craft_deploy.export.plan import ExportPlan
+from craft_deploy.export.targets import record
+from craft_deploy.export.targets.tensorrt_engine import INSTALL_HINT
+from craft_deploy.export.verify import compare_outputs, judge
 
 
 def compile_and_save(
@@ -38,3 +45,28 @@ def compile_and_save(
         "batch_range": [lo, hi],
         "precisions": sorted(str(p) for p in precisions),
     }
+
+
+def export(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images, ref, t0) -> dict[str, Any]:
+    path = stage / "model.ep"
+    info = compile_and_save(
+        bundle.model, bundle.manifest["input_size"], cfg.batch_sizes, plan.precision == "fp16", path
+    )
+    atomic_write_json(stage / "metadata.json", {**export_metadata(bundle.manifest), "torch_tensorrt": info})
+    seconds = time.perf_counter() - t0
+    program = torch.export.load(str(path)).module()
+    lo, hi = min(cfg.batch_sizes), max(cfg.batch_sizes)
+    with torch.no_grad():
+        got = np.concatenate([program(c.cuda()).float().cpu().numpy() for c in images.split(hi) if len(c) >= lo])
+    check = compare_outputs(ref[: len(got)], got)
+    check["passed"] = judge(check, plan.precision, cfg.atol)
+    return record(
+        stage,
+        cfg,
+        bundle_path,
+        plan,
+        path,
+        compile=info,
+        verification={"torch_tensorrt": check},
+        timings={"compile_seconds": seconds, "total_seconds": time.perf_counter() - t0},
+    )

@@ -11,11 +11,18 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from craft_deploy import CraftError
-from craft_deploy.artifacts import atomic_write_bytes
+from craft_deploy.artifacts import atomic_write_bytes, atomic_write_json
+from craft_deploy.export.metadata import export_metadata
+from craft_deploy.export.plan import ExportPlan
+from craft_deploy.export.verify import compare_outputs, judge
 
 INSTALL_HINT = "pip install 'craft-deploy[tensorrt]' (TensorRT 10 or 11) on a machine with an NVIDIA GPU"
 
@@ -153,3 +160,45 @@ def sparse_log_report(lines: list[str]) -> dict[str, list[str]]:
         return found
 
     return {"eligible": names(_ELIGIBLE), "picked_sparse": names(_PICKED)}
+
+
+def build_and_verify(cfg, bundle, stage: Path, plan: ExportPlan, images, ref) -> tuple[dict, dict, float]:
+    """Build model.engine from the verified model.onnx, keep the log and metadata, and verify the engine."""
+    from craft_deploy.bench.backends import TensorrtEngine
+
+    t0 = time.perf_counter()
+    engine, info, log = build_engine(
+        stage / "model.onnx",
+        bundle.manifest["input_size"],
+        cfg.batch_sizes,
+        sparse=cfg.sparse,
+        workspace_gb=cfg.workspace_gb,
+        timing_cache=Path(cfg.timing_cache) if cfg.timing_cache else None,
+    )
+    seconds = time.perf_counter() - t0
+    atomic_write_bytes(stage / "model.engine", engine)
+    atomic_write_bytes(stage / "build.log", "\n".join(log).encode())
+    meta = {**export_metadata(bundle.manifest), "engine": {k: v for k, v in info.items() if k != "layers"}}
+    meta["engine"]["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    atomic_write_json(stage / "metadata.json", meta)
+    runner = TensorrtEngine(stage / "model.engine")
+    lo, hi = min(cfg.batch_sizes), max(cfg.batch_sizes)
+    got = np.concatenate([runner.run(runner.prepare(c.numpy())) for c in images.split(hi) if len(c) >= lo])
+    check = compare_outputs(ref[: len(got)], got)
+    check["passed"] = judge(check, plan.precision, cfg.atol)
+    layers = info["layers"]
+    extra = {
+        "engine": {
+            **{k: v for k, v in info.items() if k != "layers"},
+            "layers": {k: v for k, v in layers.items() if k != "details"},
+            "size_bytes": len(engine),
+        }
+    }
+    if cfg.sparse and not layers["sparse_kernels"] and not info["sparsity"]["picked_sparse"]:
+        extra["engine"]["warning"] = (
+            "--sparse was set but TensorRT picked no sparse kernel: layers need 2:4 weights (craft-deploy compress "
+            "--sparsity 2:4), INT8 or FP16 precision, and channel counts that are multiples of 32/64; dense was faster "
+            "or no sparse tactic exists for these shapes on this GPU (see build.log)"
+        )
+    atomic_write_json(stage / "engine_layers.json", layers)
+    return extra, check, seconds

@@ -1,7 +1,10 @@
-"""Graph rewrites that fit an exported ONNX model to its precision and target runtime.
+"""Q/DQ passes that fit a quantized graph to its runtime: scalar activation qparams, U8S8 activations, requantization
+pairs ONNX Runtime's CPU integer kernels need, Relu/Clip dropped before post-ReLU quantizers, INT4 weights.
 
-- `to_fp16`: FP16 weights and compute, with LayerNormalization, Softmax and reductions kept in FP32 (decomposed or
-  not, LayerNorm's variance overflows FP16 on ViTs) and FP32 input/output so callers feed the same arrays.
+Our own: each rewrite is exact only because of what craft-deploy's quantizers guarantee (symmetric weight grids,
+activation grids that start at 0 after ReLU, narrow grids stored in int8), which a generic optimizer cannot know;
+each has an exactness test with ONNX's reference evaluator.
+
 - `to_uint8_activations`: ONNX Runtime on x86 runs U8S8 (uint8 activations, int8 weights) far faster than S8S8. A
   symmetric int8 activation grid [-128, 127] with zero point 0 is the uint8 grid [0, 255] with zero point 128, so
   the rewrite moves every activation zero point by 128 and the computed values do not change.
@@ -15,68 +18,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from craft_deploy.export.graph import consumers, drop_unused_initializers, initializers, producers, topological_sort
-
-FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Erf")
-
-
-def to_fp16(proto: onnx.ModelProto, keep_fp32: tuple[str, ...] = FP32_OPS) -> onnx.ModelProto:
-    """FP16 copy of a float model: FP16 weights and activations; `keep_fp32` ops, the input and the output in FP32.
-
-    Every FP32 tensor becomes FP16 under its own name. A kept op reads FP32 through a Cast in front of each float
-    input and hands FP16 on through a Cast after each output; initializers only kept ops read stay FP32 (LayerNorm's
-    scale and bias). Weights beyond FP16's range are clipped to +-65504.
-    """
-    proto = onnx.shape_inference.infer_shapes(proto)
-    graph = proto.graph
-    F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
-    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
-    types.update({t.name: t.data_type for t in graph.initializer})
-    readers = consumers(graph)
-    kept = {id(n) for n in graph.node if n.op_type in keep_fp32}
-    fp32_inits = {
-        t.name for t in graph.initializer if t.data_type == F32 and all(id(c) in kept for c in readers.get(t.name, []))
-    }
-    for t in graph.initializer:
-        if t.data_type == F32 and t.name not in fp32_inits:
-            w = np.clip(numpy_helper.to_array(t), -65504, 65504).astype(np.float16)
-            t.CopyFrom(numpy_helper.from_array(w, t.name))
-    nodes: list[onnx.NodeProto] = []
-    for inp in graph.input:
-        if inp.type.tensor_type.elem_type == F32:
-            for c in readers.get(inp.name, []):
-                c.input[:] = [inp.name + "_fp16" if n == inp.name else n for n in c.input]
-            nodes.append(helper.make_node("Cast", [inp.name], [inp.name + "_fp16"], to=F16))
-    outputs = {o.name for o in graph.output if o.type.tensor_type.elem_type == F32}
-    for node in graph.node:
-        if id(node) in kept:
-            for i, name in enumerate(node.input):
-                if types.get(name) == F32 and name not in fp32_inits:
-                    nodes.append(helper.make_node("Cast", [name], [f"{name}_fp32_{node.name}_{i}"], to=F32))
-                    node.input[i] = f"{name}_fp32_{node.name}_{i}"
-            nodes.append(node)
-            for i, name in enumerate(node.output):
-                if types.get(name) == F32:
-                    node.output[i] = name + "_fp32"
-                    nodes.append(helper.make_node("Cast", [name + "_fp32"], [name], to=F16))
-            continue
-        if node.op_type == "Cast" and next(a.i for a in node.attribute if a.name == "to") == F32:
-            next(a for a in node.attribute if a.name == "to").i = F16
-        if node.op_type == "Constant":
-            value = next((a for a in node.attribute if a.name == "value"), None)
-            if value is not None and value.t.data_type == F32:
-                value.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(value.t).astype(np.float16)))
-        nodes.append(node)
-    for node in list(nodes):
-        for i, name in enumerate(node.output):
-            if name in outputs:
-                node.output[i] = name + "_fp16"
-                nodes.append(helper.make_node("Cast", [name + "_fp16"], [name], to=F32))
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.value_info[:]
-    topological_sort(graph)
-    return proto
+from craft_deploy.export.passes.graph import (
+    consumers,
+    drop_unused_initializers,
+    initializers,
+    producers,
+    topological_sort,
+)
 
 
 def _is_weight_dq(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
@@ -342,16 +290,4 @@ def to_int4_weights(proto: onnx.ModelProto, max_abs: int = 7) -> int:
         node.input.append(zero.name)
         converted += 1
     drop_unused_initializers(graph)
-    return converted
-
-
-def upgrade_opset(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """Convert the default-domain opset (adapting ops whose signature changed, e.g. ReduceMean's axes at 18)."""
-    from onnx import version_converter
-
-    current = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    if current >= opset:
-        return proto
-    converted = version_converter.convert_version(proto, opset)
-    converted.ir_version = max(converted.ir_version, 10)  # INT4 tensors need IR version 10
     return converted

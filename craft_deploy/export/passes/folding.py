@@ -1,107 +1,23 @@
-"""ONNX export: FP32 for dense/pruned bundles, Q/DQ INT8 for quantized ones; metadata so consumers need no flags."""
+"""Folding passes on the traced graph: weight quantizers onto INT8 initializers, constant Identity nodes, BatchNorm into
+the convs before it (Q/DQ convs included), and small shape arithmetic into constants.
+
+Our own, not a library's: the BatchNorm fold must rescale the per-channel Q/DQ scales of a quantized conv and keep its
+integers (negating a channel for a negative gamma), which no generic optimizer does; the weight-quantizer fold turns
+QuantizeLinear(constant) into stored integers, and the shape fold bounds the size of what it folds.
+"""
 
 from __future__ import annotations
 
-import copy
-import io
-import json
-import math
-import types
-import warnings
-from typing import Any
-
 import numpy as np
 import onnx
-import torch
 from onnx import helper, numpy_helper
-from torch import nn
 
-from craft_deploy.compress.registry import method_state
-from craft_deploy.export.graph import consumers, drop_unused_initializers, initializers, producers
-
-META_KEY = "craft_deploy"
-
-
-@torch.no_grad()
-def pre_clamp_weights(model: nn.Module) -> None:
-    """Clip every quantized weight onto its grid in place, so the exported graph is Q/DQ on a constant (foldable)."""
-    from craft_deploy.compress.qmodules import quantized_layers
-
-    for mod in quantized_layers(model).values():
-        wq = mod.parametrizations.weight[0]
-        w = mod.parametrizations.weight.original
-        w.copy_(wq.clamp(wq.rows(w)).reshape(w.shape) if wq.granularity == "group" else wq.clamp(w))
-        wq.pre_clamped = True
-
-
-def _same_pad(size: int, k: int, s: int, d: int) -> tuple[int, int]:
-    """TensorFlow 'SAME' padding of one spatial axis: (before, after)."""
-    total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
-    return total // 2, total - total // 2
-
-
-def _static_same_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    if self.static_pad is not None:
-        x = torch.nn.functional.pad(x, self.static_pad)
-    return torch.nn.functional.conv2d(
-        x, self.weight, self.bias, self.stride, self.static_padding, self.dilation, self.groups
-    )
-
-
-@torch.no_grad()
-def static_same_padding(model: nn.Module, input_size: list[int]) -> int:
-    """Give every timm Conv2dSame fixed padding for `input_size`, in place; returns how many were changed.
-
-    Conv2dSame computes TensorFlow 'SAME' padding from the input's shape on every call, which the exporter writes as
-    Shape/Gather/arithmetic/Pad chains. The input size of a bundle is fixed, so the padding is a constant: symmetric
-    padding moves into the conv itself, an asymmetric one becomes a constant Pad.
-    """
-    from timm.layers import Conv2dSame
-
-    sizes: dict[nn.Module, tuple[int, int]] = {}
-    convs = [m for m in model.modules() if isinstance(m, Conv2dSame)]
-    hooks = [m.register_forward_pre_hook(lambda m, a: sizes.__setitem__(m, tuple(a[0].shape[-2:]))) for m in convs]
-    try:
-        model.eval()(torch.zeros(1, *input_size))
-    finally:
-        for h in hooks:
-            h.remove()
-    for m in convs:
-        (top, bottom), (left, right) = (
-            _same_pad(n, k, s, d) for n, k, s, d in zip(sizes[m], m.kernel_size, m.stride, m.dilation)
-        )
-        if top == bottom and left == right:
-            m.static_pad, m.static_padding = None, (top, left)
-        else:
-            m.static_pad, m.static_padding = (left, right, top, bottom), 0
-        m.forward = types.MethodType(_static_same_forward, m)
-    return len(convs)
-
-
-def export_model(model: nn.Module, input_size: list[int], opset: int) -> onnx.ModelProto:
-    """Trace a copy of `model` to ONNX with a dynamic batch axis (input "input", output "logits").
-
-    The copy has its weights clipped onto their quantization grids and TensorFlow 'SAME' padding made static.
-    """
-    model = copy.deepcopy(model).eval()
-    pre_clamp_weights(model)
-    static_same_padding(model, input_size)
-    dummy = torch.zeros(1, *input_size)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice; it is the one that writes Q/DQ
-        torch.onnx.export(
-            model,
-            (dummy,),
-            buf,
-            dynamo=False,
-            opset_version=opset,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            do_constant_folding=True,
-        )
-    return onnx.load_from_string(buf.getvalue())
+from craft_deploy.export.passes.graph import (
+    consumers,
+    drop_unused_initializers,
+    initializers,
+    producers,
+)
 
 
 def fold_weight_quantizers(proto: onnx.ModelProto) -> int:
@@ -296,43 +212,3 @@ def fold_shape_constants(proto: onnx.ModelProto, max_elements: int = 1024) -> in
                 graph.initializer.append(numpy_helper.from_array(values[name], name))
     drop_unused_initializers(graph)
     return len(folded)
-
-
-def export_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
-    """What a consumer needs (input size, mean/std, classes, data, compression) from a bundle's manifest."""
-    keep = (
-        "architecture",
-        "num_classes",
-        "input_size",
-        "mean",
-        "std",
-        "class_names",
-        "dataset",
-        "data",
-    )
-    meta = {k: manifest.get(k) for k in keep}
-    meta["quantization"] = method_state(manifest, "quantize")
-    meta["sparsity"] = method_state(manifest, "prune")
-    stages = manifest.get("stages") or []
-    meta["producer_git_sha"] = stages[-1].get("git_sha") if stages else None
-    if meta.get("quantization"):
-        meta["quantization"] = {k: v for k, v in meta["quantization"].items() if k != "layers"}
-    if meta.get("sparsity"):
-        meta["sparsity"] = {"pattern": meta["sparsity"]["pattern"], "layers": len(meta["sparsity"]["layers"])}
-    return meta
-
-
-def set_metadata(proto: onnx.ModelProto, meta: dict[str, Any]) -> None:
-    """Store `meta` (see export_metadata) in the model's metadata_props."""
-    helper.set_model_props(proto, {META_KEY: json.dumps(meta)})
-
-
-def read_metadata(proto_or_path: onnx.ModelProto | str) -> dict[str, Any] | None:
-    """The craft-deploy metadata of an ONNX model, or None if it has none."""
-    proto = proto_or_path
-    if not isinstance(proto, onnx.ModelProto):
-        proto = onnx.load(str(proto_or_path), load_external_data=False)
-    for prop in proto.metadata_props:
-        if prop.key == META_KEY:
-            return json.loads(prop.value)
-    return None

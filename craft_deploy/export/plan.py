@@ -1,0 +1,96 @@
+"""The export plan: what a bundle exports as (precision, opset, weight and activation storage), settled and checked
+before anything is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from craft_deploy import CraftError
+from craft_deploy.compress.quant import quant_specs
+from craft_deploy.compress.registry import method_state
+from craft_deploy.compress.spec import FLOAT_BITS
+from craft_deploy.config import ExportConfig
+
+INT4_OPSET = 21
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """What a bundle exports as, settled before anything is written."""
+
+    precision: str  # fp32 | fp16 | int8 (the bundle's Q/DQ graph, whatever its bit widths)
+    opset: int
+    weights: str  # fp32 | fp16 | int8 | int4 (storage; INT6/INT5 values sit in int8)
+    activations: str  # fp32 | fp16 | int8 | uint8
+
+    @property
+    def int4_weights(self) -> bool:
+        return self.weights == "int4"
+
+    @property
+    def uint8_activations(self) -> bool:
+        return self.activations == "uint8"
+
+
+def plan_export(cfg: ExportConfig, manifest: dict[str, Any], bundle_path: str | Path) -> ExportPlan:
+    """Resolve --precision auto and the opset, and refuse combinations that cannot be exported, naming what can."""
+    quant = method_state(manifest, "quantize") or {}
+    name = quant.get("config", "")
+    precision = cfg.precision if cfg.precision != "auto" else ("int8" if quant else "fp32")
+    if precision == "int8" and not quant:
+        raise CraftError(
+            f"--precision int8 needs a quantized bundle and {bundle_path} is float; quantize it first: "
+            f"craft-deploy compress {bundle_path} --quant w8a8 --calib-samples 512 --out DIR"
+        )
+    if precision in ("fp32", "fp16") and quant:
+        raise CraftError(
+            f"{bundle_path} is quantized ({name}) and exports as Q/DQ: use --precision int8 (or auto), or export the "
+            f"float bundle it came from with --precision {precision}"
+        )
+    if cfg.format == "torch-tensorrt" and quant:
+        raise CraftError(
+            f"--format torch-tensorrt compiles float models; {bundle_path} is quantized ({name}): use --format "
+            "tensorrt, which builds INT8 kernels from the Q/DQ ONNX"
+        )
+    layers, matmuls, tensors = quant_specs(quant)
+    twin = any(s.a_twin for s in layers.values()) or any(s.probs_twin for s in matmuls.values())
+    if twin:
+        raise CraftError(
+            "this bundle uses PTQ4ViT's twin-uniform quantizers (two scales per tensor), which ONNX Q/DQ cannot "
+            "express; quantize with --calib-method mse, percentile or entropy to export"
+        )
+    int4 = any(s.w_bits <= 4 for s in layers.values())
+    if int4 and cfg.target == "tensorrt":
+        raise CraftError(
+            f"{bundle_path} has INT4 weights ({name}); TensorRT runs INT4 only as weight-only block quantization of "
+            "MatMul/Gemm, not on convolutions, and craft-deploy does not target it: export with --target ort-cpu "
+            "(INT4 DequantizeLinear, opset 21), or quantize with --quant w8a16 for TensorRT"
+        )
+    if int4 and cfg.opset is not None and cfg.opset < INT4_OPSET:
+        raise CraftError(
+            f"INT4 weights need opset >= {INT4_OPSET} (INT4 DequantizeLinear); got --opset {cfg.opset}: drop --opset "
+            f"or pass --opset {INT4_OPSET}"
+        )
+    asymmetric = any(
+        spec.a_bits < FLOAT_BITS and not spec.a_symmetric
+        for group in (layers, matmuls, tensors)
+        for spec in group.values()
+    )
+    if asymmetric and cfg.target == "tensorrt":
+        raise CraftError(
+            f"{bundle_path} has asymmetric activation ranges (--placement {quant.get('placement', 'tensorrt')}"
+            f"{', --act-asymmetric' if quant.get('placement') != 'ort-cpu' else ''}); TensorRT's INT8 is symmetric "
+            "(zero point 0): export it with --target ort-cpu, or quantize again with the default --placement tensorrt "
+            "and without --act-asymmetric for TensorRT"
+        )
+    if cfg.format != "onnx" and cfg.target != "tensorrt":
+        raise CraftError(f"--format {cfg.format} runs on TensorRT: use --target tensorrt (got --target {cfg.target})")
+    opset = cfg.opset or (INT4_OPSET if int4 else 17)
+    if not quant:
+        return ExportPlan(precision, opset, precision, precision)
+    has_acts = any(s.quantizes_input for s in layers.values())
+    activations = ("uint8" if cfg.target == "ort-cpu" else "int8") if has_acts else "fp32"
+    return ExportPlan(precision, opset, "int4" if int4 else "int8", activations)
