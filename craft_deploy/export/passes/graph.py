@@ -1,5 +1,12 @@
 """Small ONNX graph helpers shared by the export passes: who produces and who reads a tensor, dead initializers,
-node order."""
+node order.
+
+Why not onnx_ir's TopologicalSortPass / RemoveUnusedNodesPass: our passes edit the GraphProto in place and call these
+between rewrites. Backing them with onnx_ir (GraphProto -> ir.Model -> pass -> GraphProto) was tried: it is as fast,
+but the round trip writes value_info for every intermediate tensor, which then contradicts ONNX shape inference once a
+later pass changes a shape (scalar Q/DQ parameters: "Inferred shape and existing shape differ"), so the W7A8
+ort-cpu export of the default failed. Twenty lines of our own keep the passes independent of that.
+"""
 
 from __future__ import annotations
 
