@@ -38,6 +38,7 @@ class PruneScore:
 
     name: str = ""
     needs_input_norms: bool = False
+    centered_norms: bool = False  # the input norms with each feature's mean removed
     updates_weights: bool = False  # a solver (SparseGPT): `solve` prunes and updates the kept weights itself
 
     def score(self, magnitude: torch.Tensor, input_norms: torch.Tensor | None) -> torch.Tensor:
@@ -136,28 +137,34 @@ class PruneConfig(MethodConfig):
         return self.scorer.needs_calibration or self.bn_recalibrate
 
 
-def _input_feature_norms(model: nn.Module, layers: dict[str, nn.Module], calib: CalibLoop) -> dict[str, torch.Tensor]:
-    """||X_j||_2 over the calibration set for every input feature (Linear) or input channel (Conv) of `layers`."""
-    sumsq: dict[str, torch.Tensor] = {}
+def _input_feature_norms(
+    model: nn.Module, layers: dict[str, nn.Module], calib: CalibLoop, centered: bool = False
+) -> dict[str, torch.Tensor]:
+    """||X_j||_2 over the calibration set for every input feature (Linear) or input channel (Conv) of `layers`; with
+    `centered`, the norm of X_j minus its mean (sqrt(n) times the standard deviation)."""
+    sums: dict[str, list] = {}
 
     def hook(name: str):
         def fn(mod: nn.Module, args: tuple) -> None:
             x = args[0].detach().float()
-            s = (
-                x.pow(2).sum(dim=[d for d in range(x.ndim) if d != 1])
+            x = (
+                x.transpose(0, 1).reshape(x.shape[1], -1)
                 if isinstance(mod, nn.Conv2d)
-                else x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+                else x.reshape(-1, x.shape[-1]).T
             )
-            sumsq[name] = sumsq[name] + s if name in sumsq else s
+            stats = [x.pow(2).sum(1), x.sum(1), x.shape[1]]
+            sums[name] = [a + b for a, b in zip(sums[name], stats)] if name in sums else stats
 
         return fn
 
     handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in layers.items()]
     calibrate_with_hooks(model, calib, handles)
-    missing = set(layers) - set(sumsq)
+    missing = set(layers) - set(sums)
     if missing:
         raise CraftError(f"calibration never reached layers {sorted(missing)[:3]}; cannot score them with Wanda")
-    return {name: s.sqrt() for name, s in sumsq.items()}
+    if not centered:
+        return {name: sumsq.sqrt() for name, (sumsq, _, _) in sums.items()}
+    return {name: (sumsq - total.pow(2) / n).clamp(min=0).sqrt() for name, (sumsq, total, n) in sums.items()}
 
 
 def _input_hessians(model: nn.Module, layers: dict[str, nn.Module], calib: CalibLoop) -> dict[str, torch.Tensor]:
@@ -222,7 +229,7 @@ def prune(model: nn.Module, cfg: PruneConfig, calib: CalibLoop | None = None) ->
         }
 
     if cfg.granularity == "global" and cfg.n is None:
-        norms = _input_feature_norms(model, layers, calib) if scorer.needs_input_norms else {}
+        norms = _input_feature_norms(model, layers, calib, scorer.centered_norms) if scorer.needs_input_norms else {}
         scores = {name: _score_rows(scorer, mod, norms.get(name)) for name, mod in layers.items()}
         flat = torch.cat([s.flatten() for s in scores.values()])
         k = int(round(cfg.ratio * flat.numel()))
@@ -241,7 +248,7 @@ def prune(model: nn.Module, cfg: PruneConfig, calib: CalibLoop | None = None) ->
                     scorer.solve(mod, hessians[name], cfg)
                     record(name)
                 continue
-            norms = _input_feature_norms(model, sub, calib) if scorer.needs_input_norms else {}
+            norms = _input_feature_norms(model, sub, calib, scorer.centered_norms) if scorer.needs_input_norms else {}
             for name, mod in sub.items():
                 score = _score_rows(scorer, mod, norms.get(name))
                 if cfg.n is not None:
