@@ -298,6 +298,13 @@ def finetune(out, overwrite, resume, **kw) -> None:
     type=click.Choice(["channel", "tensor"]),
     help="One weight scale per output channel or per tensor.",
 )
+@click.option(
+    "--weight-rounding",
+    show_default=True,
+    type=RegistryChoice("craft_deploy.compress.quant:WEIGHT_ROUNDINGS"),
+    help="Weights to the nearest grid point, or GPTQ (each column's rounding error moved onto the columns not yet "
+    "rounded, from the layer's input Hessian on the calibration images; keeps pruned zeros).",
+)
 @click.option("--group-size", type=int, help="Weight-only (wXa16): one scale per this many weights of a channel.")
 @click.option("--act-asymmetric", is_flag=True, help="Asymmetric activation ranges (zero point), e.g. post-ReLU.")
 @click.option("--quant-attention", is_flag=True, help="ViTs: also quantize the Q K^T and softmax x V matmul inputs.")

@@ -145,3 +145,15 @@ def test_sparsegpt_is_registered_and_refuses_what_it_cannot_do():
     dw = nn.Conv2d(8, 8, 3, groups=8)
     with pytest.raises(CraftError, match="grouped conv"):
         layer_columns(dw, torch.randn(1, 8, 5, 5))
+
+
+def test_grouped_conv_columns_reproduce_each_group():
+    conv = nn.Conv2d(8, 4, 3, padding=1, groups=4, bias=False)  # 2 input channels per group
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        ref = conv(x)
+        cols = layer_columns(conv, x, grouped=True)  # (4, 3*3*2, N*L)
+        mats = weight_matrix(conv.weight).reshape(4, 1, -1)  # one output channel per group
+        out = torch.cat([m @ c for m, c in zip(mats, cols)])  # (O, N*L)
+    assert cols.shape == (4, 18, 2 * 36)
+    assert torch.allclose(out.reshape(4, 2, -1).permute(1, 0, 2).reshape(ref.shape), ref, atol=1e-5)

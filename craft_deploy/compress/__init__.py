@@ -62,6 +62,7 @@ def from_flags(
     act_asymmetric: bool = QuantConfig.act_asymmetric,
     quant_attention: bool = QuantConfig.quant_attention,
     placement: str = QuantConfig.placement,
+    weight_rounding: str = QuantConfig.weight_rounding,
     include: tuple[str, ...] = (),
     exclude: tuple[str, ...] = (),
     **data: Any,
@@ -96,7 +97,7 @@ def from_flags(
                         percentile=percentile, weight_calib=weight_calib,
                         w_granularity="group" if group_size else weight_granularity,
                         group_size=group_size or 0, act_asymmetric=act_asymmetric, quant_attention=quant_attention,
-                        bn_recalibrate=bn_recalibrate, placement=placement)
+                        bn_recalibrate=bn_recalibrate, placement=placement, weight_rounding=weight_rounding)
         )  # fmt: skip
     return CompressConfig(methods=tuple(methods), **data)
 

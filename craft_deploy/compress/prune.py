@@ -167,14 +167,18 @@ def _input_feature_norms(
     return {name: (sumsq - total.pow(2) / n).clamp(min=0).sqrt() for name, (sumsq, total, n) in sums.items()}
 
 
-def _input_hessians(model: nn.Module, layers: dict[str, nn.Module], calib: CalibLoop) -> dict[str, torch.Tensor]:
-    """X X^T / samples of every layer's unfolded inputs over the calibration set (SparseGPT's Hessian)."""
+def _input_hessians(
+    model: nn.Module, layers: dict[str, nn.Module], calib: CalibLoop, grouped: bool = False
+) -> dict[str, torch.Tensor]:
+    """X X^T / samples of every layer's unfolded inputs over the calibration set (SparseGPT's Hessian); with
+    `grouped`, (groups, f, f) for every layer (1 group for Linear and dense convs)."""
     from craft_deploy.compress.sparsegpt import HessianAccumulator
 
-    accs = {name: HessianAccumulator(mod) for name, mod in layers.items()}
+    accs = {name: HessianAccumulator(mod, grouped) for name, mod in layers.items()}
     handles = [mod.register_forward_pre_hook(accs[name]) for name, mod in layers.items()]
     calibrate_with_hooks(model, calib, handles)
-    return {name: acc.hessian() for name, acc in accs.items()}
+    hessians = {name: acc.hessian() for name, acc in accs.items()}
+    return {name: h[None] if grouped and h.ndim == 2 else h for name, h in hessians.items()}
 
 
 def _score_rows(scorer: PruneScore, mod: nn.Module, norms: torch.Tensor | None) -> torch.Tensor:

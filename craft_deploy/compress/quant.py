@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from craft_deploy import CraftError
 from craft_deploy.compress.attention import attention_modules
@@ -25,6 +26,7 @@ from craft_deploy.compress.registry import CalibLoop, Method, MethodConfig, regi
 from craft_deploy.compress.spec import LayerQuantSpec, MatMulQuantSpec, TensorQuantSpec, read_specs
 
 WEIGHT_GRANULARITIES = ("channel", "tensor", "group")
+WEIGHT_ROUNDINGS = ("nearest", "gptq")  # gptq: craft_deploy.compress.gptq
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class QuantConfig(MethodConfig):
     search_rounds: int = 2
     bn_recalibrate: bool = False
     placement: str = "tensorrt"
+    weight_rounding: str = "nearest"
 
     def __post_init__(self) -> None:
         if not 2 <= self.w_bits <= 8:
@@ -78,6 +81,10 @@ class QuantConfig(MethodConfig):
                 f"--placement ort-cpu adds asymmetric activation quantizers; got --quant {self.name} with "
                 f"--calib-method {self.calib_method}: quantize activations (e.g. --quant w7a8, not wXa16) and "
                 f"calibrate with {_or_list([n for n, c in CALIBRATORS.items() if not c.symmetric_only])}"
+            )
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise CraftError(
+                f"--weight-rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, got {self.weight_rounding!r}"
             )
         if self.search_points < 2 or self.search_rounds < 1:
             raise CraftError(f"search needs >= 2 points and >= 1 round, got {self.search_points}, {self.search_rounds}")
@@ -144,6 +151,10 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dic
     attach_quantizers(model, spec, matmuls, tensors)
     for mod in quantized_layers(model).values():
         mod.parametrizations.weight[0].calibrate(mod.parametrizations.weight.original, cfg.weight_method)
+    if cfg.weight_rounding == "gptq":
+        if calib is None:
+            raise CraftError("--weight-rounding gptq needs calibration data: give --calib-samples N")
+        gptq_layers(model, calib)
     timings["weights_seconds"] = time.perf_counter() - t0
     act = activation_quantizers(model)
     ranges: dict[str, list[float]] = {}
@@ -173,6 +184,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dic
         "config": cfg.name,
         "calibration": method,
         "weight_calibration": cfg.weight_method,
+        "weight_rounding": cfg.weight_rounding,
         "layers": {n: s.to_dict() for n, s in spec.items()},
         "matmuls": {n: s.to_dict() for n, s in matmuls.items()},
         "tensors": {n: s.to_dict() for n, s in tensors.items()},
@@ -189,6 +201,39 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dic
         "notes": notes,
         "timings": timings,
     }
+
+
+@torch.no_grad()
+def gptq_layers(model: nn.Module, calib: CalibLoop) -> None:
+    """Round every quantized layer's weights with GPTQ, block by block in forward order (each block's input Hessians
+    gathered on the model whose earlier blocks are already rounded), activations in float. Grouped (depthwise) convs
+    are rounded group by group, each with the Hessian of its own input channels."""
+    from craft_deploy.compress.gptq import gptq_round, weight_scales_matrix
+    from craft_deploy.compress.prune import _block_groups, _input_hessians
+    from craft_deploy.compress.sparsegpt import from_weight_matrix, weight_matrix
+
+    layers = quantized_layers(model)
+    act = list(activation_quantizers(model).values())
+    for q in act:
+        q.enabled = False
+    try:
+        for group in tqdm(_block_groups(model, list(layers)), desc="gptq", unit="block", leave=False, disable=None):
+            sub = {name: layers[name] for name in group}
+            hessians = _input_hessians(model, sub, calib, grouped=True)
+            for name, mod in sub.items():
+                wq, original = mod.parametrizations.weight[0], mod.parametrizations.weight.original
+                mat, scales = weight_matrix(original), weight_scales_matrix(wq, original)
+                rows = mat.shape[0] // len(hessians[name])  # output channels of one group (all of them if dense)
+                rounded = torch.cat(
+                    [
+                        gptq_round(mat[g * rows : (g + 1) * rows], h, scales[g * rows : (g + 1) * rows], wq.bits)
+                        for g, h in enumerate(hessians[name])
+                    ]
+                )
+                original.copy_(from_weight_matrix(rounded.to(original.dtype), original))
+    finally:
+        for q in act:
+            q.enabled = True
 
 
 def _or_list(names: list[str]) -> str:

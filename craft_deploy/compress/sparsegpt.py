@@ -42,13 +42,14 @@ def _conv_same():
     return Conv2dSame, pad_same
 
 
-def layer_columns(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A layer's input as columns (features, samples) in the column order of `weight_matrix(mod)`."""
+def layer_columns(mod: nn.Module, x: torch.Tensor, grouped: bool = False) -> torch.Tensor:
+    """A layer's input as columns (features, samples) in the column order of `weight_matrix(mod)`. A grouped conv
+    (depthwise included) gives (groups, features of one group, samples) with `grouped`, and is refused without."""
     x = x.detach().float()
     if isinstance(mod, nn.Linear):
         return x.reshape(-1, x.shape[-1]).T
     if isinstance(mod, nn.Conv2d):
-        if mod.groups != 1:
+        if mod.groups != 1 and not grouped:
             raise CraftError(f"SparseGPT prunes dense convs only; a grouped conv (groups={mod.groups}) was selected")
         conv_same, pad_same = _conv_same()
         padding = mod.padding
@@ -59,8 +60,10 @@ def layer_columns(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
         cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=padding, stride=mod.stride)
         n, _, length = cols.shape
         kk = mod.kernel_size[0] * mod.kernel_size[1]
-        cols = cols.reshape(n, mod.in_channels, kk, length).permute(0, 2, 1, 3)  # (C, kh*kw) -> (kh*kw, C)
-        return cols.reshape(n, kk * mod.in_channels, length).permute(1, 0, 2).reshape(kk * mod.in_channels, -1)
+        g, c = mod.groups, mod.in_channels // mod.groups
+        cols = cols.reshape(n, g, c, kk, length).permute(1, 3, 2, 0, 4)  # per group: (C, kh*kw) -> (kh*kw, C)
+        cols = cols.reshape(g, kk * c, n * length)
+        return cols if grouped else cols[0]
     raise CraftError(f"SparseGPT prunes Linear and Conv2d layers, got {type(mod).__name__}")
 
 
@@ -78,17 +81,18 @@ def from_weight_matrix(matrix: torch.Tensor, like: torch.Tensor) -> torch.Tensor
 
 
 class HessianAccumulator:
-    """X X^T over every calibration batch a layer sees, normalised by the number of samples."""
+    """X X^T over every calibration batch a layer sees, normalised by the number of samples; with `grouped`, one per
+    group of a grouped conv, stacked (groups, features, features)."""
 
-    def __init__(self, mod: nn.Module):
-        self.mod = mod
+    def __init__(self, mod: nn.Module, grouped: bool = False):
+        self.mod, self.grouped = mod, grouped
         self.h: torch.Tensor | None = None
         self.samples = 0
 
     def __call__(self, mod: nn.Module, args: tuple) -> None:
-        cols = layer_columns(mod, args[0]).double()
-        n = cols.shape[1]
-        xxt = cols @ cols.T
+        cols = layer_columns(mod, args[0], self.grouped).double()
+        n = cols.shape[-1]
+        xxt = cols @ cols.transpose(-1, -2)
         self.h = xxt if self.h is None else self.h + xxt
         self.samples += n
 
