@@ -212,6 +212,25 @@ def main() -> None:
 @click.option("--eval-subset", type=int, help="Evaluate on the first N val/test images of a seeded permutation.")
 @click.option("--seed", show_default=True, type=int)
 @click.option("--threads", type=int, help="CPU threads for PyTorch.")
+@click.option(
+    "--init",
+    type=click.Path(file_okay=False),
+    help="Recovery: continue training a compressed bundle with its compression kept (pruning masks exact, "
+    "quantizers trained through straight-through fake-quant, BatchNorm re-estimated at the end); its model, data and "
+    "input size are used.",
+)
+@click.option(
+    "--teacher",
+    type=click.Path(file_okay=False),
+    help="Distil from this bundle [default with --init: the dense bundle it was compressed from].",
+)
+@click.option("--kd-temperature", show_default=True, type=float, help="Distillation temperature T.")
+@click.option(
+    "--kd-alpha", show_default=True, type=float, help="Weight of T^2 KL(teacher || student) on top of the task loss."
+)
+@click.option(
+    "--calib-samples", show_default=True, type=int, help="Recovery: images for the final BatchNorm re-estimation."
+)
 @click.option("--resume", type=click.Path(), help="Continue a killed run: its --out (or its checkpoint).")
 @out_option
 @overwrite_option
@@ -224,6 +243,7 @@ def finetune(out, overwrite, resume, **kw) -> None:
       craft-deploy finetune --data fashion-mnist --optimizer adam --epochs 2 --train-subset 8000 --out runs/adam
       craft-deploy finetune --optimizer sam --rho 0.05 --out runs/sam
       craft-deploy finetune --optimizer sam --rho 0.05 --out runs/sam --resume runs/sam   # after a kill
+      craft-deploy finetune --init runs/sam-24-w8a8 --epochs 1 --train-subset 6000 --out runs/sam-24-w8a8-rec
     """
     from craft_deploy.finetune import run
 
@@ -237,8 +257,9 @@ def finetune(out, overwrite, resume, **kw) -> None:
     if not rec:  # a torchrun rank other than 0: rank 0 reports
         return
     m, t = rec["metrics"], rec["timings"]
+    what = f"recover {kw['init']}" if kw["init"] else f"finetune {kw['model']} on {kw['data']}"
     click.echo(
-        f"\nfinetune {kw['model']} on {kw['data']} with {kw['optimizer']}: val top-1 {m['val_top1']:.2f}%, "
+        f"\n{what} with {kw['optimizer']}: val top-1 {m['val_top1']:.2f}%, "
         f"test top-1 {m['test_top1']:.2f}% ({rec['data']['test']} images), {t['seconds_per_epoch']:.1f} s/epoch, "
         f"{t['total_seconds']:.0f} s in all\nbundle: {out}"
     )

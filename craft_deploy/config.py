@@ -124,6 +124,11 @@ class FinetuneConfig(_Config):
     device: str | None = None
     seed: int = 0
     threads: int | None = None
+    init: str | None = None  # recovery: continue a compressed bundle with its compression kept
+    teacher: str | None = None  # distil from this bundle (default with --init: the one it was compressed from)
+    kd_temperature: float = 4.0
+    kd_alpha: float = 1.0  # weight of the distillation term on top of the task loss; 0 = no distillation
+    calib_samples: int = 256  # recovery: training images for the final BatchNorm re-estimation
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cram_sparsities", tuple(float(v) for v in self.cram_sparsities))
@@ -162,6 +167,15 @@ class FinetuneConfig(_Config):
             raise CraftError(f"--device must be cpu or cuda, got {self.device!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise CraftError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.kd_temperature <= 0 or self.kd_alpha < 0:
+            raise CraftError(
+                f"--kd-temperature must be > 0 and --kd-alpha >= 0 (0 = no distillation), got {self.kd_temperature} "
+                f"and {self.kd_alpha}"
+            )
+        if self.init is not None and self.checkpoint is not None:
+            raise CraftError("--init continues a compressed bundle; it cannot start from --checkpoint as well")
+        if self.calib_samples < 1:
+            raise CraftError(f"--calib-samples must be positive, got {self.calib_samples}")
 
 
 @dataclass(frozen=True)

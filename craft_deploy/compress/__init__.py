@@ -136,7 +136,9 @@ def run(cfg: CompressConfig, bundle_path: str | Path, out: str | Path, overwrite
             manifest["methods"].append(manifest_entry(mcfg, report))
             reports.append({"method": method.name, **{k: v for k, v in report.items() if k != "state"}})
         after = evaluate(model.eval(), splits.test, desc="test (after)")
-        manifest["stages"].append(stage_entry("compress", cfg.to_dict(), test_top1=after["top1"]))
+        manifest["stages"].append(
+            stage_entry("compress", cfg.to_dict(), test_top1=after["top1"], source=str(Path(bundle_path).resolve()))
+        )
         save_bundle(model, stage, manifest)
         record = write_record(
             stage,

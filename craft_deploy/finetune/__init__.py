@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,9 @@ from craft_deploy.data import load_splits
 from craft_deploy.evaluate import evaluate
 from craft_deploy.finetune.distributed import Dist, setup, teardown
 from craft_deploy.finetune.optimizers import OPTIMIZERS, build_method, optimizer_class, register_optimizer
+from craft_deploy.finetune.recovery import MaskKeeper, load_teacher, teacher_path
 from craft_deploy.finetune.trainer import CHECKPOINT, load_checkpoint, train
-from craft_deploy.models import data_config, load_model, save_bundle
+from craft_deploy.models import Bundle, data_config, load_bundle, load_model, save_bundle
 from craft_deploy.models.bundle import make_manifest
 from craft_deploy.records import stage_entry, write_record
 
@@ -81,19 +84,38 @@ def run(
     dist = setup(cfg.device)
     try:
         if not dist.main:  # other torchrun ranks train in lockstep and write nothing
-            model, _, splits = _prepare(cfg)
-            train(model, splits, cfg, resume=state, dist=dist)
+            prep = _prepare(cfg)
+            train(prep.model, prep.splits, cfg, resume=state, dist=dist, **prep.train_kwargs())
             return {}
         return _run_main(cfg, out, overwrite, state, dist)
     finally:
         teardown(dist)
 
 
-def _prepare(cfg: FinetuneConfig) -> tuple[torch.nn.Module, dict[str, Any], Any]:
-    """The seeded model (head reset to the dataset's classes), its data config and the splits."""
+@dataclass
+class _Setup:
+    """What a fine-tune trains: the model, its data config and splits, and for recovery the compressed bundle it
+    continues, the teacher and the mask keeper."""
+
+    model: torch.nn.Module
+    dcfg: dict[str, Any]
+    splits: Any
+    init: Bundle | None = None
+    teacher: torch.nn.Module | None = None
+    teacher_path: str | None = None
+    masks: MaskKeeper | None = None
+
+    def train_kwargs(self) -> dict[str, Any]:
+        return {"teacher": self.teacher, "after_step": self.masks.apply if self.masks else None}
+
+
+def _prepare(cfg: FinetuneConfig) -> _Setup:
+    """The seeded model (head reset to the dataset's classes, or the --init bundle as it is), data config, splits."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    if cfg.init is not None:
+        return _prepare_recovery(cfg)
     model = load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, img_size=cfg.img_size)
     dcfg = data_config(model, cfg.img_size)
     splits = load_splits(
@@ -107,25 +129,80 @@ def _prepare(cfg: FinetuneConfig) -> tuple[torch.nn.Module, dict[str, Any], Any]
         cfg.seed,
     )
     model.reset_classifier(splits.num_classes)
-    return model, dcfg, splits
+    setup = _Setup(model, dcfg, splits)
+    if cfg.teacher is not None and cfg.kd_alpha > 0:
+        setup.teacher_path = cfg.teacher
+        setup.teacher = load_teacher(cfg.teacher, Bundle(model, {"num_classes": splits.num_classes,
+                                     "input_size": dcfg["input_size"], "dataset": cfg.data}))  # fmt: skip
+    return setup
+
+
+def _prepare_recovery(cfg: FinetuneConfig) -> _Setup:
+    """--init: the compressed bundle with its quantizers and masks, on the data, input size and split seed it was
+    tuned with (its test images are the ones it was measured on), and the teacher to distil from."""
+    bundle = load_bundle(cfg.init)
+    m = bundle.manifest
+    dcfg = {k: m[k] for k in ("input_size", "mean", "std")}
+    data = m.get("data") or {}
+    splits = load_splits(
+        m.get("dataset") or cfg.data,
+        m["input_size"][-1],
+        m["mean"],
+        m["std"],
+        cfg.data_root or data.get("root"),
+        cfg.train_subset,
+        cfg.eval_subset,
+        int(data.get("seed", cfg.seed)),
+    )
+    setup = _Setup(bundle.model, dcfg, splits, init=bundle, masks=MaskKeeper(bundle.model, m))
+    if cfg.kd_alpha > 0:
+        setup.teacher_path = teacher_path(cfg.init, m, cfg.teacher)
+        setup.teacher = load_teacher(setup.teacher_path, bundle)
+    return setup
+
+
+def _finish_recovery(cfg: FinetuneConfig, prep: _Setup) -> dict[str, Any]:
+    """After recovery: masks removed from the optimizer's hooks and checked exact, BatchNorm re-estimated under the
+    compressed forward pass on calibration images; returns what the manifest records of it."""
+    from craft_deploy.compress import calib_loop
+    from craft_deploy.compress.batchnorm import recalibrate_batchnorm
+    from craft_deploy.data import calibration_subset
+
+    prep.masks.remove()
+    prep.masks.apply()
+    calib = calibration_subset(prep.splits.train, min(cfg.calib_samples, len(prep.splits.train)), cfg.seed)
+    bn = recalibrate_batchnorm(prep.model, calib_loop(calib))
+    return {"init": str(cfg.init), "pruned_layers": len(prep.masks.masks), "bn_recalibrated": bn}
 
 
 def _run_main(cfg: FinetuneConfig, out: str | Path, overwrite: bool, state: dict | None, dist: Dist) -> dict[str, Any]:
     with staged_dir(out, overwrite, resumable=True) as stage:
         t_start = time.perf_counter()
-        model, dcfg, splits = _prepare(cfg)
+        prep = _prepare(cfg)
+        model, dcfg, splits = prep.model, prep.dcfg, prep.splits
 
         def stream(history: list[dict[str, Any]]) -> None:
             write_record(stage, "finetune", cfg.to_dict(), status="running", data=splits.info, history=history)
             _write_history_csv(stage / "history.csv", history)
 
-        result = train(model, splits, cfg, checkpoint_dir=stage, resume=state, on_epoch=stream, dist=dist)
-        test = evaluate(model, splits.test, desc="test")
-        manifest = make_manifest(
-            cfg.model, splits.num_classes, dcfg["input_size"], dcfg["mean"], dcfg["std"], splits.class_names, cfg.data
+        result = train(
+            model, splits, cfg, checkpoint_dir=stage, resume=state, on_epoch=stream, dist=dist, **prep.train_kwargs()
         )
-        manifest["data"] = splits.info
-        manifest["stages"].append(stage_entry("finetune", cfg.to_dict(), test_top1=test["top1"]))
+        extra: dict[str, Any] = {}
+        if prep.init is not None:
+            extra["recovery"] = _finish_recovery(cfg, prep)
+        test = evaluate(model, splits.test, desc="test")
+        if prep.init is not None:
+            manifest = copy.deepcopy(prep.init.manifest)  # its methods (quantizers, masks) stay as they are
+        else:
+            manifest = make_manifest(
+                cfg.model, splits.num_classes, dcfg["input_size"], dcfg["mean"], dcfg["std"], splits.class_names,
+                cfg.data,
+            )  # fmt: skip
+            manifest["data"] = splits.info
+        if prep.teacher_path:
+            extra["teacher"] = prep.teacher_path
+        manifest["stages"].append(stage_entry("finetune", cfg.to_dict(), test_top1=test["top1"], **extra))
         save_bundle(model, stage, manifest)
         metrics = {
             "val_top1": result["best_val_top1"],
@@ -144,6 +221,7 @@ def _run_main(cfg: FinetuneConfig, out: str | Path, overwrite: bool, state: dict
             history=result["history"],
             best_epoch=result["best_epoch"],
             processes=dist.world,
+            **extra,
             device=str(dist.device),
             timings={
                 "train_seconds": result["train_seconds"],

@@ -68,6 +68,8 @@ def train(
     resume: dict[str, Any] | None = None,
     on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
     dist: Dist | None = None,
+    teacher: nn.Module | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune `model` in place (ending at its best-on-val weights); returns the per-epoch history and totals.
 
@@ -76,6 +78,8 @@ def train(
     continues with the next epoch exactly as an uninterrupted run would. `on_epoch` is called with the history after
     every epoch (to stream records). Under torchrun (`dist.world` > 1) the model runs in DistributedDataParallel,
     each rank on its slice of every global batch; only the caller on rank 0 passes `checkpoint_dir` and `on_epoch`.
+    With `teacher`, the loss adds distillation from its logits (finetune.recovery.DistillationLoss); `after_step` runs
+    after every optimizer step (recovery: pruned weights back to zero).
     """
     dist = dist or Dist()
     if cfg.amp == "fp16" and dist.device.type != "cuda":
@@ -96,6 +100,11 @@ def train(
     total_steps = cfg.epochs * len(loader)
     sched = cosine_with_warmup(method.optimizer, min(cfg.warmup_steps, total_steps // 10 + 1), total_steps)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    if teacher is not None:
+        from craft_deploy.finetune.recovery import DistillationLoss
+
+        loss_fn = DistillationLoss(loss_fn, cfg.kd_temperature, cfg.kd_alpha)
+        teacher.to(dist.device).to(memory_format=torch.channels_last)
     history: list[dict[str, Any]] = []
     best = {"val_top1": -1.0, "epoch": 0, "state": None}
     start = 1
@@ -113,7 +122,13 @@ def train(
         bar = tqdm(loader, desc=f"{cfg.optimizer} epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=None)
         for x, y in bar:
             x, y = dist.shard(x).to(dist.device), dist.shard(y).to(dist.device)
-            loss = method.step(x.contiguous(memory_format=torch.channels_last), y, loss_fn)
+            x = x.contiguous(memory_format=torch.channels_last)
+            if teacher is not None:
+                with torch.no_grad():
+                    y = loss_fn.pack(y, teacher(x))
+            loss = method.step(x, y, loss_fn)
+            if after_step is not None:
+                after_step()
             sched.step()
             loss_sum += loss * len(y)
             seen += len(y) * dist.world
