@@ -1,0 +1,103 @@
+"""One-shot compression and then one epoch of recovery fine-tuning (with and without distillation), on fine-tuned
+bundles, side by side on the same test images; and a plain fine-tuning epoch of the same size for the time ratio.
+
+For each bundle and recipe: `compress` (SparseGPT / GPTQ where they apply, BatchNorm re-estimation), then
+`finetune --init` for one epoch of `--train-subset` images with `--kd-alpha` 0 (no teacher) and 1 (the dense bundle as
+teacher). Every cell evaluates on the first `--eval-subset` images of the bundle's seeded test permutation.
+
+    python benchmarks/recovery.py runs/demo/adam runs/demo/sam --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from craft_deploy.compress import from_flags
+from craft_deploy.compress import run as compress
+from craft_deploy.config import FinetuneConfig
+from craft_deploy.finetune import run as finetune
+
+RECIPES = {
+    "2:4": dict(sparsity="2:4", prune_method="sparsegpt", bn_recalibrate=True),
+    "2:4+W8A8": dict(sparsity="2:4", prune_method="sparsegpt", quant="w8a8", calib_method="mse", bn_recalibrate=True),
+    "W4A8": dict(quant="w4a8", calib_method="mse", weight_rounding="gptq", bn_recalibrate=True),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundles", nargs="+")
+    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    ap.add_argument("--train-subset", type=int, default=6000)
+    ap.add_argument("--eval-subset", type=int, default=2000)
+    ap.add_argument("--calib-samples", type=int, default=512)
+    ap.add_argument("--optimizer", default="adam")
+    ap.add_argument("--work", default="runs/recovery")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    work = Path(args.work)
+    rows = []
+    common = dict(epochs=1, train_subset=args.train_subset, eval_subset=args.eval_subset, threads=2)
+    for path in args.bundles:
+        name = Path(path).name
+        plain = finetune(
+            FinetuneConfig(model=_architecture(path), data="fashion-mnist", img_size=64, **common),
+            work / f"{name}-plain-epoch",
+            overwrite=True,
+        )
+        for recipe in args.recipes:
+            cdir = work / f"{name}-{recipe.replace(':', 'of').replace('+', '-')}"
+            t0 = time.perf_counter()
+            crec = compress(
+                from_flags(**RECIPES[recipe], calib_samples=args.calib_samples, eval_subset=args.eval_subset),
+                path,
+                cdir,
+                overwrite=True,
+            )
+            row = {
+                "bundle": name,
+                "recipe": recipe,
+                "dense": crec["metrics"]["test_top1_before"],
+                "one_shot": crec["metrics"]["test_top1_after"],
+                "compress_seconds": time.perf_counter() - t0,
+                "plain_epoch_seconds": plain["timings"]["seconds_per_epoch"],
+            }
+            for alpha in (0.0, 1.0):
+                rec = finetune(
+                    FinetuneConfig(init=str(cdir), teacher=path, kd_alpha=alpha, optimizer=args.optimizer, **common),
+                    Path(f"{cdir}-rec-kd{alpha:g}"),
+                    overwrite=True,
+                )
+                key = "recovered_kd" if alpha else "recovered"
+                row[key] = rec["metrics"]["test_top1"]
+                row[f"{key}_epoch_seconds"] = rec["timings"]["seconds_per_epoch"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recovery.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    lines = [
+        "| bundle | recipe | dense | one-shot | +1 epoch recovery | +1 epoch recovery with KD | epoch s (plain / "
+        "recovery / with KD) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['bundle']} | {r['recipe']} | {r['dense']:.2f} | {r['one_shot']:.2f} ({r['one_shot'] - r['dense']:+.2f})"
+            f" | {r['recovered']:.2f} ({r['recovered'] - r['dense']:+.2f}) | {r['recovered_kd']:.2f} "
+            f"({r['recovered_kd'] - r['dense']:+.2f}) | {r['plain_epoch_seconds']:.0f} / "
+            f"{r['recovered_epoch_seconds']:.0f} / {r['recovered_kd_epoch_seconds']:.0f} |"
+        )
+    (out / "recovery.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _architecture(path: str) -> str:
+    return json.loads((Path(path) / "manifest.json").read_text())["architecture"]
+
+
+if __name__ == "__main__":
+    main()
