@@ -85,8 +85,9 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        drop = r["one_shot"] - r["dense"]
         lines.append(
-            f"| {r['bundle']} | {r['recipe']} | {r['dense']:.2f} | {r['one_shot']:.2f} ({r['one_shot'] - r['dense']:+.2f})"
+            f"| {r['bundle']} | {r['recipe']} | {r['dense']:.2f} | {r['one_shot']:.2f} ({drop:+.2f})"
             f" | {r['recovered']:.2f} ({r['recovered'] - r['dense']:+.2f}) | {r['recovered_kd']:.2f} "
             f"({r['recovered_kd'] - r['dense']:+.2f}) | {r['plain_epoch_seconds']:.0f} / "
             f"{r['recovered_epoch_seconds']:.0f} / {r['recovered_kd_epoch_seconds']:.0f} |"
