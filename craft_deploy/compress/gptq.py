@@ -19,7 +19,21 @@ from __future__ import annotations
 import torch
 
 from craft_deploy.compress.qparams import qmax_for
-from craft_deploy.compress.sparsegpt import BLOCK_SIZE, DAMPENING, inverse_hessian_factor
+from craft_deploy.compress.sparsegpt import BLOCK_SIZE, DAMPENING, ColumnRule, obs_sweep
+
+
+class _RoundRule(ColumnRule):
+    """Each column to its nearest grid point with its own steps; exact zeros stay zero."""
+
+    def __init__(self, w: torch.Tensor, scales: torch.Tensor, bits: int):
+        self.scales = scales.double().expand_as(w)
+        self.zero = w == 0
+        self.qmax = qmax_for(bits)
+
+    def target(self, j: int, i: int, w1: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
+        step = self.scales[:, j]
+        q = torch.clamp(torch.round(w1[:, i] / step), -self.qmax, self.qmax) * step
+        return torch.where(self.zero[:, j], torch.zeros_like(q), q)
 
 
 @torch.no_grad()
@@ -33,27 +47,7 @@ def gptq_round(
 ) -> torch.Tensor:
     """Round the (rows, columns) matrix `w` onto the symmetric `bits`-bit grid whose step for each weight is `scales`
     (same shape), with the OBS error feedback for input Hessian `h`. Exact zeros of `w` stay zero."""
-    qmax = qmax_for(bits)
-    u = inverse_hessian_factor(h, dampening)
-    w = w.double().clone()
-    s = scales.double().expand_as(w)
-    zero = w == 0
-    cols = w.shape[1]
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
-        err1 = torch.zeros_like(w1)
-        for i in range(i2 - i1):
-            col, step = w1[:, i], s[:, i1 + i]
-            q = torch.clamp(torch.round(col / step), -qmax, qmax) * step
-            q = torch.where(zero[:, i1 + i], torch.zeros_like(q), q)
-            err = (col - q) / u1[i, i]
-            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
-            w1[:, i] = q
-            err1[:, i] = err
-        w[:, i1:i2] = w1
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    return w
+    return obs_sweep(w, h, _RoundRule(w, scales, bits), block_size, dampening)
 
 
 def weight_scales_matrix(quantizer, weight: torch.Tensor) -> torch.Tensor:

@@ -115,6 +115,72 @@ def inverse_hessian_factor(h: torch.Tensor, dampening: float = DAMPENING) -> tor
     return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
 
 
+class ColumnRule:
+    """What the OBS sweep sets each column to: SparseGPT zeroes the pruned weights, GPTQ rounds onto the grid."""
+
+    def start_block(self, i1: int, w1: torch.Tensor, d1: torch.Tensor) -> None:
+        """Called with each block's current weights and diag(U) before its columns are visited."""
+
+    def target(self, j: int, i: int, w1: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
+        """The value column `j` (the block's column `i`, weights as updated so far in `w1`) is fixed to."""
+        raise NotImplementedError
+
+
+@torch.no_grad()
+def obs_sweep(
+    w: torch.Tensor, h: torch.Tensor, rule: ColumnRule, block_size: int = BLOCK_SIZE, dampening: float = DAMPENING
+) -> torch.Tensor:
+    """Fix the columns of the (rows, columns) matrix `w` left to right to `rule`'s targets, moving each column's error
+    onto the columns not yet fixed along U[j, j:] (U: upper Cholesky factor of the damped H^-1); lazy updates across
+    blocks. Returns the new weights (float64)."""
+    u = inverse_hessian_factor(h, dampening)
+    w = w.double().clone()
+    cols = w.shape[1]
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        d1 = torch.diagonal(u1)
+        rule.start_block(i1, w1, d1)
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            q = rule.target(i1 + i, i, w1, d1)
+            err = (col - q) / u1[i, i]
+            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
+            w1[:, i] = q
+            err1[:, i] = err
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    return w
+
+
+class _PruneRule(ColumnRule):
+    """SparseGPT's masks: N:M at the first column of each group of M, or an unstructured ratio per block, chosen by
+    the OBS saliency w^2 / U_jj^2 with the weights as updated so far."""
+
+    def __init__(self, shape: torch.Size, n: int | None, m: int | None, ratio: float | None):
+        self.n, self.m, self.ratio = n, m, ratio
+        self.pruned = torch.zeros(shape, dtype=torch.bool)
+
+    def start_block(self, i1: int, w1: torch.Tensor, d1: torch.Tensor) -> None:
+        self.i1 = i1
+        if self.ratio is not None:
+            saliency = w1.pow(2) / d1.pow(2)[None, :]
+            k = int(round(self.ratio * saliency.numel()))
+            block = torch.zeros(saliency.numel(), dtype=torch.bool)
+            if k:
+                block[saliency.flatten().topk(k, largest=False).indices] = True
+            self.pruned[:, i1 : i1 + w1.shape[1]] = block.reshape(saliency.shape)
+
+    def target(self, j: int, i: int, w1: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
+        if self.n is not None and i % self.m == 0:
+            saliency = w1[:, i : i + self.m].pow(2) / d1[i : i + self.m].pow(2)[None, :]
+            drop = saliency.topk(self.m - self.n, dim=1, largest=False).indices
+            self.pruned[:, j : j + self.m].scatter_(1, drop, True)
+        col = w1[:, i]
+        return torch.where(self.pruned[:, j], torch.zeros_like(col), col)
+
+
 @torch.no_grad()
 def sparsegpt_prune(
     w: torch.Tensor,
@@ -129,35 +195,10 @@ def sparsegpt_prune(
     with the OBS updates of the kept weights for input Hessian `h`. Returns (new weights, keep mask)."""
     if (ratio is None) == (n is None):
         raise ValueError("give either n and m or ratio")
-    rows, cols = w.shape
+    cols = w.shape[1]
     if n is not None and (m is None or cols % m or block_size % m):
         raise ValueError(f"columns {cols} and block size {block_size} must be multiples of M={m}")
-    u = inverse_hessian_factor(h, dampening)
-    w = w.double().clone()
-    pruned = torch.zeros_like(w, dtype=torch.bool)
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
-        err1 = torch.zeros_like(w1)
-        prune1 = torch.zeros_like(w1, dtype=torch.bool)
-        d1 = torch.diagonal(u1)
-        if ratio is not None:
-            saliency = w1.pow(2) / d1.pow(2)[None, :]
-            k = int(round(ratio * saliency.numel()))
-            if k:
-                prune1.view(-1)[saliency.flatten().topk(k, largest=False).indices] = True
-        for i in range(i2 - i1):
-            if n is not None and i % m == 0:
-                saliency = w1[:, i : i + m].pow(2) / d1[i : i + m].pow(2)[None, :]
-                prune1[:, i : i + m].scatter_(1, saliency.topk(m - n, dim=1, largest=False).indices, True)
-            col = w1[:, i]
-            q = torch.where(prune1[:, i], torch.zeros_like(col), col)
-            err = (col - q) / u1[i, i]
-            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
-            w1[:, i] = q
-            err1[:, i] = err
-        w[:, i1:i2] = w1
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
-        pruned[:, i1:i2] = prune1
-    w[pruned] = 0.0
-    return w, ~pruned
+    rule = _PruneRule(w.shape, n, m, ratio)
+    new = obs_sweep(w, h, rule, block_size, dampening)
+    new[rule.pruned] = 0.0
+    return new, ~rule.pruned
