@@ -231,6 +231,9 @@ def main() -> None:
 @click.option(
     "--calib-samples", show_default=True, type=int, help="Recovery: images for the final BatchNorm re-estimation."
 )
+@click.option(
+    "--learn-scales", is_flag=True, help="Recovery: train the activation scales (LSQ) instead of freezing them."
+)
 @click.option("--resume", type=click.Path(), help="Continue a killed run: its --out (or its checkpoint).")
 @out_option
 @overwrite_option

@@ -129,6 +129,7 @@ class FinetuneConfig(_Config):
     kd_temperature: float = 4.0
     kd_alpha: float = 1.0  # weight of the distillation term on top of the task loss; 0 = no distillation
     calib_samples: int = 256  # recovery: training images for the final BatchNorm re-estimation
+    learn_scales: bool = False  # recovery: activation scales trained as in LSQ instead of frozen
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cram_sparsities", tuple(float(v) for v in self.cram_sparsities))
@@ -172,6 +173,8 @@ class FinetuneConfig(_Config):
                 f"--kd-temperature must be > 0 and --kd-alpha >= 0 (0 = no distillation), got {self.kd_temperature} "
                 f"and {self.kd_alpha}"
             )
+        if self.learn_scales and self.init is None:
+            raise CraftError("--learn-scales trains the activation scales of a quantized bundle: use it with --init")
         if self.init is not None and self.checkpoint is not None:
             raise CraftError("--init continues a compressed bundle; it cannot start from --checkpoint as well")
         if self.calib_samples < 1:

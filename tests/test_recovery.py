@@ -135,3 +135,21 @@ def test_recovery_refuses_what_it_cannot_do(tiny_bundle, tmp_path):
     finetune(FinetuneConfig(**{**other, "data": "digits", "img_size": 48}), tmp_path / "other")
     with pytest.raises(CraftError, match="input_size"):
         finetune(FinetuneConfig(init=str(tmp_path / "c"), teacher=str(tmp_path / "other"), **RECOVER), tmp_path / "r")
+
+
+def test_learn_scales_trains_the_activation_scales_and_the_bundle_still_loads(tiny_w8a8, tmp_path):
+    from craft_deploy.compress.qmodules import ActQuantizer
+
+    frozen = load_bundle(tiny_w8a8).model
+    learning = load_bundle(tiny_w8a8).model
+    q = next(m for m in learning.modules() if isinstance(m, ActQuantizer))
+    q.learn_scale()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(frozen(x), learning(x))  # the learnable op computes the same fake-quant
+    finetune(FinetuneConfig(init=str(tiny_w8a8), learn_scales=True, kd_alpha=0.0, **RECOVER), tmp_path / "r")
+    before, after = load_bundle(tiny_w8a8).model.state_dict(), load_bundle(tmp_path / "r").model.state_dict()
+    scales = [k for k in before if k.endswith("input_quantizer.scale")]
+    assert any(not torch.equal(before[k], after[k]) for k in scales) and all((after[k] > 0).all() for k in scales)
+    with pytest.raises(CraftError, match="use it with --init"):
+        FinetuneConfig(learn_scales=True)

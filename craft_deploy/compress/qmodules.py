@@ -109,7 +109,18 @@ class ActQuantizer(_ActivationQuantizer):
         if self.bits < 8:  # keep a narrower grid exact when it is written as int8 Q/DQ
             zp = self.zero_point.to(x.dtype)
             x = torch.clamp(x, (qmin - zp) * self.scale, (qmax - zp) * self.scale)
+        if isinstance(self.scale, nn.Parameter):  # LSQ: the scale learns, its gradient scaled by 1/sqrt(N * qmax)
+            factor = 1.0 / math.sqrt(x.numel() / max(x.shape[0], 1) * qmax)
+            zp = self.zero_point.to(x.dtype)
+            return torch._fake_quantize_learnable_per_tensor_affine(x, self.scale, zp, -128, 127, factor)
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, -128, 127)
+
+    def learn_scale(self) -> nn.Parameter:
+        """Make the scale a trainable parameter (LSQ, Esser et al. 2020); same name in the state dict."""
+        scale = nn.Parameter(self.scale.detach().clone())
+        del self._buffers["scale"]
+        self.scale = scale
+        return scale
 
     @torch.no_grad()
     def set_range(self, lo: float, hi: float) -> None:

@@ -8,7 +8,7 @@ import io
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,13 @@ from craft_deploy.data import load_splits
 from craft_deploy.evaluate import evaluate
 from craft_deploy.finetune.distributed import Dist, setup, teardown
 from craft_deploy.finetune.optimizers import OPTIMIZERS, build_method, optimizer_class, register_optimizer
-from craft_deploy.finetune.recovery import MaskKeeper, load_teacher, teacher_path
+from craft_deploy.finetune.recovery import (
+    MaskKeeper,
+    keep_positive,
+    learn_activation_scales,
+    load_teacher,
+    teacher_path,
+)
 from craft_deploy.finetune.trainer import CHECKPOINT, load_checkpoint, train
 from craft_deploy.models import Bundle, data_config, load_bundle, load_model, save_bundle
 from craft_deploy.models.bundle import make_manifest
@@ -104,9 +110,15 @@ class _Setup:
     teacher: torch.nn.Module | None = None
     teacher_path: str | None = None
     masks: MaskKeeper | None = None
+    scales: list = field(default_factory=list)  # --learn-scales: the activation scales being trained
+
+    def after_step(self) -> None:
+        if self.masks is not None:
+            self.masks.apply()
+        keep_positive(self.scales)
 
     def train_kwargs(self) -> dict[str, Any]:
-        return {"teacher": self.teacher, "after_step": self.masks.apply if self.masks else None}
+        return {"teacher": self.teacher, "after_step": self.after_step if self.init is not None else None}
 
 
 def _prepare(cfg: FinetuneConfig) -> _Setup:
@@ -155,6 +167,10 @@ def _prepare_recovery(cfg: FinetuneConfig) -> _Setup:
         int(data.get("seed", cfg.seed)),
     )
     setup = _Setup(bundle.model, dcfg, splits, init=bundle, masks=MaskKeeper(bundle.model, m))
+    if cfg.learn_scales:
+        setup.scales = learn_activation_scales(bundle.model)
+        if not setup.scales:
+            raise CraftError(f"--learn-scales: {cfg.init} has no quantized activations (weight-only or not quantized)")
     if cfg.kd_alpha > 0:
         setup.teacher_path = teacher_path(cfg.init, m, cfg.teacher)
         setup.teacher = load_teacher(setup.teacher_path, bundle)

@@ -81,6 +81,21 @@ class DistillationLoss:
         )
 
 
+def learn_activation_scales(model: nn.Module) -> list[nn.Parameter]:
+    """Turn every per-tensor activation quantizer's scale into a trainable parameter (LSQ); returns them. They are
+    created before the optimizer, so it trains them with the weights; `keep_positive` runs after each step."""
+    from craft_deploy.compress.qmodules import ActQuantizer
+
+    return [q.learn_scale() for q in model.modules() if isinstance(q, ActQuantizer)]
+
+
+@torch.no_grad()
+def keep_positive(scales: list[nn.Parameter], floor: float = 1e-8) -> None:
+    """A learned scale never reaches zero or below."""
+    for s in scales:
+        s.clamp_(min=floor)
+
+
 def teacher_path(init: str | Path, manifest: dict[str, Any], teacher: str | None) -> str | None:
     """The teacher to distil from: `teacher` if given, else the dense bundle the compressed one was made from (the
     `source` its last compress stage records), or a CraftError saying to pass --teacher."""
