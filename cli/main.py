@@ -474,7 +474,8 @@ def export(bundle, out, overwrite, format_, batch_sizes, **kw) -> None:
 @click.option(
     "--backend",
     show_default=True,
-    help="ort-cpu, ort-cuda, ort-trt, tensorrt, torch-tensorrt or pytorch (see `craft-deploy info`).",
+    type=RegistryChoice("craft_deploy.bench.backends:BACKENDS"),
+    help="Where the models run (see `craft-deploy info` for which are usable here).",
 )
 @click.option("--batch-sizes", default="1,16", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--data", default=None, help="Dataset for accuracy (default: the one the model was tuned on).")
