@@ -80,12 +80,8 @@ def from_flags(
         )  # fmt: skip
     bits = parse_quant(quant)
     if bits is None:
-        if (calib_method, bool(group_size), act_asymmetric, placement) != (
-            QuantConfig.calib_method,
-            False,
-            False,
-            "tensorrt",
-        ):
+        defaults = (QuantConfig.calib_method, False, QuantConfig.act_asymmetric, QuantConfig.placement)
+        if (calib_method, bool(group_size), act_asymmetric, placement) != defaults:
             raise CraftError(
                 "--calib-method, --group-size, --act-asymmetric and --placement need --quant (e.g. --quant w8a8)"
             )
