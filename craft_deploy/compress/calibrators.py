@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from craft_deploy import CraftError
-from craft_deploy.compress.qparams import fake_quant_range_np, qmax_for
+from craft_deploy.compress.qparams import fake_quant_range_np, fake_quant_symmetric, qmax_for
 from craft_deploy.registry import name_registrar
 
 HIST_BINS = 2048
@@ -231,7 +231,7 @@ def mse_weight_scale(rows: torch.Tensor, bits: int, points: int = 40) -> torch.T
     best_err = torch.full_like(amax, math.inf)
     for frac in torch.linspace(0.5, 1.0, points):
         scale = (amax * frac / qmax)[:, None]
-        err = (torch.clamp(torch.round(rows / scale), -qmax, qmax) * scale - rows).pow(2).sum(dim=1)
+        err = (fake_quant_symmetric(rows, scale, bits) - rows).pow(2).sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale[:, 0], best_scale)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from craft_deploy.compress.qparams import qmax_for
+from craft_deploy.compress.qparams import fake_quant_symmetric
 from craft_deploy.compress.sparsegpt import BLOCK_SIZE, DAMPENING, ColumnRule, obs_sweep
 
 
@@ -28,11 +28,10 @@ class _RoundRule(ColumnRule):
     def __init__(self, w: torch.Tensor, scales: torch.Tensor, bits: int):
         self.scales = scales.double().expand_as(w)
         self.zero = w == 0
-        self.qmax = qmax_for(bits)
+        self.bits = bits
 
     def target(self, j: int, i: int, w1: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
-        step = self.scales[:, j]
-        q = torch.clamp(torch.round(w1[:, i] / step), -self.qmax, self.qmax) * step
+        q = fake_quant_symmetric(w1[:, i], self.scales[:, j], self.bits)
         return torch.where(self.zero[:, j], torch.zeros_like(q), q)
 
 

@@ -58,6 +58,12 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int, axis: int | None
     return q * scale
 
 
+def fake_quant_symmetric(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
+    """Fake-quant onto the symmetric weight grid: clamp(round(x / s), -qmax, qmax) * s (`scale` broadcasts)."""
+    qmax = qmax_for(bits)
+    return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
+
+
 def fake_quant_range_np(x: np.ndarray, lo: float, hi: float, bits: int, symmetric: bool) -> np.ndarray:
     """Fake-quant of values `x` for the calibrated range [lo, hi] (symmetric: [-hi, hi]), as calibrators score it."""
     qmin, qmax = int_grid(bits, symmetric)
