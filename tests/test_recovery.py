@@ -153,3 +153,9 @@ def test_learn_scales_trains_the_activation_scales_and_the_bundle_still_loads(ti
     assert any(not torch.equal(before[k], after[k]) for k in scales) and all((after[k] > 0).all() for k in scales)
     with pytest.raises(CraftError, match="use it with --init"):
         FinetuneConfig(learn_scales=True)
+
+
+def test_plain_finetune_distils_from_a_teacher(tiny_bundle, tmp_path):
+    rec = finetune(FinetuneConfig(**{**TINY, "teacher": str(tiny_bundle), "kd_temperature": 2.0}), tmp_path / "s")
+    assert rec["teacher"] == str(tiny_bundle) and rec["metrics"]["test_top1"] > 50
+    assert load_bundle(tmp_path / "s").manifest["stages"][-1]["teacher"] == str(tiny_bundle)
