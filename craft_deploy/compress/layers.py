@@ -72,3 +72,13 @@ def model_blocks(model: nn.Module) -> dict[str, nn.Module]:
     if isinstance(getattr(model, "blocks", None), nn.Module):
         walk("blocks", model.blocks)
     return found
+
+
+def block_groups(model: nn.Module, names: list[str]) -> list[list[str]]:
+    """Selected layer names grouped by the model's blocks (timm's `blocks`, flattened), in forward order."""
+    blocks = list(model_blocks(model))
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        key = next((b for b in blocks if name.startswith(b + ".")), name)
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())

@@ -18,9 +18,10 @@ from tqdm import tqdm
 
 from craft_deploy import CraftError
 from craft_deploy.compress.batchnorm import recalibrate_batchnorm
-from craft_deploy.compress.layers import model_blocks, select_layers
+from craft_deploy.compress.layers import block_groups, select_layers
 from craft_deploy.compress.primitives import as_input_groups, from_input_groups, nm_mask, row_mask, unstructured_mask
 from craft_deploy.compress.registry import CalibLoop, Method, MethodConfig, calibrate_with_hooks, register_method
+from craft_deploy.compress.sparsegpt import input_hessians
 from craft_deploy.registry import name_registrar
 
 GRANULARITIES = ("layer", "row", "global")
@@ -167,33 +168,9 @@ def _input_feature_norms(
     return {name: (sumsq - total.pow(2) / n).clamp(min=0).sqrt() for name, (sumsq, total, n) in sums.items()}
 
 
-def _input_hessians(
-    model: nn.Module, layers: dict[str, nn.Module], calib: CalibLoop, grouped: bool = False
-) -> dict[str, torch.Tensor]:
-    """X X^T / samples of every layer's unfolded inputs over the calibration set (SparseGPT's Hessian); with
-    `grouped`, (groups, f, f) for every layer (1 group for Linear and dense convs)."""
-    from craft_deploy.compress.sparsegpt import HessianAccumulator
-
-    accs = {name: HessianAccumulator(mod, grouped) for name, mod in layers.items()}
-    handles = [mod.register_forward_pre_hook(accs[name]) for name, mod in layers.items()]
-    calibrate_with_hooks(model, calib, handles)
-    hessians = {name: acc.hessian() for name, acc in accs.items()}
-    return {name: h[None] if grouped and h.ndim == 2 else h for name, h in hessians.items()}
-
-
 def _score_rows(scorer: PruneScore, mod: nn.Module, norms: torch.Tensor | None) -> torch.Tensor:
     """Scores laid out like `as_input_groups(weight)`."""
     return scorer.score(as_input_groups(mod.weight.detach()).abs(), norms)
-
-
-def _block_groups(model: nn.Module, names: list[str]) -> list[list[str]]:
-    """Selected layer names grouped by the model's blocks (timm's `blocks`, flattened), in forward order."""
-    blocks = list(model_blocks(model))
-    groups: dict[str, list[str]] = {}
-    for name in names:
-        key = next((b for b in blocks if name.startswith(b + ".")), name)
-        groups.setdefault(key, []).append(name)
-    return list(groups.values())
 
 
 @torch.no_grad()
@@ -243,11 +220,11 @@ def prune(model: nn.Module, cfg: PruneConfig, calib: CalibLoop | None = None) ->
         report["global_threshold"] = float(threshold)
     else:
         sequential = scorer.needs_calibration and cfg.sequential
-        steps = _block_groups(model, list(layers)) if sequential else [list(layers)]
+        steps = block_groups(model, list(layers)) if sequential else [list(layers)]
         for group in tqdm(steps, desc=f"prune ({cfg.score})", unit="block", leave=False, disable=None):
             sub = {name: layers[name] for name in group}
             if scorer.updates_weights:
-                hessians = _input_hessians(model, sub, calib)
+                hessians = input_hessians(model, sub, calib)
                 for name, mod in sub.items():
                     scorer.solve(mod, hessians[name], cfg)
                     record(name)

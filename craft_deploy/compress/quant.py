@@ -209,17 +209,17 @@ def gptq_layers(model: nn.Module, calib: CalibLoop) -> None:
     gathered on the model whose earlier blocks are already rounded), activations in float. Grouped (depthwise) convs
     are rounded group by group, each with the Hessian of its own input channels."""
     from craft_deploy.compress.gptq import gptq_round, weight_scales_matrix
-    from craft_deploy.compress.prune import _block_groups, _input_hessians
-    from craft_deploy.compress.sparsegpt import from_weight_matrix, weight_matrix
+    from craft_deploy.compress.layers import block_groups
+    from craft_deploy.compress.sparsegpt import from_weight_matrix, input_hessians, weight_matrix
 
     layers = quantized_layers(model)
     act = list(activation_quantizers(model).values())
     for q in act:
         q.enabled = False
     try:
-        for group in tqdm(_block_groups(model, list(layers)), desc="gptq", unit="block", leave=False, disable=None):
+        for group in tqdm(block_groups(model, list(layers)), desc="gptq", unit="block", leave=False, disable=None):
             sub = {name: layers[name] for name in group}
-            hessians = _input_hessians(model, sub, calib, grouped=True)
+            hessians = input_hessians(model, sub, calib, grouped=True)
             for name, mod in sub.items():
                 wq, original = mod.parametrizations.weight[0], mod.parametrizations.weight.original
                 mat, scales = weight_matrix(original), weight_scales_matrix(wq, original)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from craft_deploy import CraftError
+from craft_deploy.compress.registry import CalibLoop, calibrate_with_hooks
 
 DAMPENING = 0.01
 BLOCK_SIZE = 128
@@ -202,3 +203,15 @@ def sparsegpt_prune(
     new = obs_sweep(w, h, rule, block_size, dampening)
     new[rule.pruned] = 0.0
     return new, ~rule.pruned
+
+
+def input_hessians(
+    model: nn.Module, layers: dict[str, nn.Module], calib: CalibLoop, grouped: bool = False
+) -> dict[str, torch.Tensor]:
+    """X X^T / samples of every layer's unfolded inputs over the calibration set (SparseGPT's Hessian); with
+    `grouped`, (groups, f, f) for every layer (1 group for Linear and dense convs)."""
+    accs = {name: HessianAccumulator(mod, grouped) for name, mod in layers.items()}
+    handles = [mod.register_forward_pre_hook(accs[name]) for name, mod in layers.items()]
+    calibrate_with_hooks(model, calib, handles)
+    hessians = {name: acc.hessian() for name, acc in accs.items()}
+    return {name: h[None] if grouped and h.ndim == 2 else h for name, h in hessians.items()}

@@ -144,8 +144,8 @@ def _prepare(cfg: FinetuneConfig) -> _Setup:
     setup = _Setup(model, dcfg, splits)
     if cfg.teacher is not None and cfg.kd_alpha > 0:
         setup.teacher_path = cfg.teacher
-        setup.teacher = load_teacher(cfg.teacher, Bundle(model, {"num_classes": splits.num_classes,
-                                     "input_size": dcfg["input_size"], "dataset": cfg.data}))  # fmt: skip
+        task = {"num_classes": splits.num_classes, "input_size": dcfg["input_size"], "dataset": cfg.data}
+        setup.teacher = load_teacher(cfg.teacher, task)
     return setup
 
 
@@ -173,7 +173,7 @@ def _prepare_recovery(cfg: FinetuneConfig) -> _Setup:
             raise CraftError(f"--learn-scales: {cfg.init} has no quantized activations (weight-only or not quantized)")
     if cfg.kd_alpha > 0:
         setup.teacher_path = teacher_path(cfg.init, m, cfg.teacher)
-        setup.teacher = load_teacher(setup.teacher_path, bundle)
+        setup.teacher = load_teacher(setup.teacher_path, m)
     return setup
 
 

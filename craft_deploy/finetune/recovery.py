@@ -24,7 +24,7 @@ from torch import nn
 
 from craft_deploy import CraftError
 from craft_deploy.compress.registry import method_state
-from craft_deploy.models import Bundle, load_bundle
+from craft_deploy.models import load_bundle
 
 
 def prunable_weight(mod: nn.Module) -> torch.Tensor:
@@ -115,13 +115,14 @@ def teacher_path(init: str | Path, manifest: dict[str, Any], teacher: str | None
     return sources[-1]
 
 
-def load_teacher(path: str | Path, student: Bundle) -> nn.Module:
-    """The teacher bundle's model in eval mode without gradients, checked to fit the student's task."""
+def load_teacher(path: str | Path, student: dict[str, Any]) -> nn.Module:
+    """The teacher bundle's model in eval mode without gradients, checked to fit the student's task (its manifest's,
+    or a dict of, num_classes, input_size and dataset)."""
     teacher = load_bundle(path)
     for key in ("num_classes", "input_size", "dataset"):
-        if teacher.manifest.get(key) != student.manifest.get(key):
+        if teacher.manifest.get(key) != student.get(key):
             raise CraftError(
-                f"--teacher {path} has {key} {teacher.manifest.get(key)!r}, the student {student.manifest.get(key)!r}: "
+                f"--teacher {path} has {key} {teacher.manifest.get(key)!r}, the student {student.get(key)!r}: "
                 "distil from a model of the same task"
             )
     for p in teacher.model.parameters():
