@@ -6,6 +6,8 @@ For each bundle and recipe: `compress` (SparseGPT / GPTQ where they apply, Batch
 teacher). Every cell evaluates on the first `--eval-subset` images of the bundle's seeded test permutation.
 
     python benchmarks/recovery.py runs/demo/adam runs/demo/sam --out benchmarks/results
+    python benchmarks/recovery.py runs/gpu/adam --recipes 2:4+W8A8 W4A8 --device cuda --amp bf16 --threads 16 \
+        --name recovery-cuda-bf16 --out benchmarks/results      # on a GPU machine
 """
 
 from __future__ import annotations
@@ -37,10 +39,23 @@ def main() -> None:
     ap.add_argument("--optimizer", default="adam")
     ap.add_argument("--work", default="runs/recovery")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--name", default="recovery", help="Stem of the result files (NAME.json, NAME.md).")
+    ap.add_argument("--device", default="cpu", help="Fine-tuning device (cpu, cuda).")
+    ap.add_argument("--amp", choices=["bf16", "fp16"], help="Mixed precision for the fine-tuning epochs.")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data-root", help="Where Fashion-MNIST lives (default: the Debian package's directory).")
     args = ap.parse_args()
     work = Path(args.work)
     rows = []
-    common = dict(epochs=1, train_subset=args.train_subset, eval_subset=args.eval_subset, threads=2)
+    common = dict(
+        epochs=1,
+        train_subset=args.train_subset,
+        eval_subset=args.eval_subset,
+        threads=args.threads,
+        device=args.device,
+        amp=args.amp,
+        data_root=args.data_root,
+    )
     for path in args.bundles:
         name = Path(path).name
         plain = finetune(
@@ -52,7 +67,12 @@ def main() -> None:
             cdir = work / f"{name}-{recipe.replace(':', 'of').replace('+', '-')}"
             t0 = time.perf_counter()
             crec = compress(
-                from_flags(**RECIPES[recipe], calib_samples=args.calib_samples, eval_subset=args.eval_subset),
+                from_flags(
+                    **RECIPES[recipe],
+                    calib_samples=args.calib_samples,
+                    eval_subset=args.eval_subset,
+                    data_root=args.data_root,
+                ),
                 path,
                 cdir,
                 overwrite=True,
@@ -78,7 +98,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recovery.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
     lines = [
         "| bundle | recipe | dense | one-shot | +1 epoch recovery | +1 epoch recovery with KD | epoch s (plain / "
         "recovery / with KD) |",
@@ -92,7 +112,7 @@ def main() -> None:
             f"({r['recovered_kd'] - r['dense']:+.2f}) | {r['plain_epoch_seconds']:.0f} / "
             f"{r['recovered_epoch_seconds']:.0f} / {r['recovered_kd_epoch_seconds']:.0f} |"
         )
-    (out / "recovery.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

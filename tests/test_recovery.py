@@ -159,3 +159,14 @@ def test_plain_finetune_distils_from_a_teacher(tiny_bundle, tmp_path):
     rec = finetune(FinetuneConfig(**{**TINY, "teacher": str(tiny_bundle), "kd_temperature": 2.0}), tmp_path / "s")
     assert rec["teacher"] == str(tiny_bundle) and rec["metrics"]["test_top1"] > 50
     assert load_bundle(tmp_path / "s").manifest["stages"][-1]["teacher"] == str(tiny_bundle)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", [None, "bf16"])
+def test_recovery_on_a_gpu_keeps_masks_exact(amp, tiny_bundle, tmp_path):
+    """The masks are made on the CPU bundle and follow the model to CUDA (found on an H100: they did not)."""
+    compress(from_flags(sparsity="2:4", quant="w8a8", calib_samples=64), tiny_bundle, tmp_path / "c")
+    rec = finetune(FinetuneConfig(init=str(tmp_path / "c"), device="cuda", amp=amp, **RECOVER), tmp_path / "r")
+    assert rec["device"].startswith("cuda")
+    before, after = _zeros(tmp_path / "c"), _zeros(tmp_path / "r")
+    assert before and all(torch.equal(before[n], after[n]) for n in before)

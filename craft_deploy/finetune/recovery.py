@@ -41,13 +41,23 @@ class MaskKeeper:
         for name in pruned.get("layers", {}):
             w = prunable_weight(model.get_submodule(name))
             self.masks[name] = (w, (w != 0).to(w.dtype))
-        self.handles = [w.register_hook(lambda g, m=mask: g * m) for w, mask in self.masks.values()]
+        self.handles = [
+            w.register_hook(lambda g, n=name: g * self._mask(n, g.device)) for name, (w, _) in self.masks.items()
+        ]
+
+    def _mask(self, name: str, device: torch.device) -> torch.Tensor:
+        """The mask of layer `name` on `device`, moved there once (the model may move after the keeper is made)."""
+        w, mask = self.masks[name]
+        if mask.device != device:
+            mask = mask.to(device)
+            self.masks[name] = (w, mask)
+        return mask
 
     @torch.no_grad()
     def apply(self) -> None:
         """Zero the pruned weights again (after an optimizer step)."""
-        for w, mask in self.masks.values():
-            w.mul_(mask.to(w.device))
+        for name, (w, _) in self.masks.items():
+            w.mul_(self._mask(name, w.device))
 
     def remove(self) -> None:
         for h in self.handles:
