@@ -407,7 +407,8 @@ def sparsity(bundle) -> None:
     default="onnx",
     show_default=True,
     type=click.Choice(EXPORT_FORMATS),
-    help="onnx; tensorrt (an engine built from the ONNX); torch-tensorrt (a dynamo-compiled program).",
+    help="onnx; tensorrt (an engine built from the ONNX); torch-tensorrt (a dynamo-compiled program); aoti (an "
+    "AOTInductor package, model.pt2, compiled for this machine's GPU or CPU).",
 )
 @click.option(
     "--precision",
@@ -434,7 +435,9 @@ def sparsity(bundle) -> None:
     help="Largest |logit difference| accepted against PyTorch (default: 1e-3 x max|logit| for FP32, 2e-2 for FP16; "
     "for Q/DQ it replaces the 95% top-1 agreement).",
 )
-@click.option("--batch-sizes", default="1,16", show_default=True, help="TensorRT profile: smallest..largest batch.")
+@click.option(
+    "--batch-sizes", default="1,16", show_default=True, help="TensorRT profile / AOTI batch range: smallest..largest."
+)
 @click.option("--sparse", is_flag=True, help="TensorRT: SPARSE_WEIGHTS (2:4-pruned weights may get sparse kernels).")
 @click.option("--workspace-gb", show_default=True, type=float, help="TensorRT builder workspace.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache file (read and updated).")
@@ -443,11 +446,13 @@ def sparsity(bundle) -> None:
 @overwrite_option
 @_guard
 def export(bundle, out, overwrite, format_, batch_sizes, **kw) -> None:
-    """Export a bundle to ONNX, a TensorRT engine or a torch-tensorrt program, verified against PyTorch.
+    """Export a bundle to ONNX, a TensorRT engine, a torch-tensorrt program or an AOTInductor package, verified
+    against PyTorch.
 
     \b
     Examples:
       craft-deploy export runs/sam --precision fp16 --out runs/sam-fp16
+      craft-deploy export runs/sam --format aoti --out runs/sam-aoti
       craft-deploy export runs/sam-w8a8 --target ort-cpu --out runs/sam-w8a8-cpu
       craft-deploy export runs/sam-24-w8a8 --format tensorrt --sparse --out runs/sam-24-w8a8-trt
     """
@@ -494,6 +499,18 @@ def export(bundle, out, overwrite, format_, batch_sizes, **kw) -> None:
 @click.option("--retries", show_default=True, type=int, help="Re-measurements of a noisy batch size.")
 @click.option("--threads", type=int, help="CPU threads for the backend.")
 @click.option("--compile", is_flag=True, help="pytorch backend: torch.compile the model.")
+@click.option(
+    "--precision",
+    show_default=True,
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    help="pytorch backend: run the bundle in this float precision.",
+)
+@click.option(
+    "--kernels",
+    type=RegistryChoice("craft_deploy.bench.torch_kernels:TORCH_KERNELS"),
+    help="pytorch backend: real INT8 / FP8 / 2:4 kernels for the Linear layers, checked against the bundle's "
+    "fake-quant logits (exit 4 when they disagree).",
+)
 @click.option("--include-transfer", is_flag=True, help="GPU backends: time the host-to-device copy too.")
 @click.option("--baseline", type=click.Path(dir_okay=False), help="A previous bench.json to gate against.")
 @click.option(

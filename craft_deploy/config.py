@@ -220,7 +220,7 @@ class CompressConfig(_Config):
 
 
 QUANT_PLACEMENTS = ("tensorrt", "ort-cpu")  # see craft_deploy.compress.placement
-EXPORT_FORMATS = ("onnx", "tensorrt", "torch-tensorrt")
+EXPORT_FORMATS = ("onnx", "tensorrt", "torch-tensorrt", "aoti")
 EXPORT_PRECISIONS = ("auto", "fp32", "fp16", "int8")
 EXPORT_TARGETS = ("tensorrt", "ort-cpu")
 
@@ -296,6 +296,8 @@ class BenchConfig(_Config):
     max_cv: float = 0.10
     retries: int = 2
     compile: bool = False
+    precision: str = "fp32"  # pytorch backend: fp32, bf16 or fp16
+    kernels: str | None = None  # pytorch backend: a name in bench.torch_kernels.TORCH_KERNELS (int8, fp8, sparse24)
     include_transfer: bool = False
     baseline: str | None = None
     max_latency_regression: float = 0.10
@@ -317,6 +319,13 @@ class BenchConfig(_Config):
             raise CraftError(f"--split must be val or test, got {self.split!r}")
         if self.iters < 1 or self.warmup < 0:
             raise CraftError(f"--iters must be >= 1 and --warmup >= 0, got {self.iters} and {self.warmup}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise CraftError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if (self.precision != "fp32" or self.kernels or self.compile) and self.backend != "pytorch":
+            raise CraftError(
+                f"--precision, --kernels and --compile apply to --backend pytorch only, not {self.backend!r} "
+                "(an exported model's precision is chosen at export)"
+            )
 
 
 @dataclass(frozen=True)

@@ -473,3 +473,40 @@ def test_qdq_judgement_accepts_near_tie_flips_only():
     assert check["top1_agreement"] < 0.95 and judge(check, "int8", None)
     got[1] = [0.0, 2.5, 0.0]  # a confident prediction flips: no rounding effect does that
     assert not judge(compare_outputs(ref, got), "int8", None)
+
+
+def test_aoti_package_is_verified_loads_without_craft_deploy_and_benches(tiny_bundle, tmp_path):
+    import subprocess
+    import sys
+
+    from craft_deploy.bench import run as bench
+    from craft_deploy.config import BenchConfig
+
+    rec = export(ExportConfig(format="aoti", batch_sizes=(1, 8), verify_samples=16), tiny_bundle, tmp_path / "a")
+    check = rec["verification"]["aoti"]
+    assert rec["file"] == "model.pt2" and check["passed"] and check["top1_agreement"] == 1.0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert rec["compile"]["device"] == device and rec["compile"]["batch_range"] == [1, 8]
+    # PyTorch alone loads and runs it: no craft_deploy, no timm on the path
+    code = (
+        "import sys, torch; sys.modules['craft_deploy'] = None; sys.modules['timm'] = None; "
+        f"m = torch._inductor.aoti_load_package({str(tmp_path / 'a' / 'model.pt2')!r}); "
+        f"print(tuple(m(torch.randn(3, 3, 32, 32, device={device!r})).shape))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("(3, 10)")
+    b = bench(
+        BenchConfig(backend="aoti", batch_sizes=(1, 8), iters=2, min_seconds=0.0, eval_subset=64),
+        tmp_path / "a",
+        tmp_path / "b",
+    )
+    onnx_free = bench(
+        BenchConfig(backend="pytorch", batch_sizes=(1,), iters=2, min_seconds=0.0, eval_subset=64),
+        tiny_bundle,
+        tmp_path / "p",
+    )
+    assert b["results"][0]["top1"] == pytest.approx(onnx_free["results"][0]["top1"], abs=2.0)
+    with pytest.raises(
+        CraftError, match="was compiled for batches up to 8, not 16: export it again with --batch-sizes 1,16"
+    ):
+        bench(BenchConfig(backend="aoti", batch_sizes=(16,), iters=1, eval_subset=16), tmp_path / "a", tmp_path / "c")

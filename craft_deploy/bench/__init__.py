@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader
 
-from craft_deploy import CraftError
+from craft_deploy import CraftError, VerificationError
 from craft_deploy.artifacts import atomic_write_json, check_out_dir, read_json, staged_dir
 from craft_deploy.bench.backends import BACKENDS, Backend, get_backend, register_backend
 from craft_deploy.bench.gate import BENCH_SCHEMA, EXIT_REGRESSION, compare, format_verdict, read_baseline
@@ -20,6 +20,9 @@ from craft_deploy.bench.report import write_markdown, write_plots
 from craft_deploy.config import BenchConfig
 from craft_deploy.data import splits_for_manifest
 from craft_deploy.records import write_record
+
+# test images on which a backend that changes the model (--precision, --kernels) is checked against the bundle
+REFERENCE_IMAGES = 256
 
 __all__ = ["BACKENDS", "EXIT_REGRESSION", "Backend", "register_backend", "resolve_model", "run"]
 
@@ -33,7 +36,7 @@ def resolve_model(path: str | Path, needs: str) -> tuple[Path, dict[str, Any]]:
         raise CraftError(f"{path} does not exist")
     if needs == "bundle":
         return path, read_manifest(path)
-    if needs in ("engine", "ep"):
+    if needs in ("engine", "ep", "pt2"):
         meta = path / "metadata.json" if path.is_dir() else path.with_name("metadata.json")
         artifact = path / f"model.{needs}" if path.is_dir() else path
         if not artifact.is_file() or not meta.is_file():
@@ -126,11 +129,30 @@ def run(
         t0 = time.perf_counter()
         results, models, runners = [], {}, {}
         for name, path, meta in resolved:
-            backend = backend_cls(path, cfg.threads, compile=cfg.compile, include_transfer=cfg.include_transfer)
+            backend = backend_cls(
+                path,
+                cfg.threads,
+                compile=cfg.compile,
+                include_transfer=cfg.include_transfer,
+                precision=cfg.precision,
+                kernels=cfg.kernels,
+            )
+            if backend.max_batch is not None and max(cfg.batch_sizes) > backend.max_batch:
+                raise CraftError(
+                    f"{name} was compiled for batches up to {backend.max_batch}, not {max(cfg.batch_sizes)}: export "
+                    f"it again with --batch-sizes 1,{max(cfg.batch_sizes)}"
+                )
             splits = splits_for_manifest(meta, cfg.data_root, cfg.eval_subset, dataset=cfg.data)
             ds = splits.test if cfg.split == "test" else splits.val
-            accuracy = measure_accuracy(backend, ds)
-            models[name] = {**_model_identity(meta, path), "backend_info": backend.info()}
+            check = backend.reference_check(next(iter(DataLoader(ds, batch_size=REFERENCE_IMAGES)))[0].numpy())
+            if check is not None and not check["passed"]:
+                raise VerificationError(
+                    f"{name} on {cfg.backend} ({backend.info()}) disagrees with {check['against']}: top-1 agreement "
+                    f"{check['top1_agreement']:.1%}, max |diff| {check['max_abs_diff']:.4g} (allowed: "
+                    f"{check['tolerance']})"
+                )
+            accuracy = measure_accuracy(backend, ds, batch_size=min(32, backend.max_batch or 32))
+            models[name] = {**_model_identity(meta, path), "backend_info": backend.info(), "verification": check}
             images = next(iter(DataLoader(ds, batch_size=max(cfg.batch_sizes))))[0].numpy()
             for bs in cfg.batch_sizes:
                 batch = np.ascontiguousarray(np.resize(images, (bs, *images.shape[1:])))

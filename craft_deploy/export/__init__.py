@@ -1,5 +1,5 @@
-"""Export stage: bundle -> ONNX, TensorRT engine or torch-tensorrt program, each verified against PyTorch on real
-images, and export.json.
+"""Export stage: bundle -> ONNX, TensorRT engine, torch-tensorrt program or AOTInductor package, each verified against
+PyTorch on real images, and export.json.
 
 plan (what the bundle exports as) -> passes (graph rewrites, one function each) -> target (the artifact of a format)
 -> verify (the tolerance policy); a failed verification raises VerificationError (exit 4) and writes nothing.
@@ -19,7 +19,7 @@ from craft_deploy.artifacts import check_out_dir, staged_dir
 from craft_deploy.config import ExportConfig
 from craft_deploy.data import splits_for_manifest
 from craft_deploy.export.plan import ExportPlan, plan_export
-from craft_deploy.export.targets import onnx_model, torch_tensorrt_program
+from craft_deploy.export.targets import aoti_package, onnx_model, torch_tensorrt_program
 from craft_deploy.export.verify import compare_outputs, verify_onnx
 from craft_deploy.models import load_bundle
 
@@ -27,7 +27,8 @@ __all__ = ["ExportPlan", "compare_outputs", "plan_export", "run", "verify_onnx"]
 
 
 def run(cfg: ExportConfig, bundle_path: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
-    """Export the bundle at `bundle_path` into `out` (model.onnx, model.engine or model.ep), verify, export.json."""
+    """Export the bundle at `bundle_path` into `out` (model.onnx, model.engine, model.ep or model.pt2), verify,
+    export.json."""
     check_out_dir(out, overwrite)
     bundle = load_bundle(bundle_path)
     manifest = bundle.manifest
@@ -44,6 +45,8 @@ def run(cfg: ExportConfig, bundle_path: str | Path, out: str | Path, overwrite: 
             ref = bundle.model.eval()(images).numpy()
         if cfg.format == "torch-tensorrt":
             record = torch_tensorrt_program.export(cfg, bundle, bundle_path, stage, plan, images, ref, t0)
+        elif cfg.format == "aoti":
+            record = aoti_package.export(cfg, bundle, bundle_path, stage, plan, images, ref, t0)
         else:
             record = onnx_model.export(cfg, bundle, bundle_path, stage, plan, images, ref, t0)
         failed = [k for k, v in record["verification"].items() if isinstance(v, dict) and v.get("passed") is False]

@@ -26,7 +26,10 @@ FLOAT_ATOL = 1e-3
 
 FP16_ATOL = 2e-2
 
-MIN_TOP1_AGREEMENT = {"fp16": 0.98, "int8": 0.95}
+# bf16 keeps 8 mantissa bits to fp16's 11: its rounding is 8x coarser per operation
+BF16_ATOL = 8e-2
+
+MIN_TOP1_AGREEMENT = {"fp16": 0.98, "bf16": 0.98, "int8": 0.95}
 
 QDQ_NEAR_TIE_ATOL = 0.1
 
@@ -99,10 +102,10 @@ def judge(check: dict[str, Any], precision: str, atol: float | None) -> bool:
     if precision == "int8":  # an explicit --atol replaces top-1 agreement (near-tied logits of untrained models)
         check["tolerance"] = {"max_abs_diff": atol}
         return check["max_abs_diff"] <= atol
-    limit = atol if atol is not None else (FP16_ATOL if precision == "fp16" else FLOAT_ATOL) * scale
+    limit = atol if atol is not None else {"fp16": FP16_ATOL, "bf16": BF16_ATOL}.get(precision, FLOAT_ATOL) * scale
     check["tolerance"] = {"max_abs_diff": limit}
     ok = check["max_abs_diff"] <= limit
-    if precision == "fp16":
+    if precision in ("fp16", "bf16"):
         check["tolerance"]["min_top1_agreement"] = MIN_TOP1_AGREEMENT["fp16"]
         ok = ok and check["top1_agreement"] >= MIN_TOP1_AGREEMENT["fp16"]
     return ok
