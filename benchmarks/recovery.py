@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="Fine-tuning device (cpu, cuda).")
     ap.add_argument("--amp", choices=["bf16", "fp16"], help="Mixed precision for the fine-tuning epochs.")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kd-alphas", default="0,1", help="Distillation weights to recover with, e.g. 1 (KD only).")
+    ap.add_argument("--no-plain-epoch", action="store_true", help="Skip the plain epoch timed for the ratio.")
     ap.add_argument("--data-root", help="Where Fashion-MNIST lives (default: the Debian package's directory).")
     args = ap.parse_args()
     work = Path(args.work)
@@ -58,11 +60,13 @@ def main() -> None:
     )
     for path in args.bundles:
         name = Path(path).name
-        plain = finetune(
-            FinetuneConfig(model=_architecture(path), data="fashion-mnist", img_size=64, **common),
-            work / f"{name}-plain-epoch",
-            overwrite=True,
-        )
+        plain = None
+        if not args.no_plain_epoch:
+            plain = finetune(
+                FinetuneConfig(model=_architecture(path), data="fashion-mnist", img_size=64, **common),
+                work / f"{name}-plain-epoch",
+                overwrite=True,
+            )
         for recipe in args.recipes:
             cdir = work / f"{name}-{recipe.replace(':', 'of').replace('+', '-')}"
             t0 = time.perf_counter()
@@ -83,9 +87,9 @@ def main() -> None:
                 "dense": crec["metrics"]["test_top1_before"],
                 "one_shot": crec["metrics"]["test_top1_after"],
                 "compress_seconds": time.perf_counter() - t0,
-                "plain_epoch_seconds": plain["timings"]["seconds_per_epoch"],
+                "plain_epoch_seconds": plain["timings"]["seconds_per_epoch"] if plain else None,
             }
-            for alpha in (0.0, 1.0):
+            for alpha in (float(a) for a in args.kd_alphas.split(",")):
                 rec = finetune(
                     FinetuneConfig(init=str(cdir), teacher=path, kd_alpha=alpha, optimizer=args.optimizer, **common),
                     Path(f"{cdir}-rec-kd{alpha:g}"),
@@ -96,9 +100,9 @@ def main() -> None:
                 row[f"{key}_epoch_seconds"] = rec["timings"]["seconds_per_epoch"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)  # written after every row: a killed run keeps what it measured
+            (out / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
     lines = [
         "| bundle | recipe | dense | one-shot | +1 epoch recovery | +1 epoch recovery with KD | epoch s (plain / "
         "recovery / with KD) |",
@@ -106,11 +110,14 @@ def main() -> None:
     ]
     for r in rows:
         drop = r["one_shot"] - r["dense"]
+        cells = [f"{r[k]:.2f} ({r[k] - r['dense']:+.2f})" if k in r else "-" for k in ("recovered", "recovered_kd")]
+        secs = " / ".join(
+            f"{r[k]:.0f}" if r.get(k) is not None else "-"
+            for k in ("plain_epoch_seconds", "recovered_epoch_seconds", "recovered_kd_epoch_seconds")
+        )
         lines.append(
             f"| {r['bundle']} | {r['recipe']} | {r['dense']:.2f} | {r['one_shot']:.2f} ({drop:+.2f})"
-            f" | {r['recovered']:.2f} ({r['recovered'] - r['dense']:+.2f}) | {r['recovered_kd']:.2f} "
-            f"({r['recovered_kd'] - r['dense']:+.2f}) | {r['plain_epoch_seconds']:.0f} / "
-            f"{r['recovered_epoch_seconds']:.0f} / {r['recovered_kd_epoch_seconds']:.0f} |"
+            f" | {cells[0]} | {cells[1]} | {secs} |"
         )
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -408,7 +408,8 @@ def sparsity(bundle) -> None:
     show_default=True,
     type=click.Choice(EXPORT_FORMATS),
     help="onnx; tensorrt (an engine built from the ONNX); torch-tensorrt (a dynamo-compiled program); aoti (an "
-    "AOTInductor package, model.pt2, compiled for this machine's GPU or CPU).",
+    "AOTInductor package, model.pt2, compiled for this machine's GPU or CPU); edge (a device package: ONNX, test "
+    "data and the scripts that build and verify the TensorRT engine on the device).",
 )
 @click.option(
     "--precision",
@@ -453,6 +454,7 @@ def export(bundle, out, overwrite, format_, batch_sizes, **kw) -> None:
     Examples:
       craft-deploy export runs/sam --precision fp16 --out runs/sam-fp16
       craft-deploy export runs/sam --format aoti --out runs/sam-aoti
+      craft-deploy export runs/sam-24-w8a8 --format edge --batch-sizes 1,32 --out runs/sam-24-w8a8-edge
       craft-deploy export runs/sam-w8a8 --target ort-cpu --out runs/sam-w8a8-cpu
       craft-deploy export runs/sam-24-w8a8 --format tensorrt --sparse --out runs/sam-24-w8a8-trt
     """
@@ -512,6 +514,12 @@ def export(bundle, out, overwrite, format_, batch_sizes, **kw) -> None:
     "fake-quant logits (exit 4 when they disagree).",
 )
 @click.option("--include-transfer", is_flag=True, help="GPU backends: time the host-to-device copy too.")
+@click.option(
+    "--from-trtexec",
+    is_flag=True,
+    help="MODELS are device packages (export --format edge) holding bench.sh's trtexec timings (times-bN.json): "
+    "turn them into bench.json, gated like any other (latency only).",
+)
 @click.option("--baseline", type=click.Path(dir_okay=False), help="A previous bench.json to gate against.")
 @click.option(
     "--max-latency-regression",
@@ -529,7 +537,7 @@ def export(bundle, out, overwrite, format_, batch_sizes, **kw) -> None:
 @out_option
 @overwrite_option
 @_guard
-def bench(models, out, overwrite, batch_sizes, **kw) -> None:
+def bench(models, out, overwrite, batch_sizes, from_trtexec, **kw) -> None:
     """Accuracy and latency of exported models (or bundles with --backend pytorch); bench.json, report.md, plots.
 
     With --baseline the run is a regression gate: it exits 3 when any (model, backend, batch) row is slower or less
@@ -545,27 +553,35 @@ def bench(models, out, overwrite, batch_sizes, **kw) -> None:
     from craft_deploy.bench import EXIT_REGRESSION, run
     from craft_deploy.config import parse_batch_sizes
 
-    rec = run(BenchConfig(batch_sizes=parse_batch_sizes(batch_sizes), **kw), list(models), out, overwrite)
+    cfg = BenchConfig(batch_sizes=parse_batch_sizes(batch_sizes), **kw)
+    if from_trtexec:
+        from craft_deploy.bench import trtexec_times
+
+        rec = trtexec_times.run(cfg, list(models), out, overwrite)
+    else:
+        rec = run(cfg, list(models), out, overwrite)
     click.echo(
         f"\n{'model':<40} {'batch':>5} {'top-1':>7} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>9} {'cv':>6}"
     )
     for r in rec["results"]:
         click.echo(
-            f"{r['model'][-40:]:<40} {r['batch']:>5} {r['top1']:>7.2f} {r['p50_ms']:>9.2f} {r['p90_ms']:>9.2f} "
+            f"{r['model'][-40:]:<40} {r['batch']:>5} {_top1(r['top1']):>7} {r['p50_ms']:>9.2f} {r['p90_ms']:>9.2f} "
             f"{r['p99_ms']:>9.2f} {r['images_per_second']:>9.1f} {r['cv']:>6.3f}"
             + (f"  (re-measured {r['remeasured']}x)" if r["remeasured"] else "")
         )
     first = rec["results"][0]
-    click.echo(
-        f"accuracy on {first['samples']} {first['dataset']} {first['split']} images, backend {kw['backend']}; "
-        f"report: {out}/report.md"
-    )
+    measured = f"accuracy on {first['samples']} {first['dataset']} {first['split']} images" if first["samples"] else ""
+    click.echo(f"{measured or 'timings only'}, backend {first['backend']}; report: {out}/report.md")
     if kw["update_baseline"]:
         click.echo(f"baseline written: {kw['baseline']}")
     if rec["gate"]:
         click.echo("\n" + rec["gate"]["table"])
         if not rec["gate"]["passed"]:
             sys.exit(EXIT_REGRESSION)
+
+
+def _top1(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 @defaults_from(AnalyzeConfig)

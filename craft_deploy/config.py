@@ -220,7 +220,7 @@ class CompressConfig(_Config):
 
 
 QUANT_PLACEMENTS = ("tensorrt", "ort-cpu")  # see craft_deploy.compress.placement
-EXPORT_FORMATS = ("onnx", "tensorrt", "torch-tensorrt", "aoti")
+EXPORT_FORMATS = ("onnx", "tensorrt", "torch-tensorrt", "aoti", "edge")
 EXPORT_PRECISIONS = ("auto", "fp32", "fp16", "int8")
 EXPORT_TARGETS = ("tensorrt", "ort-cpu")
 

@@ -83,7 +83,9 @@ def compare(
     for key in [k for k in run_rows if k in base_rows]:  # in the order they were measured
         cur, base = run_rows[key], base_rows[key]
         latency_change = cur["p50_ms"] / base["p50_ms"] - 1.0
-        accuracy_drop = base["top1"] - cur["top1"]
+        # rows without an accuracy (trtexec timings) are gated on latency alone
+        measured = base.get("top1") is not None and cur.get("top1") is not None
+        accuracy_drop = base["top1"] - cur["top1"] if measured else 0.0
         reasons = []
         if latency_change > max_latency_regression:
             reasons.append(f"p50 +{100 * latency_change:.1f}% > {100 * max_latency_regression:.1f}%")
@@ -121,7 +123,7 @@ def format_verdict(verdict: Verdict) -> str:
             note += f" (latency re-checked {r['confirmations']}x, fastest kept)"
         lines.append(
             f"{r['row']:<46} {r['baseline_p50_ms']:>9.2f} {r['p50_ms']:>9.2f} "
-            f"{100 * r['latency_change']:>+7.1f}% {r['baseline_top1']:>9.2f} {r['top1']:>9.2f} "
+            f"{100 * r['latency_change']:>+7.1f}% {_top1(r['baseline_top1']):>9} {_top1(r['top1']):>9} "
             f"{r['cv']:>6.3f}  {note}"
         )
     for key in verdict.only_in_run:
@@ -130,3 +132,7 @@ def format_verdict(verdict: Verdict) -> str:
         lines.append(f"{key:<46} in the baseline but not measured in this run")
     lines.append("gate: FAILED" if verdict.failed else "gate: passed")
     return "\n".join(lines)
+
+
+def _top1(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"

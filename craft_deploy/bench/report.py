@@ -21,8 +21,13 @@ def write_markdown(record: dict[str, Any], path: Path) -> None:
         lines += [
             f"## {model} on {backend}",
             "",
-            f"top-1 {first['top1']:.2f}%, top-5 {first['top5']:.2f}% on {first['samples']} "
-            f"{first['dataset']} {first['split']} images; model file {first['model_size_bytes'] / 1e6:.2f} MB",
+            (
+                f"top-1 {first['top1']:.2f}%, top-5 {first['top5']:.2f}% on {first['samples']} "
+                f"{first['dataset']} {first['split']} images"
+                if first["top1"] is not None
+                else "accuracy not measured by this backend (timings only)"
+            )
+            + (f"; model file {first['model_size_bytes'] / 1e6:.2f} MB" if first["model_size_bytes"] else ""),
             "",
             "| batch | p50 ms | p90 ms | p99 ms | mean ms | cv | images/s | re-measured |",
             "|---|---|---|---|---|---|---|---|",
@@ -46,10 +51,14 @@ def write_markdown(record: dict[str, Any], path: Path) -> None:
         for r in gate["rows"]:
             lines.append(
                 f"| {r['row']} | {r['baseline_p50_ms']:.2f} | {r['p50_ms']:.2f} | "
-                f"{100 * r['latency_change']:+.1f}% | {r['baseline_top1']:.2f} | {r['top1']:.2f} | "
+                f"{100 * r['latency_change']:+.1f}% | {_pct(r['baseline_top1'])} | {_pct(r['top1'])} | "
                 f"{'; '.join(r['reasons']) or 'ok'} |"
             )
     path.write_text("\n".join(lines) + "\n")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _groups(results: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -83,7 +92,7 @@ def write_plots(results: list[dict[str, Any]], out: Path) -> list[str]:
     written.append(
         _finish(fig, ax, "p50 latency per image (ms)", "latency vs batch size", out / "latency_vs_batch.png")
     )
-    if len(groups) > 1:
+    if len(groups) > 1 and all(r["top1"] is not None for r in results):
         batch = min(r["batch"] for r in results)
         points = [(r["p50_ms"], r["top1"], f"{r['model']} ({r['backend']})") for r in results if r["batch"] == batch]
         front = [p for p in points if not any(q[0] <= p[0] and q[1] >= p[1] and q != p for q in points)]

@@ -1,5 +1,5 @@
-"""Export stage: bundle -> ONNX, TensorRT engine, torch-tensorrt program or AOTInductor package, each verified against
-PyTorch on real images, and export.json.
+"""Export stage: bundle -> ONNX, TensorRT engine, torch-tensorrt program, AOTInductor package or device package, each
+verified against PyTorch on real images, and export.json.
 
 plan (what the bundle exports as) -> passes (graph rewrites, one function each) -> target (the artifact of a format)
 -> verify (the tolerance policy); a failed verification raises VerificationError (exit 4) and writes nothing.
@@ -19,7 +19,7 @@ from craft_deploy.artifacts import check_out_dir, staged_dir
 from craft_deploy.config import ExportConfig
 from craft_deploy.data import splits_for_manifest
 from craft_deploy.export.plan import ExportPlan, plan_export
-from craft_deploy.export.targets import aoti_package, onnx_model, torch_tensorrt_program
+from craft_deploy.export.targets import aoti_package, edge_package, onnx_model, torch_tensorrt_program
 from craft_deploy.export.verify import compare_outputs, verify_onnx
 from craft_deploy.models import load_bundle
 
@@ -40,13 +40,15 @@ def run(cfg: ExportConfig, bundle_path: str | Path, out: str | Path, overwrite: 
     with staged_dir(out, overwrite) as stage:
         t0 = time.perf_counter()
         splits = splits_for_manifest(manifest, cfg.data_root, eval_subset=cfg.verify_samples)
-        images = next(iter(DataLoader(splits.test, batch_size=cfg.verify_samples)))[0]
+        images, labels = next(iter(DataLoader(splits.test, batch_size=cfg.verify_samples)))[:2]
         with torch.no_grad():  # PyTorch's logits, once: every check compares against them
             ref = bundle.model.eval()(images).numpy()
         if cfg.format == "torch-tensorrt":
             record = torch_tensorrt_program.export(cfg, bundle, bundle_path, stage, plan, images, ref, t0)
         elif cfg.format == "aoti":
             record = aoti_package.export(cfg, bundle, bundle_path, stage, plan, images, ref, t0)
+        elif cfg.format == "edge":
+            record = edge_package.export(cfg, bundle, bundle_path, stage, plan, images, ref, t0, labels=labels)
         else:
             record = onnx_model.export(cfg, bundle, bundle_path, stage, plan, images, ref, t0)
         failed = [k for k, v in record["verification"].items() if isinstance(v, dict) and v.get("passed") is False]
