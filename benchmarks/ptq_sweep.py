@@ -1,7 +1,9 @@
 """The CrAFT paper's Table 2 on our bundles: top-1 after W8A8, W6A6, W6A16, W5A16 and W4A16 PTQ with each calibrator,
-and the calibration time for 512 samples.
+and the calibration time for 512 samples; FP8 (E4M3 weights and activations) on request.
 
     python benchmarks/ptq_sweep.py --bundles runs/seed_sweep/adam-s0 runs/seed_sweep/sam-0.05-s0
+    python benchmarks/ptq_sweep.py --bundles runs/demo/adam --configs w8a8 fp8 --methods minmax mse minmax+bn mse+bn \
+        --eval-subset 10000 --name fp8_vs_int8
 
 Weight-only configurations (a16) have no activations to calibrate: percentile and entropy reduce to the MSE weight
 clip there, so they are listed once as `minmax` and `mse`. PTQ4ViT runs on bundles of ViTs (timm Attention blocks);
@@ -27,7 +29,7 @@ from craft_deploy.data import calibration_subset, splits_for_manifest
 from craft_deploy.evaluate import evaluate
 from craft_deploy.models import load_bundle
 
-CONFIGS = [(8, 8), (6, 6), (6, 16), (5, 16), (4, 16)]
+CONFIGS = [(8, 8), (6, 6), (6, 16), (5, 16), (4, 16), ("fp8", 8)]  # fp8: E4M3, calibrated with minmax/percentile/mse
 METHODS = ["minmax", "percentile", "mse", "entropy", "ptq4vit", "minmax+bn", "mse+bn"]  # +bn: --bn-recalibrate
 
 
@@ -37,7 +39,9 @@ def main() -> None:
     ap.add_argument("--eval-subset", type=int, default=2000)
     ap.add_argument("--calib-samples", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--configs", nargs="+", default=[f"w{w}a{a}" for w, a in CONFIGS], help="e.g. w8a8 (timing run)")
+    ap.add_argument(
+        "--configs", nargs="+", default=[_name(w, a) for w, a in CONFIGS[:5]], help="e.g. w8a8 fp8 (default: the INTs)"
+    )
     ap.add_argument("--name", default="ptq_sweep")
     ap.add_argument("--methods", nargs="+", default=METHODS, help="re-run these calibrators; other results are kept")
     ap.add_argument("--out", default="benchmarks/results")
@@ -53,7 +57,7 @@ def main() -> None:
         has_bn = bool(batchnorms(bundle.model))
         row = {"bundle": Path(path).name, "fp32": fp32, "results": {}}
         for w, a in CONFIGS:
-            if f"w{w}a{a}" not in args.configs:
+            if _name(w, a) not in args.configs:
                 continue
             for method in args.methods:
                 calib_method, bn = method.removesuffix("+bn"), method.endswith("+bn")
@@ -61,15 +65,18 @@ def main() -> None:
                     continue
                 if a == 16 and calib_method in ("percentile", "entropy", "ptq4vit"):
                     continue
+                if w == "fp8" and calib_method in ("entropy", "ptq4vit"):
+                    continue
                 model = copy.deepcopy(bundle.model)
                 t0 = time.perf_counter()
+                fmt = dict(w_bits=8, number_format="fp8") if w == "fp8" else dict(w_bits=w)
                 qcfg = QuantConfig(  # ViTs: every calibrator quantizes the same tensors
-                    w_bits=w, a_bits=a, calib_method=calib_method, quant_attention=vit, bn_recalibrate=bn
+                    a_bits=a, calib_method=calib_method, quant_attention=vit, bn_recalibrate=bn, **fmt
                 )
                 report = apply_method(model, qcfg, calib)
                 seconds = time.perf_counter() - t0
                 top1 = evaluate(model, splits.test)["top1"]
-                key = f"w{w}a{a}/{method}"
+                key = f"{_name(w, a)}/{method}"
                 row["results"][key] = {"top1": top1, "calibration_seconds": seconds, "timings": report["timings"]}
                 print(
                     json.dumps({"bundle": row["bundle"], "config": key, "top1": top1, "seconds": round(seconds, 1)}),
@@ -92,14 +99,14 @@ def main() -> None:
 
 def table(rows: list[dict]) -> str:
     """Table 2 layout: one row per bundle and calibrator, top-1 (drop from FP32) per configuration."""
-    cols = [f"W{w}A{a}" for w, a in CONFIGS]
+    cols = [_name(w, a).upper() for w, a in CONFIGS]
     lines = ["| bundle | calibration | FP32 | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
     for r in rows:
         for method in METHODS:
             cells = []
             for w, a in CONFIGS:
                 weight_only = method.removesuffix("+bn") in ("minmax", "mse")
-                key = f"w{w}a{a}/{method if a != 16 or weight_only else 'mse'}"
+                key = f"{_name(w, a)}/{method if a != 16 or weight_only else 'mse'}"
                 res = r["results"].get(key)
                 cells.append(f"{res['top1']:.2f} ({res['top1'] - r['fp32']:+.2f})" if res else "-")
             ran = any(k.endswith(f"/{method}") for k in r["results"])
@@ -115,6 +122,10 @@ def table(rows: list[dict]) -> str:
             cells.append(f"{res['calibration_seconds']:.1f}" if res else "-")
         timing.append(f"| {r['bundle']} | " + " | ".join(cells) + " |")
     return "\n".join(lines + timing)
+
+
+def _name(w, a) -> str:
+    return "fp8" if w == "fp8" else f"w{w}a{a}"
 
 
 if __name__ == "__main__":

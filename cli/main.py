@@ -15,6 +15,7 @@ from click._utils import UNSET
 
 from craft_deploy import EXIT_INTERRUPTED, CraftError, __version__
 from craft_deploy.config import (
+    EDGE_DEVICES,
     EXPORT_FORMATS,
     EXPORT_PRECISIONS,
     EXPORT_TARGETS,
@@ -234,6 +235,27 @@ def main() -> None:
 @click.option(
     "--learn-scales", is_flag=True, help="Recovery: train the activation scales (LSQ) instead of freezing them."
 )
+@click.option(
+    "--method",
+    type=click.Choice(["tunecomp"]),
+    help="tunecomp: fine-tune and compress in one run, each Linear/1x1 conv fading from its pretrained weights into a "
+    "pruned low-rank student (docs/tunecomp.md).",
+)
+@click.option("--rank-ratio", type=float, help="tunecomp: rank = R x min(in, out) per factorised layer, e.g. 0.25.")
+@click.option("--rank-energy", type=float, help="tunecomp: the smallest rank keeping this share of spectral energy.")
+@click.option("--prune-ratio", show_default=True, type=float, help="tunecomp: share of each factor's entries pruned.")
+@click.option(
+    "--transition",
+    show_default=True,
+    type=float,
+    help="tunecomp: share of the training steps over which the dense branch fades out (and pruning ramps up).",
+)
+@click.option(
+    "--reg-weight",
+    show_default=True,
+    type=float,
+    help="tunecomp: initial weight of the student-vs-dense output regulariser, decaying with the dense branch.",
+)
 @click.option("--resume", type=click.Path(), help="Continue a killed run: its --out (or its checkpoint).")
 @out_option
 @overwrite_option
@@ -247,6 +269,7 @@ def finetune(out, overwrite, resume, **kw) -> None:
       craft-deploy finetune --optimizer sam --rho 0.05 --out runs/sam
       craft-deploy finetune --optimizer sam --rho 0.05 --out runs/sam --resume runs/sam   # after a kill
       craft-deploy finetune --init runs/sam-24-w8a8 --epochs 1 --train-subset 6000 --out runs/sam-24-w8a8-rec
+      craft-deploy finetune --method tunecomp --rank-ratio 0.25 --prune-ratio 0.6 --train-subset 6000 --out runs/tc
     """
     from craft_deploy.finetune import run
 
@@ -272,11 +295,24 @@ def finetune(out, overwrite, resume, **kw) -> None:
     CompressConfig,
     "craft_deploy.compress.prune:PruneConfig",
     "craft_deploy.compress.quant:QuantConfig",
+    "craft_deploy.compress.lowrank:LowRankConfig",
     prune_method="score",
     weight_granularity="w_granularity",
 )
 @main.command()
 @click.argument("bundle", type=click.Path())
+@click.option(
+    "--rank-ratio",
+    type=float,
+    help="Low-rank: factorise Linear layers and 1x1 convs into two of rank R x min(in, out), e.g. 0.25 (applied "
+    "before pruning and quantization).",
+)
+@click.option("--rank-energy", type=float, help="Low-rank: the smallest rank keeping this share of spectral energy.")
+@click.option(
+    "--activation-aware/--no-activation-aware",
+    show_default=True,
+    help="Low-rank: SVD of the weights scaled by the calibration inputs' channel RMS (else plain SVD).",
+)
 @click.option("--sparsity", help="Pruning: a ratio in (0, 1) such as 0.5, or N:M such as 2:4.")
 @click.option(
     "--prune-method",
@@ -301,7 +337,11 @@ def finetune(out, overwrite, resume, **kw) -> None:
     is_flag=True,
     help="Re-estimate BatchNorm statistics on calibration data after pruning and/or quantization.",
 )
-@click.option("--quant", help="Post-training quantization wXaY: w8a8, w6a6, w6a16, w4a16 (a16 = float activations).")
+@click.option(
+    "--quant",
+    help="Post-training quantization wXaY: w8a8, w6a6, w6a16, w4a16 (a16 = float activations); or fp8 (E4M3 "
+    "weights and activations, for TensorRT on Hopper/Ada).",
+)
 @click.option(
     "--calib-method",
     show_default=True,
@@ -354,10 +394,11 @@ def finetune(out, overwrite, resume, **kw) -> None:
 @overwrite_option
 @_guard
 def compress(bundle, out, overwrite, include, exclude, **kw) -> None:
-    """Prune and/or quantize a bundle in one shot; writes a bundle and compress.json.
+    """Factorise, prune and/or quantize a bundle in one shot; writes a bundle and compress.json.
 
     \b
     Examples:
+      craft-deploy compress runs/adam --rank-ratio 0.25 --calib-samples 256 --out runs/adam-r25
       craft-deploy compress runs/adam --quant w8a8 --calib-samples 256 --out runs/adam-w8a8
       craft-deploy compress runs/sam --sparsity 2:4 --quant w8a8 --out runs/sam-24-w8a8
     """
@@ -442,6 +483,11 @@ def sparsity(bundle) -> None:
 @click.option("--sparse", is_flag=True, help="TensorRT: SPARSE_WEIGHTS (2:4-pruned weights may get sparse kernels).")
 @click.option("--workspace-gb", show_default=True, type=float, help="TensorRT builder workspace.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache file (read and updated).")
+@click.option(
+    "--device",
+    type=click.Choice(list(EDGE_DEVICES)),
+    help="--format edge: the device the package is for (recorded; FP8 is refused for GPUs without FP8 tensor cores).",
+)
 @data_root_option
 @out_option
 @overwrite_option

@@ -83,7 +83,9 @@ def parse_quant(text: str | None) -> tuple[int, int] | None:
         return None
     m = re.fullmatch(r"w(\d+)a(\d+)", str(text).strip().lower())
     if not m:
-        raise CraftError(f"--quant {text!r} must look like wXaY (e.g. w8a8, w6a6, w4a16): weight and activation bits")
+        raise CraftError(
+            f"--quant {text!r} must look like wXaY (e.g. w8a8, w6a6, w4a16: weight and activation bits) or be fp8"
+        )
     w, a = int(m.group(1)), int(m.group(2))
     if not 2 <= w <= 8:
         raise CraftError(f"--quant {text}: weight bits must be 2..8, got {w}")
@@ -130,9 +132,16 @@ class FinetuneConfig(_Config):
     kd_alpha: float = 1.0  # weight of the distillation term on top of the task loss; 0 = no distillation
     calib_samples: int = 256  # recovery: training images for the final BatchNorm re-estimation
     learn_scales: bool = False  # recovery: activation scales trained as in LSQ instead of frozen
+    method: str | None = None  # tunecomp: fine-tune and compress jointly (finetune.tunecomp)
+    rank_ratio: float | None = None  # tunecomp: rank = ratio x min(in, out) per factorised layer
+    rank_energy: float | None = None  # tunecomp: or the smallest rank keeping this share of spectral energy
+    prune_ratio: float = 0.0  # tunecomp: share of each factor's entries pruned by the end of the transition
+    transition: float = 0.5  # tunecomp: share of the run's steps over which the dense branch fades out
+    reg_weight: float = 1.0  # tunecomp: initial weight of the student-vs-dense output regulariser (decays with a_t)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cram_sparsities", tuple(float(v) for v in self.cram_sparsities))
+        self._check_tunecomp()
         if self.rho is not None and self.rho <= 0:
             raise CraftError(f"--rho must be positive (SAM's neighbourhood radius, e.g. 0.05), got {self.rho}")
         if self.base not in ("adam", "sgd"):
@@ -180,6 +189,25 @@ class FinetuneConfig(_Config):
         if self.calib_samples < 1:
             raise CraftError(f"--calib-samples must be positive, got {self.calib_samples}")
 
+    def _check_tunecomp(self) -> None:
+        tunecomp_flags = self.rank_ratio is not None or self.rank_energy is not None or self.prune_ratio > 0
+        if self.method not in (None, "tunecomp"):
+            raise CraftError(f"--method must be tunecomp (or left out for plain fine-tuning), got {self.method!r}")
+        if self.method is None:
+            if tunecomp_flags:
+                raise CraftError("--rank-ratio, --rank-energy and --prune-ratio go with --method tunecomp")
+            return
+        if self.init is not None:
+            raise CraftError("--method tunecomp starts from a pretrained model; it cannot continue --init as well")
+        if (self.rank_ratio is None) == (self.rank_energy is None):
+            raise CraftError("--method tunecomp needs exactly one of --rank-ratio R and --rank-energy E")
+        if not 0.0 <= self.prune_ratio < 1.0:
+            raise CraftError(f"--prune-ratio must be in [0, 1), e.g. 0.6, got {self.prune_ratio}")
+        if not 0.0 < self.transition < 1.0:
+            raise CraftError(f"--transition must be in (0, 1) (a share of the training steps), got {self.transition}")
+        if self.reg_weight < 0:
+            raise CraftError(f"--reg-weight must be >= 0, got {self.reg_weight}")
+
 
 @dataclass(frozen=True)
 class CompressConfig(_Config):
@@ -221,8 +249,19 @@ class CompressConfig(_Config):
 
 QUANT_PLACEMENTS = ("tensorrt", "ort-cpu")  # see craft_deploy.compress.placement
 EXPORT_FORMATS = ("onnx", "tensorrt", "torch-tensorrt", "aoti", "edge")
-EXPORT_PRECISIONS = ("auto", "fp32", "fp16", "int8")
+EXPORT_PRECISIONS = ("auto", "fp32", "fp16", "int8", "fp8")
 EXPORT_TARGETS = ("tensorrt", "ort-cpu")
+# devices a package can be meant for (--format edge --device), with the compute capability (SM) of their GPU
+EDGE_DEVICES = {
+    "xavier": 7.2,
+    "orin": 8.7,
+    "thor": 11.0,
+    "turing": 7.5,
+    "ampere": 8.0,
+    "ada": 8.9,
+    "hopper": 9.0,
+    "blackwell": 10.0,
+}
 
 
 @dataclass(frozen=True)
@@ -245,8 +284,14 @@ class ExportConfig(_Config):
     sparse: bool = False
     workspace_gb: float = 4.0
     timing_cache: str | None = None
+    device: str | None = None  # --format edge: the device the package is for (EDGE_DEVICES)
 
     def __post_init__(self) -> None:
+        if self.device is not None and (self.format != "edge" or self.device not in EDGE_DEVICES):
+            raise CraftError(
+                f"--device {self.device!r} names the device of a package: use it with --format edge and one of "
+                f"{', '.join(EDGE_DEVICES)}"
+            )
         object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))  # JSON round trips give lists
         for flag, value, choices in (
             ("--format", self.format, EXPORT_FORMATS),

@@ -4,7 +4,7 @@ from torch import nn
 
 from conftest import tiny_model_and_calib
 from craft_deploy import CraftError
-from craft_deploy.compress import METHODS, PruneConfig, QuantConfig
+from craft_deploy.compress import METHODS, LowRankConfig, PruneConfig, QuantConfig
 from craft_deploy.compress.primitives import as_input_groups, from_input_groups, nm_mask, unstructured_mask
 from craft_deploy.compress.qmodules import ActQuantizer
 from craft_deploy.compress.qparams import fake_quant, qmax_for, sqnr_db
@@ -63,7 +63,7 @@ def test_act_quantizer_uses_the_narrow_grid(bits):
 
 
 # One small config per registered method; a method registered without one fails test_every_method_has_an_example.
-METHOD_EXAMPLES = {"prune": PruneConfig(n=2, m=4), "quantize": QuantConfig()}
+METHOD_EXAMPLES = {"lowrank": LowRankConfig(rank_ratio=0.25), "prune": PruneConfig(n=2, m=4), "quantize": QuantConfig()}
 
 
 def test_every_method_has_an_example():

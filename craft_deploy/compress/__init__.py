@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from craft_deploy import CraftError
 from craft_deploy.artifacts import check_out_dir, staged_dir
+from craft_deploy.compress.lowrank import LowRankConfig
 from craft_deploy.compress.prune import PruneConfig, sparsity_report
 from craft_deploy.compress.quant import QuantConfig
 from craft_deploy.compress.registry import (
@@ -35,6 +36,7 @@ from craft_deploy.records import stage_entry, write_record
 __all__ = [
     "METHODS",
     "CalibLoop",
+    "LowRankConfig",
     "Method",
     "MethodConfig",
     "PruneConfig",
@@ -63,13 +65,22 @@ def from_flags(
     quant_attention: bool = QuantConfig.quant_attention,
     placement: str = QuantConfig.placement,
     weight_rounding: str = QuantConfig.weight_rounding,
+    rank_ratio: float | None = None,
+    rank_energy: float | None = None,
+    activation_aware: bool = LowRankConfig.activation_aware,
     include: tuple[str, ...] = (),
     exclude: tuple[str, ...] = (),
     **data: Any,
 ) -> CompressConfig:
     """The CompressConfig the `compress` flags describe: `--sparsity` (N:M or a ratio) becomes a PruneConfig, `--quant
-    wXaY` a QuantConfig, each validating its own values; `data` holds calib_samples, eval_subset, data_root, seed."""
+    wXaY` a QuantConfig, `--rank-ratio`/`--rank-energy` a LowRankConfig (applied first), each validating its own
+    values; `data` holds calib_samples, eval_subset, data_root, seed."""
     methods: list[MethodConfig] = []
+    if rank_ratio is not None or rank_energy is not None:
+        methods.append(
+            LowRankConfig(include=include, exclude=exclude, rank_ratio=rank_ratio, rank_energy=rank_energy,
+                          activation_aware=activation_aware)
+        )  # fmt: skip
     parsed = parse_sparsity(sparsity)
     if parsed is not None:
         kind, value = parsed
@@ -78,7 +89,8 @@ def from_flags(
             PruneConfig(include=include, exclude=exclude, score=prune_method, granularity=granularity,
                         sequential=sequential, bn_recalibrate=bn_recalibrate, **pattern)
         )  # fmt: skip
-    bits = parse_quant(quant)
+    fp8 = str(quant).strip().lower() == "fp8"
+    bits = (8, 8) if fp8 else parse_quant(quant)
     if bits is None:
         defaults = (QuantConfig.calib_method, False, QuantConfig.act_asymmetric, QuantConfig.placement)
         if (calib_method, bool(group_size), act_asymmetric, placement) != defaults:
@@ -93,7 +105,8 @@ def from_flags(
                         percentile=percentile, weight_calib=weight_calib,
                         w_granularity="group" if group_size else weight_granularity,
                         group_size=group_size or 0, act_asymmetric=act_asymmetric, quant_attention=quant_attention,
-                        bn_recalibrate=bn_recalibrate, placement=placement, weight_rounding=weight_rounding)
+                        bn_recalibrate=bn_recalibrate, placement=placement, weight_rounding=weight_rounding,
+                        number_format="fp8" if fp8 else "int")
         )  # fmt: skip
     return CompressConfig(methods=tuple(methods), **data)
 

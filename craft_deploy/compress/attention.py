@@ -61,8 +61,8 @@ def quantize_attention(mod: nn.Module, spec: MatMulQuantSpec) -> None:
 
     if not isinstance(mod, Attention):
         raise TypeError(f"expected a timm Attention block, got {type(mod).__name__}")
-    bits, sym = spec.a_bits, spec.a_symmetric
-    mod.qk_matmul = QuantMatMul(ActQuantizer(bits, sym), ActQuantizer(bits, sym))
-    probs = TwinActQuantizer(bits, "softmax") if spec.probs_twin else ActQuantizer(bits, sym)
-    mod.av_matmul = QuantMatMul(probs, ActQuantizer(bits, sym))
+    bits, sym, fmt = spec.a_bits, spec.a_symmetric, spec.number_format
+    mod.qk_matmul = QuantMatMul(ActQuantizer(bits, sym, fmt), ActQuantizer(bits, sym, fmt))
+    probs = TwinActQuantizer(bits, "softmax") if spec.probs_twin else ActQuantizer(bits, sym, fmt)
+    mod.av_matmul = QuantMatMul(probs, ActQuantizer(bits, sym, fmt))
     mod.__class__ = QuantAttention

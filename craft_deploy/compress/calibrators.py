@@ -14,7 +14,14 @@ import numpy as np
 import torch
 
 from craft_deploy import CraftError
-from craft_deploy.compress.qparams import fake_quant_range_np, fake_quant_symmetric, qmax_for
+from craft_deploy.compress.qparams import (
+    FP8_E4M3_MAX,
+    fake_quant_fp8,
+    fake_quant_fp8_range_np,
+    fake_quant_range_np,
+    fake_quant_symmetric,
+    qmax_for,
+)
 from craft_deploy.registry import name_registrar
 
 HIST_BINS = 2048
@@ -73,6 +80,7 @@ class Calibrator:
     symmetric_only: bool = False  # refuses --act-asymmetric and --placement ort-cpu
     twin_quantizers: bool = False  # PTQ4ViT's twin-uniform quantizers: simulation only, no Q/DQ export
     weight_method: str = "mse"  # weight scales to pair it with unless --weight-calib says otherwise
+    fp8: bool = False  # calibrates E4M3 ranges too (--quant fp8)
 
     def __init__(self, percentile: float = 99.99):
         self.percentile = percentile
@@ -80,11 +88,15 @@ class Calibrator:
     def range(self, obs: RangeObserver, bits: int) -> tuple[float, float]:
         raise NotImplementedError
 
-    def compute(self, obs: RangeObserver, bits: int) -> tuple[float, float]:
+    def range_fp8(self, obs: RangeObserver) -> tuple[float, float]:
+        """The range for an E4M3 quantizer; a calibrator whose range does not depend on the grid reuses `range`."""
+        return self.range(obs, 8)
+
+    def compute(self, obs: RangeObserver, bits: int, number_format: str = "int") -> tuple[float, float]:
         """The calibrated range of an observer; symmetric observers return (-amax, amax)."""
         if obs.hist is None and self.histogram:
             raise CraftError(f"calibrator {self.name!r} needs the histogram pass, which did not run")
-        lo, hi = self.range(obs, bits)
+        lo, hi = self.range_fp8(obs) if number_format == "fp8" else self.range(obs, bits)
         return (-hi, hi) if obs.symmetric else (lo, hi)
 
     def refine(self, model, calib, cfg) -> list[str]:
@@ -115,6 +127,7 @@ class MinMax(Calibrator):
 
     histogram = False
     weight_method = "minmax"
+    fp8 = True
 
     def range(self, obs: RangeObserver, bits: int) -> tuple[float, float]:
         return min(obs.lo, 0.0), max(obs.hi, 0.0)
@@ -124,6 +137,8 @@ class MinMax(Calibrator):
 class Percentile(Calibrator):
     """The `--percentile` of |x| (or of x at both ends, asymmetric)."""
 
+    fp8 = True
+
     def range(self, obs: RangeObserver, bits: int) -> tuple[float, float]:
         return _percentile(obs, self.percentile)
 
@@ -132,8 +147,13 @@ class Percentile(Calibrator):
 class MSE(Calibrator):
     """The clipping range that minimises the histogram's expected squared quantization error."""
 
+    fp8 = True
+
     def range(self, obs: RangeObserver, bits: int) -> tuple[float, float]:
         return _mse(obs, bits)
+
+    def range_fp8(self, obs: RangeObserver) -> tuple[float, float]:
+        return _mse(obs, 8, number_format="fp8")
 
 
 @register_calibrator("entropy")
@@ -174,8 +194,9 @@ def _percentile(obs: RangeObserver, p: float) -> tuple[float, float]:
     return min(lo, 0.0), max(hi, 0.0)
 
 
-def _mse(obs: RangeObserver, bits: int, points: int = 100) -> tuple[float, float]:
-    """The clipping range minimising the histogram's expected squared quantization error."""
+def _mse(obs: RangeObserver, bits: int, points: int = 100, number_format: str = "int") -> tuple[float, float]:
+    """The clipping range minimising the histogram's expected squared quantization error (E4M3 ranges are
+    symmetric: only the amax is searched)."""
     hist, centers = obs.hist.numpy(), obs.centers()
     best, best_err = (obs.lo, obs.hi), math.inf
     fracs = np.linspace(1.0 / points, 1.0, points)
@@ -184,8 +205,15 @@ def _mse(obs: RangeObserver, bits: int, points: int = 100) -> tuple[float, float
     else:  # shrink each end independently (a coarser grid, both ends)
         coarse = np.linspace(0.1, 1.0, 19)
         candidates = [(obs.lo * a, obs.hi * b) for a in coarse for b in coarse]
+    if number_format == "fp8":
+        amax = max(abs(obs.lo), abs(obs.hi))
+        candidates = [(-amax * f, amax * f) for f in fracs]
     for lo, hi in candidates:
-        err = float((hist * (centers - fake_quant_range_np(centers, lo, hi, bits, obs.symmetric)) ** 2).sum())
+        if number_format == "fp8":
+            fq = fake_quant_fp8_range_np(centers, hi)
+        else:
+            fq = fake_quant_range_np(centers, lo, hi, bits, obs.symmetric)
+        err = float((hist * (centers - fq) ** 2).sum())
         if err < best_err:
             best, best_err = (lo, hi), err
     return best
@@ -223,15 +251,17 @@ def _kl(p: np.ndarray, q: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def mse_weight_scale(rows: torch.Tensor, bits: int, points: int = 40) -> torch.Tensor:
+def mse_weight_scale(rows: torch.Tensor, bits: int, points: int = 40, number_format: str = "int") -> torch.Tensor:
     """Per-row symmetric scale of a weight viewed as rows, minimising the squared error over clip ratios 0.5..1."""
-    qmax = qmax_for(bits)
+    fp8 = number_format == "fp8"
+    qmax = FP8_E4M3_MAX if fp8 else qmax_for(bits)
     amax = rows.abs().amax(dim=1).clamp(min=1e-8)
     best_scale = amax / qmax
     best_err = torch.full_like(amax, math.inf)
     for frac in torch.linspace(0.5, 1.0, points):
         scale = (amax * frac / qmax)[:, None]
-        err = (fake_quant_symmetric(rows, scale, bits) - rows).pow(2).sum(dim=1)
+        fq = fake_quant_fp8(rows, scale[:, 0], 0) if fp8 else fake_quant_symmetric(rows, scale, bits)
+        err = (fq - rows).pow(2).sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale[:, 0], best_scale)

@@ -17,21 +17,37 @@ from torch.nn.utils import parametrize
 
 from craft_deploy import CraftError
 from craft_deploy.compress.calibrators import RangeObserver, mse_weight_scale
-from craft_deploy.compress.qparams import act_grid, asymmetric_qparams, choose_qparams, qmax_for, symmetric_act_qparams
+from craft_deploy.compress.qparams import (
+    FP8_E4M3_MAX,
+    act_grid,
+    asymmetric_qparams,
+    choose_qparams,
+    fake_quant_fp8,
+    fp8_scale,
+    qmax_for,
+    symmetric_act_qparams,
+)
 from craft_deploy.compress.spec import LayerQuantSpec, MatMulQuantSpec, TensorQuantSpec
 
 
 class WeightQuantizer(nn.Module):
-    """Symmetric fake-quant of a weight on [-qmax, qmax]: per output channel, per tensor, or per group.
+    """Symmetric fake-quant of a weight on [-qmax, qmax]: per output channel, per tensor, or per group; or, with
+    `number_format` fp8, E4M3 per output channel or per tensor.
 
     Groups are `group_size` consecutive weights of an output channel's flattened (in, kh, kw) weights.
     """
 
     def __init__(
-        self, shape: torch.Size | tuple[int, ...], bits: int, granularity: str = "channel", group_size: int = 0
+        self,
+        shape: torch.Size | tuple[int, ...],
+        bits: int,
+        granularity: str = "channel",
+        group_size: int = 0,
+        number_format: str = "int",
     ):
         super().__init__()
         self.bits, self.granularity, self.group_size = bits, granularity, group_size
+        self.number_format = number_format
         per_row = math.prod(shape[1:])
         if granularity == "group":
             if group_size <= 0 or per_row % group_size:
@@ -51,15 +67,18 @@ class WeightQuantizer(nn.Module):
     def calibrate(self, weight: torch.Tensor, method: str = "minmax") -> None:
         rows = self.rows(weight.detach().float())
         if method == "mse":
-            scale = mse_weight_scale(rows if self.granularity != "tensor" else rows.reshape(1, -1), self.bits)
+            rows = rows if self.granularity != "tensor" else rows.reshape(1, -1)
+            scale = mse_weight_scale(rows, self.bits, number_format=self.number_format)
         else:
             amax = rows.abs().amax(dim=1) if self.granularity != "tensor" else rows.abs().amax().reshape(1)
-            scale = choose_qparams(amax, self.bits)
+            scale = fp8_scale(amax) if self.number_format == "fp8" else choose_qparams(amax, self.bits)
         self.scale.copy_(scale.expand_as(self.scale))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return weight
+        if self.number_format == "fp8":  # E4M3 saturates by itself: no clamp needed
+            return fake_quant_fp8(weight, self.scale, 0 if self.granularity == "channel" else None)
         if self.granularity == "group":  # one scale per row of (channels * groups, group_size)
             rows = self.rows(weight)
             rows = rows if self.pre_clamped else self.clamp(rows)
@@ -72,7 +91,8 @@ class WeightQuantizer(nn.Module):
     def clamp(self, w: torch.Tensor) -> torch.Tensor:
         """Clip weights (or weight rows) to [-qmax, qmax] steps: a clipped (MSE) or narrow (INT6, INT4) grid stays
         exact."""
-        lim = (self.scale * qmax_for(self.bits)).reshape(-1, *[1] * (w.ndim - 1))
+        top = FP8_E4M3_MAX if self.number_format == "fp8" else qmax_for(self.bits)
+        lim = (self.scale * top).reshape(-1, *[1] * (w.ndim - 1))
         return torch.clamp(w, -lim, lim)
 
 
@@ -98,13 +118,16 @@ class _ActivationQuantizer(nn.Module):
 class ActQuantizer(_ActivationQuantizer):
     """Per-tensor fake-quant of an activation with a static, calibrated range; symmetric or asymmetric."""
 
-    def __init__(self, bits: int, symmetric: bool = True):
+    def __init__(self, bits: int, symmetric: bool = True, number_format: str = "int"):
         super().__init__(bits)
         self.symmetric = symmetric
+        self.number_format = number_format
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.number_format == "fp8":
+            return fake_quant_fp8(x, self.scale)
         qmin, qmax = act_grid(self.bits)
         if self.bits < 8:  # keep a narrower grid exact when it is written as int8 Q/DQ
             zp = self.zero_point.to(x.dtype)
@@ -124,13 +147,19 @@ class ActQuantizer(_ActivationQuantizer):
 
     @torch.no_grad()
     def set_range(self, lo: float, hi: float) -> None:
-        """Scale (and zero point) mapping [lo, hi] onto the integer grid; symmetric uses max(|lo|, |hi|)."""
-        scale, zero_point = (symmetric_act_qparams if self.symmetric else asymmetric_qparams)(lo, hi, self.bits)
+        """Scale (and zero point) mapping [lo, hi] onto the integer grid; symmetric uses max(|lo|, |hi|); E4M3 maps
+        max(|lo|, |hi|) to 448."""
+        if self.number_format == "fp8":
+            scale, zero_point = float(fp8_scale(torch.tensor(max(abs(lo), abs(hi))))), 0
+        else:
+            scale, zero_point = (symmetric_act_qparams if self.symmetric else asymmetric_qparams)(lo, hi, self.bits)
         self.scale.fill_(scale)
         self.zero_point.fill_(zero_point)
 
     def range(self) -> tuple[float, float]:
         """The calibrated range: (-amax, amax) when symmetric, else the grid's ends."""
+        if self.number_format == "fp8":
+            return (-FP8_E4M3_MAX * float(self.scale), FP8_E4M3_MAX * float(self.scale))
         qmin, qmax = act_grid(self.bits)
         s, zp = float(self.scale), int(self.zero_point)
         return (-qmax * s, qmax * s) if self.symmetric else ((qmin - zp) * s, (qmax - zp) * s)
@@ -194,8 +223,8 @@ def _quantize_output(module: nn.Module, args: tuple, out: torch.Tensor) -> torch
     return module.output_quantizer(out)
 
 
-def make_act_quantizer(bits: int, symmetric: bool, twin: str | None = None) -> nn.Module:
-    return TwinActQuantizer(bits, twin) if twin else ActQuantizer(bits, symmetric=symmetric)
+def make_act_quantizer(bits: int, symmetric: bool, twin: str | None = None, number_format: str = "int") -> nn.Module:
+    return TwinActQuantizer(bits, twin) if twin else ActQuantizer(bits, symmetric, number_format)
 
 
 def attach_quantizers(
@@ -208,10 +237,10 @@ def attach_quantizers(
     output (`tensors`, see compress.placement). Names that are not the right kind of module are CraftErrors."""
     for name, spec in layers.items():
         mod = _submodule(model, name, (nn.Linear, nn.Conv2d), "a Linear or Conv2d layer")
-        wq = WeightQuantizer(mod.weight.shape, spec.w_bits, spec.w_granularity, spec.group_size)
+        wq = WeightQuantizer(mod.weight.shape, spec.w_bits, spec.w_granularity, spec.group_size, spec.number_format)
         parametrize.register_parametrization(mod, "weight", wq, unsafe=True)  # shape-preserving; no trial call
         if spec.quantizes_input:
-            mod.input_quantizer = make_act_quantizer(spec.a_bits, spec.a_symmetric, spec.a_twin)
+            mod.input_quantizer = make_act_quantizer(spec.a_bits, spec.a_symmetric, spec.a_twin, spec.number_format)
             mod.register_forward_pre_hook(_quantize_input)
     if matmuls:
         from craft_deploy.compress.attention import Attention, quantize_attention

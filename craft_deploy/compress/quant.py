@@ -22,6 +22,7 @@ from craft_deploy.compress.calibrators import CALIBRATORS, Calibrator, RangeObse
 from craft_deploy.compress.layers import select_layers
 from craft_deploy.compress.placement import PLACEMENTS, ort_cpu_tensors
 from craft_deploy.compress.qmodules import ActQuantizer, activation_quantizers, attach_quantizers, quantized_layers
+from craft_deploy.compress.qparams import NUMBER_FORMATS
 from craft_deploy.compress.registry import CalibLoop, Method, MethodConfig, register_method
 from craft_deploy.compress.spec import LayerQuantSpec, MatMulQuantSpec, TensorQuantSpec, read_specs
 
@@ -47,8 +48,13 @@ class QuantConfig(MethodConfig):
     bn_recalibrate: bool = False
     placement: str = "tensorrt"
     weight_rounding: str = "nearest"
+    number_format: str = "int"  # fp8: E4M3 weights and activations (--quant fp8)
 
     def __post_init__(self) -> None:
+        if self.number_format not in NUMBER_FORMATS:
+            raise CraftError(f"number format must be one of {', '.join(NUMBER_FORMATS)}, got {self.number_format!r}")
+        if self.number_format == "fp8":
+            self._check_fp8()
         if not 2 <= self.w_bits <= 8:
             raise CraftError(f"weight bits must be 2..8, got {self.w_bits}")
         if not (2 <= self.a_bits <= 8 or self.a_bits == 16):
@@ -89,8 +95,29 @@ class QuantConfig(MethodConfig):
         if self.search_points < 2 or self.search_rounds < 1:
             raise CraftError(f"search needs >= 2 points and >= 1 round, got {self.search_points}, {self.search_rounds}")
 
+    def _check_fp8(self) -> None:
+        fp8_calibrators = [n for n, c in CALIBRATORS.items() if c.fp8]
+        if self.w_bits != 8 or self.a_bits not in (8, 16):
+            raise CraftError(f"fp8 is 8-bit E4M3 weights (and activations); got w{self.w_bits}a{self.a_bits}")
+        if self.calib_method not in fp8_calibrators:
+            raise CraftError(
+                f"--quant fp8 calibrates with {_or_list(fp8_calibrators)}, not --calib-method {self.calib_method}"
+            )
+        if self.w_granularity == "group" or self.weight_rounding != "nearest":
+            raise CraftError(
+                "--quant fp8 takes per-channel or per-tensor weight scales and nearest rounding (no --group-size, no "
+                "--weight-rounding gptq)"
+            )
+        if self.placement != "tensorrt" or self.act_asymmetric:
+            raise CraftError(
+                "--quant fp8 is symmetric and runs on TensorRT (Hopper, Ada): keep --placement tensorrt and drop "
+                "--act-asymmetric; for ONNX Runtime on a CPU quantize with --quant w7a8 --placement ort-cpu"
+            )
+
     @property
     def name(self) -> str:
+        if self.number_format == "fp8":
+            return "fp8" if self.a_bits == 8 else "fp8-weights"
         return f"w{self.w_bits}a{self.a_bits}"
 
     @property
@@ -135,9 +162,15 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dic
             group_size=cfg.group_size,
             a_symmetric=cfg.act_symmetric,
             a_twin="gelu" if cal.twin_quantizers and _after_gelu(name, model) else None,
+            number_format=cfg.number_format,
         )
     matmuls = {
-        name: MatMulQuantSpec(a_bits=cfg.a_bits, a_symmetric=cfg.act_symmetric, probs_twin=cal.twin_quantizers)
+        name: MatMulQuantSpec(
+            a_bits=cfg.a_bits,
+            a_symmetric=cfg.act_symmetric,
+            probs_twin=cal.twin_quantizers,
+            number_format=cfg.number_format,
+        )
         for name in attn
     }
     tensors = {}
@@ -185,6 +218,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dic
         "calibration": method,
         "weight_calibration": cfg.weight_method,
         "weight_rounding": cfg.weight_rounding,
+        "number_format": cfg.number_format,
         "layers": {n: s.to_dict() for n, s in spec.items()},
         "matmuls": {n: s.to_dict() for n, s in matmuls.items()},
         "tensors": {n: s.to_dict() for n, s in tensors.items()},
@@ -257,7 +291,7 @@ def observe_ranges(model: nn.Module, act: dict[str, nn.Module], calib: CalibLoop
         for q in act.values():
             q.observer = None
     for name, q in act.items():
-        q.set_range(*cal.compute(observers[name], q.bits))
+        q.set_range(*cal.compute(observers[name], q.bits, getattr(q, "number_format", "int")))
 
 
 def _after_gelu(name: str, model: nn.Module) -> bool:

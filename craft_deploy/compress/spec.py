@@ -21,6 +21,12 @@ def _bits(value: Any, what: str, allow_float: bool) -> int:
     return value
 
 
+def _format(value: Any) -> str:
+    if value not in ("int", "fp8"):
+        raise CraftError(f"quantization spec: number_format must be int or fp8, got {value!r}")
+    return value
+
+
 def _flag(value: Any, what: str) -> bool:
     if not isinstance(value, bool):
         raise CraftError(f"quantization spec: {what} must be true or false, got {value!r}")
@@ -55,8 +61,19 @@ class LayerQuantSpec(_Spec):
     group_size: int = 0
     a_symmetric: bool = True
     a_twin: str | None = None
+    number_format: str = "int"  # int (integer grids) or fp8 (E4M3 weights and inputs, 8 bits)
 
     def __post_init__(self) -> None:
+        _format(self.number_format)
+        if self.number_format == "fp8" and (
+            self.w_bits != 8 or self.a_bits not in (8, FLOAT_BITS) or not self.a_symmetric or self.a_twin
+        ):
+            raise CraftError(
+                "quantization spec: fp8 is E4M3 weights (w_bits 8) and symmetric E4M3 or float inputs (a_bits 8 or "
+                f"16), got w_bits {self.w_bits}, a_bits {self.a_bits}, a_symmetric {self.a_symmetric}"
+            )
+        if self.number_format == "fp8" and self.w_granularity == "group":
+            raise CraftError("quantization spec: fp8 weights are per channel or per tensor, not per group")
         _bits(self.w_bits, "w_bits", allow_float=False)
         _bits(self.a_bits, "a_bits", allow_float=True)
         _flag(self.a_symmetric, "a_symmetric")
@@ -87,8 +104,12 @@ class MatMulQuantSpec(_Spec):
     a_bits: int = 8
     a_symmetric: bool = True
     probs_twin: bool = False
+    number_format: str = "int"
 
     def __post_init__(self) -> None:
+        _format(self.number_format)
+        if self.number_format == "fp8" and (self.probs_twin or not self.a_symmetric):
+            raise CraftError("quantization spec: fp8 attention matmuls are symmetric and single-scale")
         _bits(self.a_bits, "a_bits", allow_float=False)
         _flag(self.a_symmetric, "a_symmetric")
         _flag(self.probs_twin, "probs_twin")

@@ -12,19 +12,20 @@ from craft_deploy import CraftError
 from craft_deploy.compress.quant import quant_specs
 from craft_deploy.compress.registry import method_state
 from craft_deploy.compress.spec import FLOAT_BITS
-from craft_deploy.config import ExportConfig
+from craft_deploy.config import EDGE_DEVICES, ExportConfig
 
 INT4_OPSET = 21
+FP8_OPSET = 19  # QuantizeLinear/DequantizeLinear with FLOAT8E4M3FN
 
 
 @dataclass(frozen=True)
 class ExportPlan:
     """What a bundle exports as, settled before anything is written."""
 
-    precision: str  # fp32 | fp16 | int8 (the bundle's Q/DQ graph, whatever its bit widths)
+    precision: str  # fp32 | fp16 | int8 (the bundle's Q/DQ graph, whatever its bit widths) | fp8 (E4M3 Q/DQ)
     opset: int
-    weights: str  # fp32 | fp16 | int8 | int4 (storage; INT6/INT5 values sit in int8)
-    activations: str  # fp32 | fp16 | int8 | uint8
+    weights: str  # fp32 | fp16 | int8 | int4 (storage; INT6/INT5 values sit in int8) | fp8
+    activations: str  # fp32 | fp16 | int8 | uint8 | fp8
 
     @property
     def int4_weights(self) -> bool:
@@ -39,10 +40,19 @@ def plan_export(cfg: ExportConfig, manifest: dict[str, Any], bundle_path: str | 
     """Resolve --precision auto and the opset, and refuse combinations that cannot be exported, naming what can."""
     quant = method_state(manifest, "quantize") or {}
     name = quant.get("config", "")
-    precision = cfg.precision if cfg.precision != "auto" else ("int8" if quant else "fp32")
-    if precision == "int8" and not quant:
+    fp8 = quant.get("number_format") == "fp8"
+    quantized = "fp8" if fp8 else "int8"
+    precision = cfg.precision if cfg.precision != "auto" else (quantized if quant else "fp32")
+    if quant and precision in ("int8", "fp8") and precision != quantized:
         raise CraftError(
-            f"--precision int8 needs a quantized bundle and {bundle_path} is float; quantize it first: "
+            f"{bundle_path} is quantized to {name} and exports as {quantized} Q/DQ, not --precision {precision}: use "
+            f"--precision {quantized} (or auto)"
+        )
+    if fp8:
+        return _fp8_plan(cfg, quant, bundle_path)
+    if precision in ("int8", "fp8") and not quant:
+        raise CraftError(
+            f"--precision {precision} needs a quantized bundle and {bundle_path} is float; quantize it first: "
             f"craft-deploy compress {bundle_path} --quant w8a8 --calib-samples 512 --out DIR"
         )
     if precision in ("fp32", "fp16") and quant:
@@ -94,3 +104,22 @@ def plan_export(cfg: ExportConfig, manifest: dict[str, Any], bundle_path: str | 
     has_acts = any(s.quantizes_input for s in layers.values())
     activations = ("uint8" if cfg.target == "ort-cpu" else "int8") if has_acts else "fp32"
     return ExportPlan(precision, opset, "int4" if int4 else "int8", activations)
+
+
+def _fp8_plan(cfg: ExportConfig, quant: dict[str, Any], bundle_path: str | Path) -> ExportPlan:
+    """E4M3 Q/DQ at opset 19: TensorRT runs it on Hopper and Ada; ONNX Runtime's CPU kernels emulate it (checks)."""
+    if cfg.target != "tensorrt":
+        raise CraftError(
+            f"{bundle_path} is FP8 (E4M3), which TensorRT runs on Hopper and Ada GPUs: export with --target tensorrt; "
+            "for a CPU, quantize with --quant w7a8 --placement ort-cpu"
+        )
+    if cfg.device is not None and EDGE_DEVICES[cfg.device] < 8.9:
+        raise CraftError(
+            f"{bundle_path} is FP8 and --device {cfg.device} (SM {EDGE_DEVICES[cfg.device]}) has no FP8 tensor cores "
+            "(Ada, Hopper and newer do): quantize to INT8 for it (craft-deploy compress ... --quant w8a8)"
+        )
+    if cfg.opset is not None and cfg.opset < FP8_OPSET:
+        raise CraftError(f"FP8 Q/DQ needs opset >= {FP8_OPSET}; got --opset {cfg.opset}: drop --opset")
+    layers, _, _ = quant_specs(quant)
+    has_acts = any(s.quantizes_input for s in layers.values())
+    return ExportPlan("fp8", cfg.opset or FP8_OPSET, "fp8", "fp8" if has_acts else "fp32")

@@ -111,6 +111,7 @@ class _Setup:
     teacher_path: str | None = None
     masks: MaskKeeper | None = None
     scales: list = field(default_factory=list)  # --learn-scales: the activation scales being trained
+    tunecomp: Any = None  # --method tunecomp: finetune.tunecomp.TuneComp
 
     def after_step(self) -> None:
         if self.masks is not None:
@@ -118,6 +119,10 @@ class _Setup:
         keep_positive(self.scales)
 
     def train_kwargs(self) -> dict[str, Any]:
+        if self.tunecomp is not None:
+            tc = self.tunecomp
+            return {"teacher": self.teacher, "after_step": tc.after_step, "extra_loss": tc.extra_loss,
+                    "eligible": tc.eligible}  # fmt: skip
         return {"teacher": self.teacher, "after_step": self.after_step if self.init is not None else None}
 
 
@@ -142,11 +147,27 @@ def _prepare(cfg: FinetuneConfig) -> _Setup:
     )
     model.reset_classifier(splits.num_classes)
     setup = _Setup(model, dcfg, splits)
+    if cfg.method == "tunecomp":
+        setup.tunecomp = _tunecomp(model, splits, cfg)
     if cfg.teacher is not None and cfg.kd_alpha > 0:
         setup.teacher_path = cfg.teacher
         task = {"num_classes": splits.num_classes, "input_size": dcfg["input_size"], "dataset": cfg.data}
         setup.teacher = load_teacher(cfg.teacher, task)
     return setup
+
+
+def _tunecomp(model: torch.nn.Module, splits, cfg: FinetuneConfig):
+    """The pretrained model set up for TuneComp: every factorisable layer a dense branch fading into its
+    activation-aware low-rank student over the first `transition` of the run's steps."""
+    from craft_deploy.compress import calib_loop
+    from craft_deploy.compress.lowrank import LowRankConfig
+    from craft_deploy.data import calibration_subset
+    from craft_deploy.finetune.tunecomp import TuneComp
+
+    steps = cfg.epochs * (len(splits.train) // cfg.batch_size)
+    calib = calib_loop(calibration_subset(splits.train, min(cfg.calib_samples, len(splits.train)), cfg.seed))
+    lowrank = LowRankConfig(rank_ratio=cfg.rank_ratio, rank_energy=cfg.rank_energy)
+    return TuneComp(model, lowrank, calib, steps, cfg.transition, cfg.prune_ratio, cfg.reg_weight)
 
 
 def _prepare_recovery(cfg: FinetuneConfig) -> _Setup:
@@ -205,8 +226,11 @@ def _run_main(cfg: FinetuneConfig, out: str | Path, overwrite: bool, state: dict
             model, splits, cfg, checkpoint_dir=stage, resume=state, on_epoch=stream, dist=dist, **prep.train_kwargs()
         )
         extra: dict[str, Any] = {}
+        methods: list[dict[str, Any]] = []
         if prep.init is not None:
             extra["recovery"] = _finish_recovery(cfg, prep)
+        if prep.tunecomp is not None:
+            methods, extra["tunecomp"] = prep.tunecomp.finish()
         test = evaluate(model, splits.test, desc="test")
         if prep.init is not None:
             manifest = copy.deepcopy(prep.init.manifest)  # its methods (quantizers, masks) stay as they are
@@ -216,6 +240,7 @@ def _run_main(cfg: FinetuneConfig, out: str | Path, overwrite: bool, state: dict
                 cfg.data,
             )  # fmt: skip
             manifest["data"] = splits.info
+            manifest["methods"] += methods  # TuneComp's factorisation (and the factors' pruning)
         if prep.teacher_path:
             extra["teacher"] = prep.teacher_path
         manifest["stages"].append(stage_entry("finetune", cfg.to_dict(), test_top1=test["top1"], **extra))

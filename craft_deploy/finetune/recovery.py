@@ -96,7 +96,13 @@ def learn_activation_scales(model: nn.Module) -> list[nn.Parameter]:
     created before the optimizer, so it trains them with the weights; `keep_positive` runs after each step."""
     from craft_deploy.compress.qmodules import ActQuantizer
 
-    return [q.learn_scale() for q in model.modules() if isinstance(q, ActQuantizer)]
+    quantizers = [q for q in model.modules() if isinstance(q, ActQuantizer)]
+    if any(q.number_format == "fp8" for q in quantizers):
+        raise CraftError(
+            "--learn-scales trains integer-grid activation scales (LSQ); this bundle is FP8, whose scales stay "
+            "frozen: drop --learn-scales"
+        )
+    return [q.learn_scale() for q in quantizers]
 
 
 @torch.no_grad()

@@ -70,6 +70,8 @@ def train(
     dist: Dist | None = None,
     teacher: nn.Module | None = None,
     after_step: Callable[[], None] | None = None,
+    extra_loss: Callable[[], torch.Tensor | float] | None = None,
+    eligible: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune `model` in place (ending at its best-on-val weights); returns the per-epoch history and totals.
 
@@ -79,7 +81,9 @@ def train(
     every epoch (to stream records). Under torchrun (`dist.world` > 1) the model runs in DistributedDataParallel,
     each rank on its slice of every global batch; only the caller on rank 0 passes `checkpoint_dir` and `on_epoch`.
     With `teacher`, the loss adds distillation from its logits (finetune.recovery.DistillationLoss); `after_step` runs
-    after every optimizer step (recovery: pruned weights back to zero).
+    after every optimizer step (recovery: pruned weights back to zero); `extra_loss` is added to every loss (TuneComp's
+    regulariser); with `eligible`, only epochs that end while it returns true compete for the best weights (TuneComp:
+    once the dense branches are gone).
     """
     dist = dist or Dist()
     if cfg.amp == "fp16" and dist.device.type != "cuda":
@@ -105,6 +109,8 @@ def train(
 
         loss_fn = DistillationLoss(loss_fn, cfg.kd_temperature, cfg.kd_alpha)
         teacher.to(dist.device).to(memory_format=torch.channels_last)
+    if extra_loss is not None:
+        loss_fn = _PlusExtra(loss_fn, extra_loss)
     history: list[dict[str, Any]] = []
     best = {"val_top1": -1.0, "epoch": 0, "state": None}
     start = 1
@@ -150,7 +156,7 @@ def train(
                 f"epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f}  val top-1 {val['top1']:.2f}%  "
                 f"{train_seconds:.1f}s ({row['images_per_second']:.0f} img/s)"
             )
-        if val["top1"] > best["val_top1"]:
+        if val["top1"] > best["val_top1"] and (eligible is None or eligible()):
             best = {"val_top1": val["top1"], "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
         if checkpoint_dir is not None:
             save_checkpoint(
@@ -170,7 +176,8 @@ def train(
         if on_epoch is not None:
             on_epoch(history)
     model.to(memory_format=torch.contiguous_format)
-    model.load_state_dict(best["state"])
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
     model.to("cpu")
     return {
         "history": history,
@@ -179,3 +186,16 @@ def train(
         "train_seconds": sum(r["train_seconds"] for r in history),
         "seconds_per_epoch": sum(r["train_seconds"] for r in history) / len(history),
     }
+
+
+class _PlusExtra:
+    """A loss plus an extra term computed after the forward pass (it reads what the forward recorded)."""
+
+    def __init__(self, base, extra: Callable[[], torch.Tensor | float]):
+        self.base, self.extra = base, extra
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.base(logits, target) + self.extra()
+
+    def __getattr__(self, name: str):  # DistillationLoss.pack and the like
+        return getattr(self.base, name)

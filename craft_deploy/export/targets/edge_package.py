@@ -31,6 +31,7 @@ import torch
 from craft_deploy import __version__
 from craft_deploy.artifacts import atomic_write_json
 from craft_deploy.compress.registry import method_state
+from craft_deploy.config import EDGE_DEVICES
 from craft_deploy.export.plan import ExportPlan
 from craft_deploy.export.targets import onnx_model
 
@@ -51,9 +52,11 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _targets(precision: str, sparse: bool) -> dict[str, Any]:
+def _targets(precision: str, sparse: bool, device: str | None) -> dict[str, Any]:
     """TensorRT versions and GPU architectures (SM) this package is meant for."""
-    if sparse:
+    if precision == "fp8":
+        sms = "8.9+ (FP8 tensor cores: Ada, Hopper, Blackwell; not Orin or Ampere)"
+    elif sparse:
         sms = "8.0+ (2:4 sparse tensor cores: Ampere, Orin 8.7, Ada 8.9, Hopper 9.0, Blackwell/Thor)"
     elif precision == "int8":
         sms = "7.5+ (INT8 tensor cores: Turing and newer, Jetson Xavier 7.2 and Orin 8.7)"
@@ -64,6 +67,7 @@ def _targets(precision: str, sparse: bool) -> dict[str, Any]:
         "sm": sms,
         "jetson": "JetPack 6 (TensorRT 10.x) on Orin; JetPack 7.2.2+ (TensorRT 11.4.1) on AGX Orin and Thor",
         "dla": "./build_engine.sh --dla 0 (Orin/Xavier; layers DLA cannot run fall back to the GPU)",
+        "device": None if device is None else {"name": device, "sm": EDGE_DEVICES[device]},
     }
 
 
@@ -133,7 +137,7 @@ def export(
         "sparsity": pruned.get("pattern"),
         "batch_sizes": list(cfg.batch_sizes),
         "shapes": {"min": [lo, *size], "opt": [hi, *size], "max": [hi, *size]},
-        "targets": _targets(plan.precision, sparse),
+        "targets": _targets(plan.precision, sparse, cfg.device),
         "calibration": {k: v for k, v in quant.items() if k != "layers"} or None,
         "reference": {
             "bundle": _reference_accuracy(Path(bundle_path)),

@@ -29,7 +29,9 @@ from craft_deploy.export.verify import (
 
 def build_onnx(bundle, plan: ExportPlan) -> tuple[onnx.ModelProto, dict[str, int]]:
     """Trace the bundle and apply the plan's rewrites; returns the model and how many of each rewrite applied."""
-    proto = export_model(bundle.model, bundle.manifest["input_size"], min(plan.opset, 17))
+    # traced at opset 17 and upgraded after the passes; E4M3 Q/DQ exists from opset 19 only, so FP8 traces there
+    trace_opset = plan.opset if plan.precision == "fp8" else min(plan.opset, 17)
+    proto = export_model(bundle.model, bundle.manifest["input_size"], trace_opset)
     proto, counts = apply_passes(proto, plan)
     set_metadata(proto, export_metadata(bundle.manifest))
     return proto, counts
