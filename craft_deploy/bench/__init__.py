@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from craft_deploy import CraftError, VerificationError
 from craft_deploy.artifacts import atomic_write_json, check_out_dir, read_json, staged_dir
 from craft_deploy.bench.backends import BACKENDS, Backend, get_backend, register_backend
-from craft_deploy.bench.gate import BENCH_SCHEMA, EXIT_REGRESSION, compare, format_verdict, read_baseline
+from craft_deploy.bench.gate import BENCH_SCHEMA, EXIT_REGRESSION, compare, gate_record, read_baseline
 from craft_deploy.bench.measure import measure_accuracy, measure_latency
 from craft_deploy.bench.report import write_markdown, write_plots
 from craft_deploy.config import BenchConfig
@@ -187,15 +187,7 @@ def run(
                 verdict = compare(
                     {"models": models, "results": results}, baseline, cfg.max_latency_regression, cfg.max_accuracy_drop
                 )
-            gate = {
-                "baseline": cfg.baseline,
-                "thresholds": {
-                    "max_latency_regression": cfg.max_latency_regression,
-                    "max_accuracy_drop": cfg.max_accuracy_drop,
-                },
-                **verdict.to_dict(),
-                "table": format_verdict(verdict),
-            }
+            gate = gate_record(cfg, verdict)
         plots = write_plots(results, stage)
         record = write_record(
             stage,

@@ -136,3 +136,16 @@ def format_verdict(verdict: Verdict) -> str:
 
 def _top1(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def gate_record(cfg, verdict) -> dict[str, Any]:
+    """What bench.json records of a gate: the baseline, the thresholds, the verdict and its table."""
+    return {
+        "baseline": cfg.baseline,
+        "thresholds": {
+            "max_latency_regression": cfg.max_latency_regression,
+            "max_accuracy_drop": cfg.max_accuracy_drop,
+        },
+        **verdict.to_dict(),
+        "table": format_verdict(verdict),
+    }

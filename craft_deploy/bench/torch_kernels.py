@@ -43,6 +43,9 @@ class KernelRecipe:
     help = ""
     # the float dtype the converted model must run in (None: any)
     needs_dtype: torch.dtype | None = None
+    # the module a Linear becomes, and what its in/out features must be multiples of
+    module: type[nn.Module] | None = None
+    multiple: int = 1
 
     @classmethod
     def availability(cls, device: str) -> tuple[bool, str]:
@@ -50,65 +53,72 @@ class KernelRecipe:
 
     def unsupported(self, name: str, mod: nn.Linear) -> str | None:
         """Why this layer cannot be converted (None: it can)."""
-        return None
+        return _multiple_of(mod, self.multiple)
 
     def convert(self, mod: nn.Linear, dtype: torch.dtype) -> nn.Module:
-        raise NotImplementedError
+        return self.module(mod)
 
 
 def _per_row_scale(x: torch.Tensor, qmax: float) -> torch.Tensor:
     return x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / qmax
 
 
-class Int8DynamicLinear(nn.Module):
-    """y = (q(x) q(W)^T) * s_x * s_w + b with INT8 operands and INT32 accumulation (`torch._int_mm`)."""
+class _DynamicLinear(nn.Module):
+    """y = (q(x) q(W)^T) * s_x * s_w + b: weights quantized once per output channel, inputs per row at run time."""
 
-    MIN_ROWS = 17  # torch._int_mm on CUDA needs more than 16 rows
+    QMAX = 1.0
 
     def __init__(self, mod: nn.Linear):
         super().__init__()
         w = mod.weight.detach().float()
-        scale = _per_row_scale(w, 127.0)
-        q = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
-        self.register_buffer("w_t", q.t())  # column-major (K, N), the layout cuBLASLt's INT8 GEMM wants
+        scale = _per_row_scale(w, self.QMAX)
+        self.register_buffer("w_t", self.quantize(w, scale).t())  # column-major (K, N), as the GEMMs want it
         self.register_buffer("w_scale", scale.reshape(1, -1))
         self.bias = None if mod.bias is None else nn.Parameter(mod.bias.detach().float(), requires_grad=False)
         self.out_features = mod.out_features
 
+    def quantize(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def matmul(self, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """(rows, N) float32 of quantized rows `q` with per-row scales `s`, the weight scales applied."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        s = _per_row_scale(rows, 127.0)
-        q = torch.round(rows.float() / s).clamp(-127, 127).to(torch.int8)
+        s = _per_row_scale(rows, self.QMAX)
+        y = self.matmul(self.quantize(rows.float(), s), s)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8DynamicLinear(_DynamicLinear):
+    """INT8 operands, INT32 accumulation (`torch._int_mm`)."""
+
+    QMAX = 127.0
+    MIN_ROWS = 17  # torch._int_mm on CUDA needs more than 16 rows
+
+    def quantize(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return torch.round(x / scale).clamp(-127, 127).to(torch.int8)
+
+    def matmul(self, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         n = q.shape[0]
         if n < self.MIN_ROWS:
             q = F.pad(q, (0, 0, 0, self.MIN_ROWS - n))
-        y = torch._int_mm(q, self.w_t)[:n].float() * s * self.w_scale
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return torch._int_mm(q, self.w_t)[:n].float() * s * self.w_scale
 
 
-class Fp8DynamicLinear(nn.Module):
-    """y = (q(x) q(W)^T) * s_x * s_w + b with E4M3 operands (`torch._scaled_mm`, row-wise scales)."""
+class Fp8DynamicLinear(_DynamicLinear):
+    """E4M3 operands (`torch._scaled_mm` with row-wise scales, bf16 output)."""
 
-    def __init__(self, mod: nn.Linear):
-        super().__init__()
-        w = mod.weight.detach().float()
-        scale = _per_row_scale(w, 448.0)
-        w8 = (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
-        self.register_buffer("w_t", w8.t())  # column-major (K, N), as _scaled_mm wants its second operand
-        self.register_buffer("w_scale", scale.reshape(1, -1))
-        self.bias = None if mod.bias is None else nn.Parameter(mod.bias.detach().float(), requires_grad=False)
-        self.out_features = mod.out_features
+    QMAX = 448.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        s = _per_row_scale(rows, 448.0)
-        q = (rows.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn)
-        y = torch._scaled_mm(q, self.w_t, scale_a=s, scale_b=self.w_scale, out_dtype=torch.bfloat16).float()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+    def quantize(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return (x / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+
+    def matmul(self, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return torch._scaled_mm(q, self.w_t, scale_a=s, scale_b=self.w_scale, out_dtype=torch.bfloat16).float()
 
 
 def _multiple_of(mod: nn.Linear, k: int) -> str | None:
@@ -120,17 +130,13 @@ def _multiple_of(mod: nn.Linear, k: int) -> str | None:
 @register_torch_kernel("int8")
 class Int8Kernel(KernelRecipe):
     help = "INT8 weights (per channel) and dynamic per-token INT8 activations, torch._int_mm"
-
-    def unsupported(self, name: str, mod: nn.Linear) -> str | None:
-        return _multiple_of(mod, 8)
-
-    def convert(self, mod: nn.Linear, dtype: torch.dtype) -> nn.Module:
-        return Int8DynamicLinear(mod)
+    module, multiple = Int8DynamicLinear, 8
 
 
 @register_torch_kernel("fp8")
 class Fp8Kernel(KernelRecipe):
     help = "FP8 E4M3 weights (per channel) and dynamic per-token FP8 activations, torch._scaled_mm (SM 8.9+)"
+    module, multiple = Fp8DynamicLinear, 16
 
     @classmethod
     def availability(cls, device: str) -> tuple[bool, str]:
@@ -138,12 +144,6 @@ class Fp8Kernel(KernelRecipe):
             name = torch.cuda.get_device_name()
             return False, f"FP8 matmuls need an Ada or Hopper GPU (SM 8.9+); {name} is not one (use --kernels int8)"
         return True, ""
-
-    def unsupported(self, name: str, mod: nn.Linear) -> str | None:
-        return _multiple_of(mod, 16)
-
-    def convert(self, mod: nn.Linear, dtype: torch.dtype) -> nn.Module:
-        return Fp8DynamicLinear(mod)
 
 
 @register_torch_kernel("sparse24")

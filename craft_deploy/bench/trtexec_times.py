@@ -15,7 +15,7 @@ from typing import Any
 
 from craft_deploy import CraftError
 from craft_deploy.artifacts import check_out_dir, staged_dir
-from craft_deploy.bench.gate import BENCH_SCHEMA, compare, format_verdict, read_baseline
+from craft_deploy.bench.gate import BENCH_SCHEMA, compare, gate_record, read_baseline
 from craft_deploy.bench.measure import latency_stats
 from craft_deploy.bench.report import write_markdown, write_plots
 from craft_deploy.config import BenchConfig
@@ -96,15 +96,7 @@ def run(cfg: BenchConfig, paths: list[str | Path], out: str | Path, overwrite: b
             verdict = compare(
                 {"models": models, "results": results}, baseline, cfg.max_latency_regression, cfg.max_accuracy_drop
             )
-            gate = {
-                "baseline": cfg.baseline,
-                "thresholds": {
-                    "max_latency_regression": cfg.max_latency_regression,
-                    "max_accuracy_drop": cfg.max_accuracy_drop,
-                },
-                **verdict.to_dict(),
-                "table": format_verdict(verdict),
-            }
+            gate = gate_record(cfg, verdict)
         record = write_record(
             stage,
             "bench",

@@ -126,6 +126,17 @@ def factorise(w: torch.Tensor, rms: torch.Tensor | None, rank: int | None, cfg: 
     return a.float(), b.float(), r
 
 
+@torch.no_grad()
+def factor_module(mod: nn.Module, a: torch.Tensor, b: torch.Tensor) -> nn.Module:
+    """The two-layer replacement of `mod` holding factors `a` (r x in) and `b` (out x r) and `mod`'s bias."""
+    new = _factor_module(mod, a.shape[0]).to(mod.weight.device)
+    new.a.weight.copy_(a.reshape(new.a.weight.shape))
+    new.b.weight.copy_(b.reshape(new.b.weight.shape))
+    if mod.bias is not None:
+        new.b.bias.copy_(mod.bias)
+    return new
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
@@ -165,12 +176,7 @@ def lowrank(model: nn.Module, cfg: LowRankConfig, calib: CalibLoop | None) -> di
             skipped[name] = f"rank {r} of {out_f}x{in_f}: two factors would not be smaller; kept dense"
             params_after += dense
             continue
-        new = _factor_module(mod, r).to(mod.weight.device)
-        new.a.weight.copy_(a.reshape(new.a.weight.shape))
-        new.b.weight.copy_(b.reshape(new.b.weight.shape))
-        if mod.bias is not None:
-            new.b.bias.copy_(mod.bias)
-        _replace(model, name, new)
+        _replace(model, name, factor_module(mod, a, b))
         params_after += r * (in_f + out_f)
         state_layers[name] = {"rank": r}
         report_layers[name] = {"rank": r, "shape": [out_f, in_f], "params_ratio": r * (in_f + out_f) / dense}

@@ -30,9 +30,9 @@ from torch import nn
 from craft_deploy.compress.layers import select_layers
 from craft_deploy.compress.lowrank import (
     LowRankConfig,
-    _factor_module,
     _replace,
     channel_rms,
+    factor_module,
     factorisable,
     factorise,
     weight_2d,
@@ -117,12 +117,7 @@ class TuneComp:
                 if r * sum(w.shape) >= w.numel():
                     self.skipped[name] = f"rank {r} of {tuple(w.shape)} would not be smaller; trained dense"
                     continue
-                student = _factor_module(mod, r).to(mod.weight.device)
-                student.a.weight.copy_(a.reshape(student.a.weight.shape))
-                student.b.weight.copy_(b.reshape(student.b.weight.shape))
-                if mod.bias is not None:
-                    student.b.bias.copy_(mod.bias)
-                _replace(model, name, TuneCompLayer(mod, student, self.schedule))
+                _replace(model, name, TuneCompLayer(mod, factor_module(mod, a, b), self.schedule))
                 self.ranks[name], self.shapes[name] = r, tuple(w.shape)
         model.add_module(self.SCHEDULE, self.schedule)
         self.masks: dict[str, torch.Tensor] = {}

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from craft_deploy.config import ExportConfig
 from craft_deploy.export.plan import ExportPlan
@@ -23,4 +26,26 @@ def record(stage: Path, cfg: ExportConfig, bundle_path, plan: ExportPlan, artifa
         file=artifact.name,
         size_bytes=artifact.stat().st_size,
         **fields,
+    )
+
+
+def compiled_record(
+    stage: Path, cfg: ExportConfig, bundle_path, plan: ExportPlan, artifact: Path, runtime: str, info: dict[str, Any],
+    ref: np.ndarray, got: np.ndarray, compile_seconds: float, t0: float,
+) -> dict[str, Any]:  # fmt: skip
+    """export.json of a compiled artifact (a torch-tensorrt program, an AOTI package): its outputs `got` on the
+    verification images judged against PyTorch's `ref` by the tolerance policy."""
+    from craft_deploy.export.verify import compare_outputs, judge
+
+    check = compare_outputs(ref[: len(got)], got)
+    check["passed"] = judge(check, plan.precision, cfg.atol)
+    return record(
+        stage,
+        cfg,
+        bundle_path,
+        plan,
+        artifact,
+        compile=info,
+        verification={runtime: check},
+        timings={"compile_seconds": compile_seconds, "total_seconds": time.perf_counter() - t0},
     )

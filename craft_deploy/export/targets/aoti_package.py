@@ -18,8 +18,7 @@ from craft_deploy import CraftError
 from craft_deploy.artifacts import atomic_write_json
 from craft_deploy.export.metadata import export_metadata
 from craft_deploy.export.plan import ExportPlan
-from craft_deploy.export.targets import record
-from craft_deploy.export.verify import compare_outputs, judge
+from craft_deploy.export.targets import compiled_record
 
 FILE = "model.pt2"
 
@@ -72,15 +71,4 @@ def export(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images, ref,
         got = np.concatenate(
             [program(c.to(device, dtype)).float().cpu().numpy() for c in images.split(max(cfg.batch_sizes))]
         )
-    check = compare_outputs(ref, got)
-    check["passed"] = judge(check, plan.precision, cfg.atol)
-    return record(
-        stage,
-        cfg,
-        bundle_path,
-        plan,
-        path,
-        compile=info,
-        verification={"aoti": check},
-        timings={"compile_seconds": seconds, "total_seconds": time.perf_counter() - t0},
-    )
+    return compiled_record(stage, cfg, bundle_path, plan, path, "aoti", info, ref, got, seconds, t0)

@@ -15,9 +15,8 @@ from craft_deploy import CraftError
 from craft_deploy.artifacts import atomic_write_json
 from craft_deploy.export.metadata import export_metadata
 from craft_deploy.export.plan import ExportPlan
-from craft_deploy.export.targets import record
+from craft_deploy.export.targets import compiled_record
 from craft_deploy.export.targets.tensorrt_engine import INSTALL_HINT
-from craft_deploy.export.verify import compare_outputs, judge
 
 
 def compile_and_save(
@@ -58,15 +57,4 @@ def export(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images, ref,
     lo, hi = min(cfg.batch_sizes), max(cfg.batch_sizes)
     with torch.no_grad():
         got = np.concatenate([program(c.cuda()).float().cpu().numpy() for c in images.split(hi) if len(c) >= lo])
-    check = compare_outputs(ref[: len(got)], got)
-    check["passed"] = judge(check, plan.precision, cfg.atol)
-    return record(
-        stage,
-        cfg,
-        bundle_path,
-        plan,
-        path,
-        compile=info,
-        verification={"torch_tensorrt": check},
-        timings={"compile_seconds": seconds, "total_seconds": time.perf_counter() - t0},
-    )
+    return compiled_record(stage, cfg, bundle_path, plan, path, "torch_tensorrt", info, ref, got, seconds, t0)
