@@ -62,6 +62,11 @@ class Backend:
     def info(self) -> dict[str, Any]:
         return {}
 
+    @property
+    def checks_reference(self) -> bool:
+        """Whether this backend changes the model it runs (then `reference_check` compares the two)."""
+        return False
+
     def reference_check(self, images: np.ndarray) -> dict[str, Any] | None:
         """Compare this backend's logits on `images` with the model it was made from, judged by the tolerance policy
         (None where the backend runs the model as it is: an export was verified when it was written)."""
@@ -323,6 +328,10 @@ class PyTorchEager(Backend):
     def synchronize(self) -> None:
         if self.device == "cuda":
             self.torch.cuda.synchronize()
+
+    @property
+    def checks_reference(self) -> bool:
+        return self.reference is not None
 
     def reference_check(self, images: np.ndarray) -> dict[str, Any] | None:
         if self.reference is None:
