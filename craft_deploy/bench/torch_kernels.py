@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from craft_deploy import CraftError
+from craft_deploy.compress.layers import replace_module
 from craft_deploy.registry import name_registrar
 
 TORCH_KERNELS: dict[str, type[KernelRecipe]] = {}
@@ -225,8 +226,7 @@ def apply_kernels(model: nn.Module, kernel: str, dtype: torch.dtype, exclude: tu
         if why:
             skipped[name] = why
             continue
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, recipe.convert(mod, dtype))
+        replace_module(model, name, recipe.convert(mod, dtype))
         converted.append(name)
     if not converted:
         raise CraftError(

@@ -82,3 +82,9 @@ def block_groups(model: nn.Module, names: list[str]) -> list[list[str]]:
         key = next((b for b in blocks if name.startswith(b + ".")), name)
         groups.setdefault(key, []).append(name)
     return list(groups.values())
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule `name` of `model` is."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from craft_deploy import CraftError
-from craft_deploy.compress.layers import select_layers
+from craft_deploy.compress.layers import replace_module, select_layers
 from craft_deploy.compress.registry import CalibLoop, Method, MethodConfig, calibrate_with_hooks, register_method
 
 
@@ -137,11 +137,6 @@ def factor_module(mod: nn.Module, a: torch.Tensor, b: torch.Tensor) -> nn.Module
     return new
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
 def _factor_module(mod: nn.Module, rank: int) -> nn.Module:
     bias = mod.bias is not None
     if isinstance(mod, nn.Linear):
@@ -176,7 +171,7 @@ def lowrank(model: nn.Module, cfg: LowRankConfig, calib: CalibLoop | None) -> di
             skipped[name] = f"rank {r} of {out_f}x{in_f}: two factors would not be smaller; kept dense"
             params_after += dense
             continue
-        _replace(model, name, factor_module(mod, a, b))
+        replace_module(model, name, factor_module(mod, a, b))
         params_after += r * (in_f + out_f)
         state_layers[name] = {"rank": r}
         report_layers[name] = {"rank": r, "shape": [out_f, in_f], "params_ratio": r * (in_f + out_f) / dense}
@@ -212,4 +207,4 @@ class LowRank(Method):
             rank = spec.get("rank") if isinstance(spec, dict) else None
             if why or isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(weight_2d(mod).shape):
                 raise CraftError(f"lowrank state for {name!r} does not fit the model ({why or f'rank {rank!r}'})")
-            _replace(model, name, _factor_module(mod, rank))
+            replace_module(model, name, _factor_module(mod, rank))

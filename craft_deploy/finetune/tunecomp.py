@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from craft_deploy.compress.layers import select_layers
+from craft_deploy.compress.layers import replace_module, select_layers
 from craft_deploy.compress.lowrank import (
     LowRankConfig,
-    _replace,
     channel_rms,
     factor_module,
     factorisable,
@@ -117,7 +116,7 @@ class TuneComp:
                 if r * sum(w.shape) >= w.numel():
                     self.skipped[name] = f"rank {r} of {tuple(w.shape)} would not be smaller; trained dense"
                     continue
-                _replace(model, name, TuneCompLayer(mod, factor_module(mod, a, b), self.schedule))
+                replace_module(model, name, TuneCompLayer(mod, factor_module(mod, a, b), self.schedule))
                 self.ranks[name], self.shapes[name] = r, tuple(w.shape)
         model.add_module(self.SCHEDULE, self.schedule)
         self.masks: dict[str, torch.Tensor] = {}
@@ -173,7 +172,7 @@ class TuneComp:
         """Drop the dense branches and the schedule; returns the manifest entries of the factorisation (and of the
         factors' pruning) and a report."""
         for name in self.ranks:
-            _replace(self.model, name, self.model.get_submodule(name).student)
+            replace_module(self.model, name, self.model.get_submodule(name).student)
         del self.model._modules[self.SCHEDULE]
         entries = [
             manifest_entry(
