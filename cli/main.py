@@ -677,6 +677,79 @@ def analyze(bundle, out, overwrite, **kw) -> None:
     click.echo(f"  activations: largest outlier ratio {worst[1]['outlier_ratio']:.1f} in {worst[0]}; report: {out}")
 
 
+def _list(cast):
+    """A click callback: a comma-separated option value as a tuple (None when the option is not given)."""
+
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        try:
+            return tuple(cast(v) for v in items)
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: expected comma-separated {cast.__name__} values") from None
+
+    return parse
+
+
+@main.command()
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--model", help="timm model name (default: the bundled tf_efficientnet_lite0).")
+@click.option("--data", help="Dataset (default: fashion-mnist).")
+@data_root_option
+@click.option(
+    "--optimizers", callback=_list(str), help="Fine-tuning optimizers, the baseline first: adam,sam:0.05,sam:0.5."
+)
+@click.option("--seeds", callback=_list(int), help="Seeds, e.g. 0,1,2.")
+@click.option("--grid", callback=_list(str), help="Compression recipes, e.g. w8a8,w4a16+bn,2:4+sparsegpt+bn.")
+@click.option("--calibrators", callback=_list(str), help="Calibrators for recipes that name none (default: mse).")
+@click.option("--epochs", type=int, help="Fine-tuning epochs (study config `finetune: {epochs: N}`).")
+@click.option("--train-subset", type=int, help="Fine-tune on N training images (`finetune: {train_subset: N}`).")
+@click.option("--eval-subset", type=int, help="Test images per seed (default 2000).")
+@click.option("--recover-worst", type=int, help="Recover the K recipes with the largest mean drop (default 2).")
+@click.option("--tunecomp", callback=_list(float), help="TuneComp rank ratios, e.g. 0.25 (empty string: none).")
+@click.option("--analyze/--no-analyze", default=None, help="lambda_max of every fine-tuning (default on).")
+@click.option("--backends", callback=_list(str), help="Bench backends for deployable cells (default: ort-cpu).")
+@click.option("--batch-sizes", callback=_list(int), help="Bench batch sizes (default 1,16).")
+@click.option("--max-drop", type=float, help="Accuracy budget for the recommendation, points of top-1 (default 1.0).")
+@click.option("--budget-minutes", type=float, help="Trim the grid (in the order docs/study.md states) to fit.")
+@click.option("--jobs", type=int, help="Cells run in parallel (threads are divided between them).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), help="local processes (default) or a Ray cluster.")
+@click.option("--ray-address", help="--executor ray: a running cluster's address (default: start a local Ray).")
+@click.option("--threads", type=int, help="CPU threads for the whole study (default: every core).")
+@click.option("--device", help="cpu or cuda for fine-tuning (default: cuda when a GPU is visible).")
+@click.option("--retry-failed", is_flag=True, help="Run the cells recorded as failed again.")
+@out_option
+@overwrite_option
+@_guard
+def study(config, out, overwrite, retry_failed, ray_address, epochs, train_subset, **kw) -> None:
+    """Fine-tune with each optimizer x seed, compress with every recipe of a grid, recover the worst, TuneComp,
+    export and bench what deploys; report.md answers whether CrAFT (SAM) helps on this model and data. Resumable:
+    run the same command again after a kill and finished cells are kept. CONFIG is an optional YAML file of
+    StudyConfig fields; the flags override it."""
+    from craft_deploy import study as study_stage
+    from craft_deploy.config import StudyConfig
+
+    overrides = {k: v for k, v in kw.items() if v is not None}
+    if epochs is not None or train_subset is not None:
+        base = {}
+        if config:
+            base = study_stage.load_study_config(config).finetune or {}
+        ft = {**base, **({"epochs": epochs} if epochs is not None else {}),
+              **({"train_subset": train_subset} if train_subset is not None else {})}  # fmt: skip
+        overrides["finetune"] = ft
+    elif not config:
+        overrides.setdefault("finetune", {"epochs": 2, "train_subset": 6000})
+    cfg = study_stage.load_study_config(config, **overrides) if config else StudyConfig.from_dict(overrides)
+    rec = study_stage.run(cfg, out, overwrite=overwrite, retry_failed=retry_failed, ray_address=ray_address)
+    failed = sum(c["status"] == "error" for c in rec["cells"])
+    click.echo(f"\nstudy: {len(rec['cells'])} cells ({failed} failed, {len(rec['trimmed'])} trimmed); "
+               f"report: {out}/report.md")  # fmt: skip
+    for backend, pick in rec["report"]["recommendation"].items():
+        click.echo(f"  {backend}: {pick['optimizer']} + {pick['recipe']}, {pick['latency_ms']:.2f} ms, "
+                   f"top-1 {pick['backend_top1']:.2f}")  # fmt: skip
+
+
 @main.command()
 def info() -> None:
     """Library versions, devices, and which backends are usable here (and why not)."""

@@ -394,3 +394,101 @@ class AnalyzeConfig(_Config):
             )
         if self.calib_samples < 1:
             raise CraftError(f"--calib-samples must be positive, got {self.calib_samples}")
+
+
+STUDY_EXECUTORS = ("local", "ray")
+STUDY_DEFAULT_GRID = (
+    "w8a8", "w8a8+bn", "w6a6", "w6a6+bn", "w6a16", "w6a16+bn", "w5a16+bn", "w4a16", "w4a16+bn", "w4a16+bn+gptq",
+    "w4a8+bn",
+    "0.5+magnitude+bn", "0.5+wanda+bn", "0.5+sparsegpt+bn", "0.7+magnitude+bn", "0.7+wanda+bn", "0.7+sparsegpt+bn",
+    "2:4+magnitude+bn", "2:4+wanda+bn", "2:4+sparsegpt+bn", "4:8+magnitude+bn", "4:8+sparsegpt+bn",
+    "2:4+magnitude+bn+w8a8", "2:4+sparsegpt+bn+w8a8",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StudyConfig(_Config):
+    """A grid of fine-tunings x seeds x compression recipes, run as resumable cells (craft_deploy.study).
+
+    `optimizers` entries are `name` or `name:rho` (e.g. adam, sam:0.05, asam:1.0, cram); the first is the baseline
+    the others are compared with. `grid` entries are recipes written as `+`-joined tokens (see
+    craft_deploy.study.recipes); a recipe with --quant and no calibrator runs once per entry of `calibrators`.
+    `finetune` holds FinetuneConfig fields shared by every fine-tuning (e.g. epochs, train_subset).
+    """
+
+    model: str = "tf_efficientnet_lite0"
+    data: str = "fashion-mnist"
+    data_root: str | None = None
+    pretrained: bool = True
+    optimizers: tuple[str, ...] = ("adam", "sam:0.05", "sam:0.5")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    finetune: dict | None = None
+    eval_subset: int | None = 2000
+    calib_samples: int = 512
+    grid: tuple[str, ...] = STUDY_DEFAULT_GRID
+    calibrators: tuple[str, ...] = ("mse",)
+    analyze: bool = True
+    lambda_images: int = 64
+    lambda_iters: int = 20
+    recover_worst: int = 2
+    recover_epochs: int = 1
+    tunecomp: tuple[float, ...] = (0.25,)
+    tunecomp_prune: float = 0.0
+    backends: tuple[str, ...] = ("ort-cpu",)
+    batch_sizes: tuple[int, ...] = (1, 16)
+    bench_seconds: float = 0.5  # minimum timing per batch size of each deployed cell (BenchConfig.min_seconds)
+    max_drop: float = 1.0
+    budget_minutes: float | None = None
+    jobs: int = 1
+    executor: str = "local"
+    threads: int | None = None
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("optimizers", "seeds", "grid", "calibrators", "tunecomp", "backends", "batch_sizes"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.finetune is not None and not isinstance(self.finetune, dict):
+            raise CraftError(f"study `finetune:` must map FinetuneConfig fields to values, got {self.finetune!r}")
+        object.__setattr__(self, "finetune", dict(self.finetune or {}))
+        if not self.optimizers or not self.seeds:
+            raise CraftError(
+                "a study needs at least one optimizer (--optimizers adam,sam:0.05) and one seed (--seeds 0)"
+            )
+        if len(set(self.seeds)) != len(self.seeds) or len(set(self.optimizers)) != len(self.optimizers):
+            raise CraftError(f"--seeds and --optimizers must not repeat, got {self.seeds} and {self.optimizers}")
+        owned = {"model", "data", "data_root", "pretrained", "optimizer", "rho", "seed", "eval_subset", "threads",
+                 "device", "init", "method", "rank_ratio", "rank_energy", "prune_ratio", "checkpoint",
+                 "teacher"}  # fmt: skip
+        clash = sorted(set(self.finetune) & owned)
+        if clash:
+            raise CraftError(f"study finetune settings {clash} are set by the study itself (its own keys, --seeds, "
+                             "--optimizers, --tunecomp); remove them from `finetune:`")  # fmt: skip
+        FinetuneConfig.from_dict({**self.finetune, "model": self.model, "data": self.data})  # validates every value
+        if self.executor not in STUDY_EXECUTORS:
+            raise CraftError(
+                f"--executor {self.executor!r} is not supported; choose one of {', '.join(STUDY_EXECUTORS)}"
+            )
+        if self.jobs < 1 or (self.threads is not None and self.threads < 1):
+            raise CraftError(f"--jobs and --threads must be >= 1, got {self.jobs} and {self.threads}")
+        if self.max_drop < 0:
+            raise CraftError(f"--max-drop is an accuracy budget in points (e.g. 1.0), got {self.max_drop}")
+        if self.budget_minutes is not None and self.budget_minutes <= 0:
+            raise CraftError(f"--budget-minutes must be positive, got {self.budget_minutes}")
+        if self.eval_subset is not None and self.eval_subset < 1 or self.calib_samples < 1:
+            raise CraftError(
+                f"eval_subset and calib_samples must be positive, got {self.eval_subset}, {self.calib_samples}"
+            )
+        if self.recover_worst < 0 or self.recover_epochs < 1:
+            raise CraftError(f"recover_worst must be >= 0 and recover_epochs >= 1, got {self.recover_worst}, "
+                             f"{self.recover_epochs}")  # fmt: skip
+        if any(not 0 < r <= 1 for r in self.tunecomp) or not 0 <= self.tunecomp_prune < 1:
+            raise CraftError(f"--tunecomp rank ratios must be in (0, 1] and tunecomp_prune in [0, 1), got "
+                             f"{self.tunecomp} and {self.tunecomp_prune}")  # fmt: skip
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise CraftError(f"--batch-sizes must be positive integers, e.g. 1,16; got {self.batch_sizes}")
+        if not self.calibrators:
+            raise CraftError("calibrators must name at least one calibrator, e.g. mse")
+        if self.bench_seconds <= 0:
+            raise CraftError(
+                f"bench_seconds must be positive (seconds of timing per batch size), got {self.bench_seconds}"
+            )

@@ -1,0 +1,149 @@
+"""A study cell: one unit of work (a fine-tune, a diagnostic, a compression, a recovery, a deployment) with its own
+directory and record.
+
+A cell is described by a JSON-able spec, so that any executor (this process, a local worker process, a Ray task) can
+run it with `run_cell(spec, root, threads)`. It writes `cells/<id>/cell.json` last, atomically: a cell is finished
+exactly when that file exists, so a killed study resumes at the first cell without one. A cell whose stage raises is
+recorded with `status: error` and the error; the study goes on.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from craft_deploy import CraftError
+from craft_deploy.artifacts import atomic_write_json, partial_dir, read_json
+
+CELL_SCHEMA = 1
+CELL_RECORD = "cell.json"
+# the file a backend needs -> the export format that writes it (bench.resolve_model)
+EXPORT_FOR = {"onnx": "onnx", "engine": "tensorrt", "ep": "torch-tensorrt", "pt2": "aoti", "bundle": None}
+
+
+def cell_dir(root: str | Path, cell_id: str) -> Path:
+    return Path(root) / "cells" / cell_id
+
+
+def read_cell(root: str | Path, cell_id: str) -> dict[str, Any] | None:
+    path = cell_dir(root, cell_id) / CELL_RECORD
+    return read_json(path, "study cell record") if path.is_file() else None
+
+
+def write_cell(root: str | Path, spec: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    record = {"schema": CELL_SCHEMA, "id": spec["id"], "kind": spec["kind"], "spec": spec, **fields}
+    atomic_write_json(cell_dir(root, spec["id"]) / CELL_RECORD, record)
+    return record
+
+
+def run_cell(spec: dict[str, Any], root: str, threads: int) -> dict[str, Any]:
+    """Run one cell with `threads` CPU threads and write its record; failures are recorded, never raised (except
+    Ctrl-C, which stops the study and leaves the cell unfinished)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    d = cell_dir(root, spec["id"])
+    d.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        metrics = _KINDS[spec["kind"]](spec, Path(root), d, threads)
+    except Exception as e:  # a failed cell is a result: recorded with its error, the study goes on
+        tail = traceback.format_exc().strip().splitlines()[-6:]
+        msg = str(e) if isinstance(e, CraftError) else f"{type(e).__name__}: {e}"
+        return write_cell(root, spec, status="error", error=msg[:2000], traceback=tail,
+                          seconds=time.perf_counter() - t0, threads=threads)  # fmt: skip
+    return write_cell(root, spec, status="ok", metrics=metrics, seconds=time.perf_counter() - t0, threads=threads)
+
+
+def _finetune(spec: dict[str, Any], root: Path, d: Path, threads: int) -> dict[str, Any]:
+    """Fine-tune, or adopt a finished fine-tune already in place with the same settings, or continue a killed one."""
+    from craft_deploy.config import FinetuneConfig
+    from craft_deploy.finetune import check_same_run, run
+
+    cfg = FinetuneConfig.from_dict({**spec["config"], "threads": threads})
+    out = d / "bundle"
+    done = out / "finetune.json"
+    reused = done.is_file()
+    if reused:
+        rec = read_json(done, "finetune record")
+        check_same_run(rec["config"], cfg)  # a bundle with other settings is refused, not silently adopted
+    else:
+        resume = out if (partial_dir(out) / "checkpoint.pt").is_file() else None
+        rec = run(cfg, out, overwrite=True, resume=resume)
+    return {
+        "test_top1": rec["metrics"]["test_top1"],
+        "seconds_per_epoch": rec["timings"]["seconds_per_epoch"],
+        "reused": reused,
+    }
+
+
+def _analyze(spec: dict[str, Any], root: Path, d: Path, threads: int) -> dict[str, Any]:
+    from craft_deploy.analyze import run
+    from craft_deploy.config import AnalyzeConfig
+
+    rec = run(AnalyzeConfig.from_dict(spec["config"]), root / spec["source"], d / "analyze", overwrite=True)
+    sharp = rec["sharpness"]
+    return {"lambda_max": sharp["lambda_max"], "lambda_converged": sharp["converged"]}
+
+
+def _compress(spec: dict[str, Any], root: Path, d: Path, threads: int) -> dict[str, Any]:
+    from craft_deploy.compress import from_flags, run
+
+    cfg = from_flags(**spec["config"])
+    rec = run(cfg, root / spec["source"], d / "bundle", overwrite=True)
+    m = rec["metrics"]
+    return {
+        "test_top1_before": m["test_top1_before"],
+        "test_top1": m["test_top1_after"],
+        "test_top5": m["test_top5_after"],
+    }
+
+
+def _train(spec: dict[str, Any], root: Path, d: Path, threads: int) -> dict[str, Any]:
+    """Recovery (--init) and TuneComp are fine-tunes with a different starting point."""
+    from craft_deploy.config import FinetuneConfig
+    from craft_deploy.finetune import run
+
+    conf = dict(spec["config"])
+    if spec["kind"] == "recover":
+        conf["init"] = str(root / spec["source"])
+    out = d / "bundle"
+    resume = out if (partial_dir(out) / "checkpoint.pt").is_file() else None
+    rec = run(FinetuneConfig.from_dict({**conf, "threads": threads}), out, overwrite=True, resume=resume)
+    return {"test_top1": rec["metrics"]["test_top1"], "seconds_per_epoch": rec["timings"]["seconds_per_epoch"]}
+
+
+def _deploy(spec: dict[str, Any], root: Path, d: Path, threads: int) -> dict[str, Any]:
+    """Export the cell's bundle for the backend (when it needs an exported file), then bench accuracy and latency."""
+    from craft_deploy import bench, export
+    from craft_deploy.bench.backends import get_backend
+    from craft_deploy.config import BenchConfig, ExportConfig
+
+    source = root / spec["source"]
+    fmt = EXPORT_FOR[get_backend(spec["config"]["bench"]["backend"]).needs]
+    model = source
+    if fmt is not None:
+        export.run(ExportConfig.from_dict({**spec["config"]["export"], "format": fmt}), source, d / "export", True)
+        model = d / "export"
+    rec = bench.run(BenchConfig.from_dict({**spec["config"]["bench"], "threads": threads}), model, d / "bench", True)
+    rows = rec["results"]
+    return {
+        "top1": rows[0]["top1"],
+        "samples": rows[0]["samples"],
+        "size_bytes": rows[0]["model_size_bytes"],
+        "latency_ms": {str(r["batch"]): r["p50_ms"] for r in rows},
+        "latency_cv": {str(r["batch"]): r["cv"] for r in rows},
+        "backend_info": next(iter(rec["models"].values()))["backend_info"],
+    }
+
+
+_KINDS = {
+    "finetune": _finetune,
+    "analyze": _analyze,
+    "compress": _compress,
+    "recover": _train,
+    "tunecomp": _train,
+    "deploy": _deploy,
+}

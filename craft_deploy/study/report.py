@@ -1,0 +1,403 @@
+"""The study's report: report.md (the CrAFT paper's Table 2 layout, the paired verdict on each optimizer against the
+baseline, diagnostics, the recommendation with its commands) and its plots. Every number is read from the cell
+records in study.json; nothing here is measured or typed by hand."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from craft_deploy.config import FinetuneConfig
+from craft_deploy.study.recipes import parse_recipe
+
+FP32 = "FP32"
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def paired(diffs: list[float], level: float = 0.95) -> dict[str, Any]:
+    """Mean of paired differences with a Student-t confidence interval, and the verdict it supports: `helps` when the
+    whole interval is above 0, `hurts` when below, `cannot tell` otherwise (always, with fewer than 2 pairs)."""
+    n = len(diffs)
+    if n == 0:
+        return {"n": 0, "mean": None, "ci": None, "verdict": "no pairs"}
+    mean = statistics.mean(diffs)
+    if n < 2:
+        return {"n": 1, "mean": mean, "ci": None, "verdict": "cannot tell"}
+    from scipy.stats import t
+
+    half = t.ppf(0.5 + level / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    lo, hi = mean - half, mean + half
+    verdict = "helps" if lo > 0 else "hurts" if hi < 0 else "cannot tell"
+    return {"n": n, "mean": mean, "ci": [lo, hi], "verdict": verdict}
+
+
+class Results:
+    """The cell records arranged by (optimizer label, row) -> {seed: value}."""
+
+    def __init__(self, record: dict[str, Any]):
+        self.record = record
+        self.cells = {c["id"]: c for c in record["cells"]}
+        ok = [c for c in record["cells"] if c["status"] == "ok"]
+        self.optimizers = list(
+            dict.fromkeys(c["spec"]["optimizer"] for c in record["cells"] if c["kind"] == "finetune")
+        )
+        self.baseline = record["baseline"]
+        self.top1: dict[tuple[str, str], dict[int, float]] = {}
+        self.fp32: dict[str, float] = {}  # ft id -> FP32 top-1 (PyTorch, the study's test images)
+        self.lambdas: dict[str, dict[int, float]] = {}
+        self.deployed: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}  # (backend, optimizer, row)
+        self.rows: list[str] = [FP32]
+        for c in ok:
+            s, m = c["spec"], c["metrics"]
+            if c["kind"] == "finetune":
+                self.fp32[s["ft"]] = m["test_top1"]
+                self._put((s["optimizer"], FP32), s["seed"], m["test_top1"])
+            elif c["kind"] == "compress":
+                self._put((s["optimizer"], s["recipe"]), s["seed"], m["test_top1"])
+            elif c["kind"] == "recover":
+                self._put((s["optimizer"], f"{s['recipe']} + recovery"), s["seed"], m["test_top1"])
+            elif c["kind"] == "tunecomp":
+                self._put((s["optimizer"], s["recipe"]), s["seed"], m["test_top1"])
+            elif c["kind"] == "analyze":
+                self.lambdas.setdefault(s["optimizer"], {})[s["seed"]] = m["lambda_max"]
+            elif c["kind"] == "deploy":
+                self.deployed.setdefault((s["backend"], s["optimizer"], s["recipe"]), {})[s["seed"]] = m
+        order = [c["spec"].get("recipe") for c in record["cells"] if c["kind"] == "compress"]
+        grid = [r for r in dict.fromkeys(order) if r]
+        self.rows += [r for r in grid if any(r == k[1] for k in self.top1)]
+        self.rows += sorted({k[1] for k in self.top1} - set(self.rows))
+
+    def _put(self, key: tuple[str, str], seed: int, value: float) -> None:
+        self.top1.setdefault(key, {})[seed] = value
+
+    def drops(self, optimizer: str, row: str) -> dict[int, float]:
+        vals = self.top1.get((optimizer, row), {})
+        return {s: self.fp32[f"{optimizer}-s{s}"] - v for s, v in vals.items() if f"{optimizer}-s{s}" in self.fp32}
+
+    def comparison(self, optimizer: str, row: str) -> dict[str, Any]:
+        """Paired over seeds: top-1 and drop of `optimizer` minus the baseline's, on the same seed's test images."""
+        a, b = self.top1.get((optimizer, row), {}), self.top1.get((self.baseline, row), {})
+        seeds = sorted(set(a) & set(b))
+        da, db = self.drops(optimizer, row), self.drops(self.baseline, row)
+        return {
+            "seeds": seeds,
+            "top1": paired([a[s] - b[s] for s in seeds]),
+            "drop": paired([da[s] - db[s] for s in seeds if s in da and s in db]),
+        }
+
+
+def _fmt(vals: dict[int, float], drops: dict[int, float] | None = None) -> str:
+    if not vals:
+        return "-"
+    m, sd = mean_std(list(vals.values()))
+    text = f"{m:.2f} ± {sd:.2f}" if len(vals) > 1 else f"{m:.2f}"
+    if drops:
+        text += f" ({-statistics.mean(drops.values()):+.2f})"
+    return text
+
+
+def table2(res: Results) -> list[str]:
+    lines = ["| recipe | " + " | ".join(res.optimizers) + " |", "|---|" + "---|" * len(res.optimizers)]
+    for row in res.rows:
+        cells = [_fmt(res.top1.get((o, row), {}), None if row == FP32 else res.drops(o, row)) for o in res.optimizers]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def verdicts(res: Results) -> tuple[list[str], dict[str, Any]]:
+    lines: list[str] = []
+    out: dict[str, Any] = {}
+    for o in res.optimizers:
+        if o == res.baseline:
+            continue
+        lines += [
+            f"### {o} against {res.baseline}",
+            "",
+            "| recipe | pairs | Δ top-1, mean [95% CI] | Δ drop, mean [95% CI] | verdict |",
+            "|---|---|---|---|---|",
+        ]
+        rows = {}
+        for row in res.rows:
+            c = res.comparison(o, row)
+            rows[row] = c
+            t, d = c["top1"], c["drop"]
+            lines.append(f"| {row} | {t['n']} | {_ci(t)} | {'' if row == FP32 else _ci(d)} | {t['verdict']} |")
+        out[o] = rows
+        counts = {v: [r for r, c in rows.items() if c["top1"]["verdict"] == v] for v in ("helps", "hurts")}
+        undecided = [r for r, c in rows.items() if c["top1"]["verdict"] not in ("helps", "hurts")]
+        lines += ["", f"**Verdict, {o} vs {res.baseline}** (paired over seeds, 95% t-interval on top-1): helps in "
+                  f"{len(counts['helps'])} of {len(rows)} rows ({', '.join(counts['helps']) or 'none'}); hurts in "
+                  f"{len(counts['hurts'])} ({', '.join(counts['hurts']) or 'none'}); the data cannot tell in "
+                  f"{len(undecided)}.", ""]  # fmt: skip
+    return lines, out
+
+
+def _ci(p: dict[str, Any]) -> str:
+    if p["mean"] is None:
+        return "-"
+    if p["ci"] is None:
+        return f"{p['mean']:+.2f} [one pair]"
+    return f"{p['mean']:+.2f} [{p['ci'][0]:+.2f}, {p['ci'][1]:+.2f}]"
+
+
+def recommendation(res: Results, max_drop: float, specs: dict[str, dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
+    """Per backend: the fastest deployed (optimizer, recipe) whose mean drop from FP32 is within `max_drop` both in
+    PyTorch over every seed and on the backend over the deployed seeds."""
+    lines: list[str] = []
+    picks: dict[str, Any] = {}
+    backends = sorted({k[0] for k in res.deployed})
+    for backend in backends:
+        cands = []
+        for (b, o, row), by_seed in res.deployed.items():
+            if b != backend:
+                continue
+            base = res.deployed.get((b, o, "fp32"), {})
+            back_drops = [base[s]["top1"] - m["top1"] for s, m in by_seed.items() if s in base]
+            torch_row = _torch_row(row)
+            torch_drops = list(res.drops(o, torch_row).values()) if torch_row != FP32 else [0.0]
+            batch = min(int(k) for k in next(iter(by_seed.values()))["latency_ms"])
+            lat = statistics.median(m["latency_ms"][str(batch)] for m in by_seed.values())
+            cands.append({
+                "optimizer": o, "recipe": row, "batch": batch, "latency_ms": lat,
+                "backend_top1": statistics.mean(m["top1"] for m in by_seed.values()),
+                "backend_drop": statistics.mean(back_drops) if back_drops else None,
+                "pytorch_drop": statistics.mean(torch_drops) if torch_drops else None,
+                "seeds": sorted(by_seed),
+            })  # fmt: skip
+        ok = [c for c in cands if c["pytorch_drop"] is not None and c["pytorch_drop"] <= max_drop
+              and (c["backend_drop"] is None or c["backend_drop"] <= max_drop)]  # fmt: skip
+        fp32 = [c for c in cands if c["recipe"] == "fp32"]
+        fp32_lat = statistics.median(c["latency_ms"] for c in fp32) if fp32 else None
+        if not ok:
+            lines.append(f"- **{backend}**: no deployed recipe is within {max_drop:g} point(s) of FP32.")
+            continue
+        best = min(ok, key=lambda c: (c["latency_ms"], -c["backend_top1"]))
+        speed = f", {fp32_lat / best['latency_ms']:.2f}x FP32's {fp32_lat:.2f} ms" if fp32_lat else ""
+        best["commands"] = commands(res, best, backend, specs)
+        picks[backend] = best
+        lines += [
+            f"- **{backend}**: **{best['optimizer']} fine-tuning, {best['recipe']}**: {best['latency_ms']:.2f} ms at "
+            f"batch {best['batch']}{speed}; top-1 on {backend} {best['backend_top1']:.2f} (mean drop "
+            f"{best['pytorch_drop']:.2f} over {len(res.drops(best['optimizer'], FP32)) or len(best['seeds'])} seeds in "
+            f"PyTorch). Among {len(ok)} of {len(cands)} deployed recipes within the budget. To reproduce (seed "
+            f"{best['seeds'][0]}):",
+            "",
+            "```",
+            *best["commands"],
+            "```",
+        ]
+    return lines, picks
+
+
+def _torch_row(deployed: str) -> str:
+    """The Table-2 row a deployed cell's name stands for."""
+    if deployed == "fp32":
+        return FP32
+    if deployed.startswith("recover-"):
+        return deployed.removeprefix("recover-") + " + recovery"
+    return deployed
+
+
+def finetune_flags(conf: dict[str, Any]) -> list[str]:
+    """`craft-deploy finetune` flags for the fields of a FinetuneConfig dict that differ from their defaults."""
+    import dataclasses
+
+    flags: list[str] = []
+    for f in dataclasses.fields(FinetuneConfig):
+        if f.name in ("threads", "init") or f.name not in conf or conf[f.name] == f.default:
+            continue
+        value, flag = conf[f.name], "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{f.name.replace('_', '-')}")
+        elif isinstance(value, (list, tuple)):
+            flags += [flag, ",".join(str(v) for v in value)]
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
+def commands(res: Results, pick: dict[str, Any], backend: str, specs: dict[str, dict[str, Any]]) -> list[str]:
+    """The commands that reproduce a recommended cell from the pretrained model, for its first deployed seed."""
+    seed, o, row = pick["seeds"][0], pick["optimizer"], pick["recipe"]
+    ft = f"{o}-s{seed}"
+    deploy = specs[f"{ft}/deploy/{backend}/{row}"]
+    cmds, model = [], "ft"
+    first = specs.get(f"{ft}/tunecomp-r{row.removeprefix('tunecomp-r')}") if row.startswith("tunecomp-r") else None
+    base = first or specs[f"{ft}/finetune"]
+    cmds.append("craft-deploy finetune " + " ".join(finetune_flags(base["config"])) + f" --out {model}")
+    recipe = row.removeprefix("recover-")
+    if row != "fp32" and first is None:
+        c = specs[f"{ft}/compress/{recipe}"]["config"]
+        r = parse_recipe(recipe)[0]
+        data = [f"--calib-samples {c['calib_samples']}"] + ([f"--eval-subset {c['eval_subset']}"] if c["eval_subset"]
+                                                             else [])  # fmt: skip
+        cmds.append(f"craft-deploy compress {model} " + " ".join(r.cli_flags() + data) + " --out compressed")
+        model = "compressed"
+        if row.startswith("recover-"):
+            rc = specs[f"{ft}/recover/{recipe}"]["config"]
+            cmds.append(
+                f"craft-deploy finetune --init {model} "
+                + " ".join(finetune_flags({k: v for k, v in rc.items() if k not in ("model", "data", "pretrained")}))
+                + " --out recovered"
+            )
+            model = "recovered"
+    ex, be = deploy["config"]["export"], deploy["config"]["bench"]
+    sizes = ",".join(str(b) for b in be["batch_sizes"])
+    from craft_deploy.bench.backends import BACKENDS
+    from craft_deploy.study.cells import EXPORT_FOR
+
+    fmt = EXPORT_FOR[BACKENDS[backend].needs]
+    if fmt is not None:
+        cmds.append(f"craft-deploy export {model} --format {fmt} --target {ex['target']} --batch-sizes {sizes} "
+                    "--out exported")  # fmt: skip
+        model = "exported"
+    subset = f" --eval-subset {be['eval_subset']}" if be["eval_subset"] else ""
+    cmds.append(f"craft-deploy bench {model} --backend {backend} --batch-sizes {sizes}{subset} --out bench")
+    return cmds
+
+
+def plots(res: Results, root: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    # Figure 4 of the paper: top-1 against unstructured sparsity, one line per optimizer, a band of +- 1 std
+    families: dict[str, dict[float, str]] = {}
+    for row in res.rows:
+        if row == FP32 or row.endswith("recovery") or row.startswith("tunecomp"):
+            continue
+        r = parse_recipe(row)[0]
+        kw = r.kwargs
+        if r.quant is None and "rank_ratio" not in kw and kw.get("sparsity") and ":" not in kw["sparsity"]:
+            fam = kw.get("prune_method", "magnitude") + (" + BN" if kw.get("bn_recalibrate") else "")
+            families.setdefault(fam, {})[float(kw["sparsity"])] = row
+    if families:
+        fig, axes = plt.subplots(1, len(families), figsize=(5 * len(families), 4), squeeze=False)
+        for ax, (fam, by_ratio) in zip(axes[0], sorted(families.items())):
+            for o in res.optimizers:
+                xs, ms, sds = [], [], []
+                for ratio, row in sorted({0.0: FP32, **by_ratio}.items()):
+                    vals = list(res.top1.get((o, row), {}).values())
+                    if vals:
+                        m, sd = mean_std(vals)
+                        xs.append(ratio), ms.append(m), sds.append(sd)
+                line = ax.plot(xs, ms, marker="o", label=o)[0]
+                ax.fill_between(xs, [m - s for m, s in zip(ms, sds)], [m + s for m, s in zip(ms, sds)],
+                                color=line.get_color(), alpha=0.2)  # fmt: skip
+            ax.set(title=f"pruning: {fam}", xlabel="sparsity", ylabel="top-1 % (mean ± std over seeds)")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(root / "pruning_curves.png", dpi=100)
+        plt.close(fig)
+        written.append("pruning_curves.png")
+    if res.lambdas:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for i, o in enumerate(res.optimizers):
+            vals = list(res.lambdas.get(o, {}).values())
+            if vals:
+                ax.bar(i, statistics.mean(vals), yerr=mean_std(vals)[1], capsize=4)
+                ax.scatter([i] * len(vals), vals, color="k", s=10, zorder=3)
+        ax.set_xticks(range(len(res.optimizers)), res.optimizers)
+        ax.set(title="sharpness of the fine-tuned model", ylabel="lambda_max (Hessian, BN eval)")
+        fig.tight_layout()
+        fig.savefig(root / "diagnostics.png", dpi=100)
+        plt.close(fig)
+        written.append("diagnostics.png")
+    for backend in sorted({k[0] for k in res.deployed}):
+        fig, ax = plt.subplots(figsize=(7, 5))
+        points = []
+        for (b, o, row), by_seed in res.deployed.items():
+            if b != backend:
+                continue
+            batch = min(int(k) for k in next(iter(by_seed.values()))["latency_ms"])
+            for m in by_seed.values():
+                points.append((m["latency_ms"][str(batch)], m["top1"], o, row))
+        for o in res.optimizers:
+            mine = [p for p in points if p[2] == o]
+            ax.scatter([p[0] for p in mine], [p[1] for p in mine], label=o, s=18)
+        front, best = [], -1.0
+        for p in sorted(points):
+            if p[1] > best:
+                front.append(p)
+                best = p[1]
+        ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front")
+        for p in front:
+            ax.annotate(p[3], (p[0], p[1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(title=f"accuracy vs latency on {backend} (batch {batch})", xlabel="p50 latency, ms", ylabel="top-1 %")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        name = f"pareto_{backend}.png"
+        fig.savefig(root / name, dpi=100)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def write_report(record: dict[str, Any], root: Path) -> dict[str, Any]:
+    """Write report.md and the plots into `root`; return what the report concluded (stored in study.json)."""
+    from craft_deploy.artifacts import atomic_write_bytes
+
+    cfg = record["config"]
+    res = Results(record)
+    specs = {c["id"]: c["spec"] for c in record["cells"]}
+    failed = [c for c in record["cells"] if c["status"] == "error"]
+    verdict_lines, verdict = verdicts(res)
+    rec_lines, picks = recommendation(res, cfg["max_drop"], specs)
+    images = plots(res, root)
+    env = record["environment"]
+    lines = [
+        f"# Study: {cfg['model']} on {cfg['data']}",
+        "",
+        f"{len(res.optimizers)} fine-tuning optimizers x {len(cfg['seeds'])} seeds "
+        f"({', '.join(map(str, cfg['seeds']))}); {len(record['cells'])} cells ({len(failed)} failed, "
+        f"{len(record['trimmed'])} trimmed by the budget). Machine: {env.get('cpu')} ({env.get('cpu_count')} cores), "
+        f"torch {env.get('libraries', {}).get('torch')}; this run {minutes(record['timings']['this_run_seconds'])}, "
+        f"{minutes(record['timings']['cell_seconds'])} of cell time in all. Test images: "
+        f"{cfg['eval_subset'] or 'all'} per seed (the same images for every optimizer of a seed, so comparisons are "
+        "paired).",
+        "",
+        "## Top-1 after compression (the CrAFT paper's Table 2 layout)",
+        "",
+        "Mean ± std over seeds; the drop from the same fine-tuning's FP32 in parentheses. Pruning cells re-estimate "
+        "BatchNorm where the recipe says `bn`.",
+        "",
+        *table2(res),
+        "",
+        "## Does it help? Paired comparison with the baseline",
+        "",
+        *verdict_lines,
+    ]
+    if res.lambdas:
+        lines += ["## Diagnostics", "", "| optimizer | lambda_max (mean ± std) | per seed |", "|---|---|---|"]
+        for o in res.optimizers:
+            vals = res.lambdas.get(o, {})
+            if vals:
+                m, sd = mean_std(list(vals.values()))
+                per = ", ".join(f"s{s}: {v:.1f}" for s, v in sorted(vals.items()))
+                lines.append(f"| {o} | {m:.1f} ± {sd:.1f} | {per} |")
+        lines.append("")
+    lines += [f"## Recommendation (accuracy budget: {cfg['max_drop']:g} point(s) from FP32)", "", *rec_lines, ""]
+    lines += ["Latencies are p50 of each deployed cell's own bench run, one model at a time (not round-robin): "
+              "differences under ~15% between recipes are within this machine's drift.", ""]  # fmt: skip
+    if failed:
+        lines += ["## Failed cells", "", "| cell | error |", "|---|---|"]
+        lines += [f"| {c['id']} | {c['error'].splitlines()[0][:200]} |" for c in failed]
+        lines.append("")
+    if record["trimmed"]:
+        lines += ["## Trimmed by --budget-minutes", "", ", ".join(t["id"] for t in record["trimmed"]), ""]
+    lines += ["## Plots", "", *[f"![{p}]({p})" for p in images], ""]
+    atomic_write_bytes(root / "report.md", "\n".join(lines).encode())
+    return {"verdicts": verdict, "recommendation": picks, "plots": images}
