@@ -731,15 +731,10 @@ def study(config, out, overwrite, retry_failed, ray_address, epochs, train_subse
     from craft_deploy.config import StudyConfig
 
     overrides = {k: v for k, v in kw.items() if v is not None}
-    if epochs is not None or train_subset is not None:
-        base = {}
-        if config:
-            base = study_stage.load_study_config(config).finetune or {}
-        ft = {**base, **({"epochs": epochs} if epochs is not None else {}),
-              **({"train_subset": train_subset} if train_subset is not None else {})}  # fmt: skip
-        overrides["finetune"] = ft
-    elif not config:
-        overrides.setdefault("finetune", {"epochs": 2, "train_subset": 6000})
+    shortcuts = {k: v for k, v in (("epochs", epochs), ("train_subset", train_subset)) if v is not None}
+    if shortcuts:  # merged into the config file's `finetune:` settings
+        overrides["finetune"] = {**((study_stage.load_study_config(config).finetune or {}) if config else {}),
+                                 **shortcuts}  # fmt: skip
     cfg = study_stage.load_study_config(config, **overrides) if config else StudyConfig.from_dict(overrides)
     rec = study_stage.run(cfg, out, overwrite=overwrite, retry_failed=retry_failed, ray_address=ray_address)
     failed = sum(c["status"] == "error" for c in rec["cells"])

@@ -398,12 +398,31 @@ class AnalyzeConfig(_Config):
 
 STUDY_EXECUTORS = ("local", "ray")
 STUDY_DEFAULT_GRID = (
-    "w8a8", "w8a8+bn", "w6a6", "w6a6+bn", "w6a16", "w6a16+bn", "w5a16+bn", "w4a16", "w4a16+bn", "w4a16+bn+gptq",
+    "w8a8",
+    "w6a16",
+    "w8a8+bn",
+    "w6a6+bn",
+    "w4a16+bn",
+    "2:4+magnitude+bn",
+    "2:4+sparsegpt+bn",
+    "2:4+sparsegpt+bn+w8a8",
+    "0.5+magnitude+bn",
+    "0.7+magnitude+bn",
+    "0.5+sparsegpt+bn",
+    "0.7+sparsegpt+bn",
+    "w6a6",
+    "w4a16",
     "w4a8+bn",
-    "0.5+magnitude+bn", "0.5+wanda+bn", "0.5+sparsegpt+bn", "0.7+magnitude+bn", "0.7+wanda+bn", "0.7+sparsegpt+bn",
-    "2:4+magnitude+bn", "2:4+wanda+bn", "2:4+sparsegpt+bn", "4:8+magnitude+bn", "4:8+sparsegpt+bn",
-    "2:4+magnitude+bn+w8a8", "2:4+sparsegpt+bn+w8a8",
-)  # fmt: skip
+    "w5a16+bn",
+    "w4a16+bn+gptq",
+    "w6a16+bn",
+    "0.5+wanda+bn",
+    "0.7+wanda+bn",
+    "2:4+wanda+bn",
+    "4:8+magnitude+bn",
+    "4:8+sparsegpt+bn",
+    "2:4+magnitude+bn+w8a8",
+)  # fmt: skip  the order is the priority: --budget-minutes drops recipes from the end
 
 
 @dataclass(frozen=True)
@@ -431,6 +450,7 @@ class StudyConfig(_Config):
     lambda_images: int = 64
     lambda_iters: int = 20
     recover_worst: int = 2
+    recover: tuple[str, ...] = ()  # grid recipes recovered in any case, besides the recover_worst worst ones
     recover_epochs: int = 1
     tunecomp: tuple[float, ...] = (0.25,)
     tunecomp_prune: float = 0.0
@@ -445,7 +465,7 @@ class StudyConfig(_Config):
     device: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("optimizers", "seeds", "grid", "calibrators", "tunecomp", "backends", "batch_sizes"):
+        for name in ("optimizers", "seeds", "grid", "calibrators", "tunecomp", "backends", "batch_sizes", "recover"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.finetune is not None and not isinstance(self.finetune, dict):
             raise CraftError(f"study `finetune:` must map FinetuneConfig fields to values, got {self.finetune!r}")

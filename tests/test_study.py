@@ -274,8 +274,10 @@ def test_bad_study_files_and_changed_cells_are_refused(tmp_path, killed_and_resu
     runner = CliRunner()
     (tmp_path / "list.yaml").write_text("- adam\n")
     (tmp_path / "typo.yaml").write_text("optimisers: [adam]\n")
+    _write(tmp_path, {**SMALL, "recover": ["w4a4"]}, "recover.yaml")
     for name, says in (("list.yaml", "must be a mapping"), ("typo.yaml", "has no field(s) ['optimisers']"),
-                       ("missing.yaml", "does not exist")):  # fmt: skip
+                       ("missing.yaml", "does not exist"),
+                       ("recover.yaml", "recover entry 'w4a4' is not a recipe of the grid")):  # fmt: skip
         result = runner.invoke(main, ["study", str(tmp_path / name), "--out", str(tmp_path / "o")])
         assert result.exit_code == 2 and says in result.output, result.output
     out, _ = killed_and_resumed

@@ -25,6 +25,7 @@ from craft_deploy.study import plan
 from craft_deploy.study.budget import estimator, trim
 from craft_deploy.study.cells import read_cell
 from craft_deploy.study.executors import execute, threads_per_cell
+from craft_deploy.study.recipes import parse_recipe
 
 __all__ = ["load_study_config", "run"]
 
@@ -100,14 +101,18 @@ class _Run:
 
 
 def worst_recipes(cfg: StudyConfig, records: dict[str, dict[str, Any]]) -> list[str]:
-    """The `recover_worst` recipes with the largest mean one-shot drop over every fine-tuning (the same for all)."""
+    """The `recover_worst` recipes with the largest mean one-shot drop over every fine-tuning (the same for all), then
+    those `recover` names that ran."""
     drops: dict[str, list[float]] = {}
     for rec in records.values():
         if rec["kind"] == "compress" and rec["status"] == "ok":
             m = rec["metrics"]
             drops.setdefault(rec["spec"]["recipe"], []).append(m["test_top1_before"] - m["test_top1"])
     ranked = sorted(drops, key=lambda name: -statistics.mean(drops[name]))
-    return ranked[: cfg.recover_worst]
+    chosen = ranked[: cfg.recover_worst]
+    for entry in cfg.recover:  # asked for by name (grid spelling), whatever its drop
+        chosen += [r.name for r in parse_recipe(entry, cfg.calibrators) if r.name in drops and r.name not in chosen]
+    return chosen
 
 
 def _projected_deploys(cfg: StudyConfig) -> list[dict[str, Any]]:
@@ -140,6 +145,10 @@ def run(
     plan.fine_tunings(cfg), plan.recipes(cfg)  # bad optimizer names, recipes and backends fail before any work
     for backend in cfg.backends:
         get_backend(backend)
+    names = {r.name for r in plan.recipes(cfg)}
+    for entry in cfg.recover:
+        if any(r.name not in names for r in parse_recipe(entry, cfg.calibrators)):
+            raise CraftError(f"recover entry {entry!r} is not a recipe of the grid ({', '.join(sorted(names))})")
 
     root = Path(out)
     if root.exists() and not root.is_dir():
@@ -161,7 +170,9 @@ def run(
     root.mkdir(parents=True, exist_ok=True)
     state = _Run(cfg, root, retry_failed, ray_address)
     try:
-        grid_future = plan.training_cells(cfg, [r.name for r in plan.recipes(cfg)][: cfg.recover_worst])
+        grid_future = plan.training_cells(
+            cfg, [r.name for r in plan.recipes(cfg)][: cfg.recover_worst + len(cfg.recover)]
+        )
         state.phase(plan.finetune_cells(cfg))
         state.phase(plan.grid_cells(cfg), future=grid_future + _projected_deploys(cfg))
         worst = worst_recipes(cfg, state.records)

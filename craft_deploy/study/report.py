@@ -167,6 +167,7 @@ def recommendation(res: Results, max_drop: float, specs: dict[str, dict[str, Any
                 "backend_top1": statistics.mean(m["top1"] for m in by_seed.values()),
                 "backend_drop": statistics.mean(back_drops) if back_drops else None,
                 "pytorch_drop": statistics.mean(torch_drops) if torch_drops else None,
+                "pytorch_seeds": len(torch_drops) if torch_row != FP32 else len(res.top1.get((o, FP32), {})),
                 "seeds": sorted(by_seed),
             })  # fmt: skip
         ok = [c for c in cands if c["pytorch_drop"] is not None and c["pytorch_drop"] <= max_drop
@@ -183,7 +184,7 @@ def recommendation(res: Results, max_drop: float, specs: dict[str, dict[str, Any
         lines += [
             f"- **{backend}**: **{best['optimizer']} fine-tuning, {best['recipe']}**: {best['latency_ms']:.2f} ms at "
             f"batch {best['batch']}{speed}; top-1 on {backend} {best['backend_top1']:.2f} (mean drop "
-            f"{best['pytorch_drop']:.2f} over {len(res.drops(best['optimizer'], FP32)) or len(best['seeds'])} seeds in "
+            f"{best['pytorch_drop']:.2f} over {best['pytorch_seeds']} seed(s) in "
             f"PyTorch). Among {len(ok)} of {len(cands)} deployed recipes within the budget. To reproduce (seed "
             f"{best['seeds'][0]}):",
             "",
