@@ -197,6 +197,27 @@ def test_a_failing_cell_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch)
     assert all(c["status"] == "ok" for c in again["cells"])
 
 
+def test_a_finished_finetune_in_place_is_adopted_and_one_with_other_settings_is_refused(tmp_path):
+    """Fine-tunes run beforehand with `craft-deploy finetune` into the cells' directories: the same settings are adopted
+    (not retrained), other settings fail that cell, and nothing is compressed from the refused bundle."""
+    cfg = {**SMALL, "grid": ["w8a8+minmax"], "recover_worst": 0, "analyze": False, "backends": [], "threads": 1}
+    out = tmp_path / "o"
+    ft = ["--model", "test_efficientnet", "--data", "digits", "--no-pretrained", "--img-size", "32",
+          "--warmup-steps", "5", "--threads", "1"]  # fmt: skip
+    runner = CliRunner()
+    for label, extra in (("adam-s0", ["--epochs", "1"]), ("adam-s1", ["--epochs", "2", "--seed", "1"])):
+        args = ["finetune", *ft, *extra, "--out", str(out / "cells" / label / "finetune" / "bundle")]
+        assert runner.invoke(main, args).exit_code == 0
+    before = (out / "cells/adam-s0/finetune/bundle/model.safetensors").stat().st_mtime_ns
+    result = runner.invoke(main, ["study", str(_write(tmp_path, {**cfg, "optimizers": ["adam"]})), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    cells = _cells(out)
+    assert cells["adam-s0/finetune"]["metrics"]["reused"] is True
+    assert (out / "cells/adam-s0/finetune/bundle/model.safetensors").stat().st_mtime_ns == before
+    assert cells["adam-s1/finetune"]["status"] == "error" and "epochs: 2" in cells["adam-s1/finetune"]["error"]
+    assert "adam-s0/compress/w8a8+minmax" in cells and "adam-s1/compress/w8a8+minmax" not in cells
+
+
 def test_a_budget_trims_in_the_stated_order(tmp_path):
     """With 0.01 minutes only what is never dropped runs: fine-tunes, the first recipe, FP32 deployments of seed 0."""
     cfg = {**SMALL, "recover_worst": 1, "budget_minutes": 0.01, "threads": 1}
@@ -233,10 +254,14 @@ def test_recipes_parse_into_compress_flags():
     assert [x.name for x in parse_recipe("w4a16+gptq", ("mse", "minmax"))] == ["w4a16+mse+gptq", "w4a16+minmax+gptq"]
     assert [x.name for x in expand_grid(("w8a8", "w8a8+mse", "rank0.25"), ("mse",))] == ["w8a8+mse", "rank0.25"]
     assert parse_recipe("0.7+wanda")[0].kwargs == {"sparsity": "0.7", "prune_method": "wanda"}
+    assert parse_recipe("tensor+w8a8+minmax")[0].cli_flags()[-2:] == ["--weight-granularity", "tensor"]
     assert parse_recipe("w8a8+mse")[0].deployable_on_integer_kernels()
     assert not parse_recipe("w4a16+mse")[0].deployable_on_integer_kernels()
+    assert not parse_recipe("w4a8+mse")[0].deployable_on_integer_kernels()  # INT4 conv weights do not export
+    assert parse_recipe("w7a8+mse+ort-cpu")[0].deployable_on_integer_kernels()
     for bad, says in (("w8a8+foo", "unknown token 'foo'"), ("w8a8+w4a4", "second time"), ("mse", "neither"),
-                      ("wanda", "neither"), ("0.5+gptq", "without quantizing"), ("w9a8", "weight bits"),
+                      ("wanda", "neither"), ("0.5+gptq", "without quantizing"), ("2:4+tensor", "without quantizing"),
+                      ("w9a8", "weight bits"),
                       ("w8a8++bn", "empty token")):  # fmt: skip
         with pytest.raises(CraftError, match=says):
             parse_recipe(bad)

@@ -87,7 +87,8 @@ class _Run:
             grid = [r.name for r in plan.recipes(self.cfg)]
             first = self.cfg.seeds[0]
             future = [f for f in future if f["id"] not in self.records]
-            kept, dropped, _ = trim(todo + list(future), list(self.records.values()), self.seconds_left(), first, grid)
+            cell_seconds_left = self.seconds_left() * self.cfg.jobs  # N jobs spend N cell-seconds per second
+            kept, dropped, _ = trim(todo + list(future), list(self.records.values()), cell_seconds_left, first, grid)
             now = {s["id"] for s in todo}
             kept_ids = {s["id"] for s in kept}
             self.trimmed += [{"id": s["id"], "reason": "budget"} for s in dropped if s["id"] in now]
@@ -174,9 +175,10 @@ def run(
             cfg, [r.name for r in plan.recipes(cfg)][: cfg.recover_worst + len(cfg.recover)]
         )
         state.phase(plan.finetune_cells(cfg))
-        state.phase(plan.grid_cells(cfg), future=grid_future + _projected_deploys(cfg))
+        ready = {r["spec"]["ft"] for r in state.records.values() if r["kind"] == "finetune" and r["status"] == "ok"}
+        state.phase(plan.grid_cells(cfg, ready), future=grid_future + _projected_deploys(cfg))
         worst = worst_recipes(cfg, state.records)
-        state.phase(plan.training_cells(cfg, worst), future=_projected_deploys(cfg))
+        state.phase(plan.training_cells(cfg, worst, ready), future=_projected_deploys(cfg))
         state.phase(plan.deploy_cells(cfg, state.records))
     finally:
         state.bar.close()

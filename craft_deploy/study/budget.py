@@ -3,7 +3,8 @@
 A cell's cost is estimated from the cells of the same kind this study has already finished (median seconds; a
 compression with a Hessian solver, SparseGPT or GPTQ, is its own kind); a kind with none finished yet uses its prior
 below, scaled by how much faster or slower than the priors the finished cells ran. The priors are seconds on the
-offline default (tf_efficientnet_lite0 at 64 px, 2 epochs of 6000 images, 2000 test images) on a 2-vCPU EPYC.
+offline default (tf_efficientnet_lite0 at 64 px, 2 epochs of 6000 images, 2000 test images) on a 2-vCPU EPYC. With
+`--jobs N`, N cell-seconds are spent per second of the budget.
 
 When the estimate of what is left exceeds what is left of the budget, cells are dropped in this order until it fits:
 
@@ -24,14 +25,14 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-PRIOR_SECONDS = {
-    "finetune": 150.0,
-    "analyze": 40.0,
-    "compress": 25.0,
-    "compress-solver": 90.0,
-    "recover": 70.0,
-    "tunecomp": 170.0,
-    "deploy": 30.0,
+PRIOR_SECONDS = {  # medians of the default study's cells (docs/study.md), one thread per cell, two cells at a time
+    "finetune": 100.0,
+    "analyze": 12.0,
+    "compress": 12.0,
+    "compress-solver": 28.0,
+    "recover": 80.0,
+    "tunecomp": 135.0,
+    "deploy": 6.0,
 }
 
 

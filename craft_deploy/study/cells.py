@@ -68,7 +68,8 @@ def _finetune(spec: dict[str, Any], root: Path, d: Path, threads: int) -> dict[s
     reused = done.is_file()
     if reused:
         rec = read_json(done, "finetune record")
-        check_same_run(rec["config"], cfg)  # a bundle with other settings is refused, not silently adopted
+        saved = FinetuneConfig.from_dict(rec["config"]).to_dict()  # JSON lists back to the config's tuples
+        check_same_run(saved, cfg)  # a bundle with other settings is refused, not silently adopted
     else:
         resume = out if (partial_dir(out) / "checkpoint.pt").is_file() else None
         rec = run(cfg, out, overwrite=True, resume=resume)

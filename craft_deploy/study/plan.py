@@ -107,10 +107,12 @@ def recipes(cfg: StudyConfig) -> list[Recipe]:
     return out
 
 
-def grid_cells(cfg: StudyConfig) -> list[dict[str, Any]]:
-    """Diagnostics and one-shot compression of every fine-tuning."""
+def grid_cells(cfg: StudyConfig, ready: set[str] | None = None) -> list[dict[str, Any]]:
+    """Diagnostics and one-shot compression of every fine-tuning (of those in `ready`, the ones that finished)."""
     cells = []
     for ft in fine_tunings(cfg):
+        if ready is not None and ft.id not in ready:
+            continue
         source = bundle_of(f"{ft.id}/finetune")
         if cfg.analyze:
             conf = AnalyzeConfig(
@@ -125,11 +127,13 @@ def grid_cells(cfg: StudyConfig) -> list[dict[str, Any]]:
     return cells
 
 
-def training_cells(cfg: StudyConfig, worst: list[str]) -> list[dict[str, Any]]:
+def training_cells(cfg: StudyConfig, worst: list[str], ready: set[str] | None = None) -> list[dict[str, Any]]:
     """Recovery of the `worst` recipes (the same ones for every fine-tuning, so the comparison stays paired) and
-    TuneComp at each rank ratio."""
+    TuneComp at each rank ratio, for the fine-tunings in `ready` (all when None)."""
     cells = []
     for ft in fine_tunings(cfg):
+        if ready is not None and ft.id not in ready:
+            continue
         for name in worst:
             conf = finetune_config(cfg, ft, epochs=cfg.recover_epochs)  # the --init bundle decides the model
             cells.append(_spec(f"{ft.id}/recover/{name}", "recover", ft, conf,
@@ -156,6 +160,8 @@ def deploy_cells(cfg: StudyConfig, finished: dict[str, dict[str, Any]]) -> list[
     cells = []
     for backend in cfg.backends:
         for ft in fine_tunings(cfg):
+            if finished.get(f"{ft.id}/finetune", {"status": "ok"}).get("status") != "ok":
+                continue
             sources = [(f"{ft.id}/finetune", "fp32", "tensorrt")]
             for cell_id, rec in finished.items():
                 if rec.get("status") != "ok" or rec["spec"]["ft"] != ft.id:

@@ -4,13 +4,15 @@
     2:4+sparsegpt+bn+w8a8  --sparsity 2:4 --prune-method sparsegpt --bn-recalibrate --quant w8a8
     w4a16+gptq             --quant w4a16 --weight-rounding gptq
     w7a8+ort-cpu           --quant w7a8 --placement ort-cpu
+    w8a8+minmax+tensor     --quant w8a8 --calib-method minmax --weight-granularity tensor (the CrAFT paper's BasePTQ)
     rank0.25               --rank-ratio 0.25
 
 Tokens: `wXaY` or `fp8` (quantization), `N:M` or a ratio in (0, 1) (pruning), any registered pruning score
 (magnitude, wanda, sparsegpt, ...), any registered calibrator (mse, minmax, ...), `bn` (BatchNorm re-estimation),
-`gptq` (GPTQ weight rounding), `ort-cpu` (the ONNX Runtime CPU placement), `rankR` (low-rank factorisation). A recipe
-is turned into flags once, here: the study runs `compress.from_flags(**flags)` and prints the same flags as the command
-that reproduces a cell, so the two cannot drift apart.
+`gptq` (GPTQ weight rounding), `tensor` (one weight scale per tensor instead of per channel), `ort-cpu` (the ONNX
+Runtime CPU placement), `rankR` (low-rank factorisation). A recipe is turned into flags once, here: the study runs
+`compress.from_flags(**flags)` and prints the same flags as the command that reproduces a cell, so the two cannot
+drift apart.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from craft_deploy.config import parse_quant, parse_sparsity
 
 _TOKEN_HELP = (
     "wXaY or fp8, N:M or a ratio such as 0.5, a pruning score ({scores}), a calibrator ({calibrators}), bn, gptq, "
-    "ort-cpu, rankR (e.g. rank0.25)"
+    "tensor, ort-cpu, rankR (e.g. rank0.25)"
 )
 
 
@@ -63,10 +65,11 @@ class Recipe:
         return out
 
     def deployable_on_integer_kernels(self) -> bool:
-        """Quantized recipes that an ONNX Q/DQ export runs as integer kernels (8-bit activations and weights <= 8).
-        Weight-only (A16) recipes are simulated: an export would hold float weights, so they are not deployed."""
+        """Whether an export runs this recipe as it was measured: float models, and 8-bit activations with 7- or 8-bit
+        weights (Q/DQ INT8 or FP8). Weight-only (A16) and sub-7-bit weights are simulated here: the ONNX export holds
+        INT4 weights only for MatMul/Gemm and no integer kernel runs 5/6-bit weights, so they are not deployed."""
         q = self.quant
-        return q is None or q[1] == 8
+        return q is None or (q[1] == 8 and q[0] >= 7)
 
 
 def _registered(table: str) -> dict[str, Any]:
@@ -107,6 +110,8 @@ def parse_recipe(text: str, calibrators: tuple[str, ...] = ("mse",)) -> list[Rec
             put("bn_recalibrate", True, token)
         elif token == "gptq":
             put("weight_rounding", "gptq", token)
+        elif token == "tensor":
+            put("weight_granularity", "tensor", token)
         elif token == "ort-cpu":
             put("placement", "ort-cpu", token)
         elif m := re.fullmatch(r"rank(0?\.\d+|1(\.0*)?)", token):
@@ -120,8 +125,10 @@ def parse_recipe(text: str, calibrators: tuple[str, ...] = ("mse",)) -> list[Rec
         raise CraftError(f"recipe {text!r} neither quantizes, prunes nor factorises; add e.g. w8a8, 2:4 or rank0.25")
     if "prune_method" in flags and "sparsity" not in flags:
         raise CraftError(f"recipe {text!r} names a pruning score without a sparsity; add e.g. 2:4 or 0.5")
-    if "quant" not in flags and {"calib_method", "weight_rounding", "placement"} & set(flags):
-        raise CraftError(f"recipe {text!r} names a calibrator, gptq or ort-cpu without quantizing; add e.g. w8a8")
+    if "quant" not in flags and {"calib_method", "weight_rounding", "placement", "weight_granularity"} & set(flags):
+        raise CraftError(
+            f"recipe {text!r} names a calibrator, gptq, tensor or ort-cpu without quantizing; add e.g. w8a8"
+        )
     if "quant" in flags and "calib_method" not in flags:
         variants = [{**flags, "calib_method": c} for c in calibrators]
     else:
@@ -129,8 +136,8 @@ def parse_recipe(text: str, calibrators: tuple[str, ...] = ("mse",)) -> list[Rec
     return [_recipe(v) for v in variants]
 
 
-_ORDER = ("rank_ratio", "sparsity", "prune_method", "quant", "calib_method", "weight_rounding", "placement",
-          "bn_recalibrate")  # fmt: skip
+_ORDER = ("rank_ratio", "sparsity", "prune_method", "quant", "calib_method", "weight_granularity", "weight_rounding",
+          "placement", "bn_recalibrate")  # fmt: skip
 
 
 def _recipe(flags: dict[str, Any]) -> Recipe:
@@ -140,6 +147,7 @@ def _recipe(flags: dict[str, Any]) -> Recipe:
         "rank_ratio": lambda v: f"rank{v:g}",
         "bn_recalibrate": lambda v: "bn",
         "weight_rounding": lambda v: v,
+        "weight_granularity": lambda v: v,
         "placement": lambda v: v,
     }
     name = "+".join(words.get(k, str)(v) for k, v in ordered)

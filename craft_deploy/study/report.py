@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from craft_deploy.config import FinetuneConfig
-from craft_deploy.study.recipes import parse_recipe
+from craft_deploy.study.recipes import expand_grid, parse_recipe
 
 FP32 = "FP32"
 
@@ -67,8 +67,8 @@ class Results:
                 self.lambdas.setdefault(s["optimizer"], {})[s["seed"]] = m["lambda_max"]
             elif c["kind"] == "deploy":
                 self.deployed.setdefault((s["backend"], s["optimizer"], s["recipe"]), {})[s["seed"]] = m
-        order = [c["spec"].get("recipe") for c in record["cells"] if c["kind"] == "compress"]
-        grid = [r for r in dict.fromkeys(order) if r]
+        cfg = record["config"]
+        grid = [r.name for r in expand_grid(tuple(cfg["grid"]), tuple(cfg["calibrators"]))]
         self.rows += [r for r in grid if any(r == k[1] for k in self.top1)]
         self.rows += sorted({k[1] for k in self.top1} - set(self.rows))
 
@@ -146,47 +146,52 @@ def _ci(p: dict[str, Any]) -> str:
 
 
 def recommendation(res: Results, max_drop: float, specs: dict[str, dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
-    """Per backend: the fastest deployed (optimizer, recipe) whose mean drop from FP32 is within `max_drop` both in
-    PyTorch over every seed and on the backend over the deployed seeds."""
+    """Per backend: the fastest deployed recipe that some optimizer keeps within `max_drop` of its FP32 (mean over
+    every seed in PyTorch, and over the deployed seeds on the backend), with the most accurate such optimizer.
+
+    A recipe's latency is the median over all its deployed cells, every optimizer and seed together: the optimizer
+    changes weights, not the graph, so pooling them measures the recipe more often instead of ranking noise."""
     lines: list[str] = []
     picks: dict[str, Any] = {}
-    backends = sorted({k[0] for k in res.deployed})
-    for backend in backends:
-        cands = []
+    for backend in sorted({k[0] for k in res.deployed}):
+        cands, latency = [], {}
         for (b, o, row), by_seed in res.deployed.items():
             if b != backend:
                 continue
+            batch = min(int(k) for k in next(iter(by_seed.values()))["latency_ms"])
+            latency.setdefault(row, []).extend(m["latency_ms"][str(batch)] for m in by_seed.values())
             base = res.deployed.get((b, o, "fp32"), {})
             back_drops = [base[s]["top1"] - m["top1"] for s, m in by_seed.items() if s in base]
             torch_row = _torch_row(row)
-            torch_drops = list(res.drops(o, torch_row).values()) if torch_row != FP32 else [0.0]
-            batch = min(int(k) for k in next(iter(by_seed.values()))["latency_ms"])
-            lat = statistics.median(m["latency_ms"][str(batch)] for m in by_seed.values())
+            torch_drops = [0.0] * len(res.top1.get((o, FP32), {})) if torch_row == FP32 else list(
+                res.drops(o, torch_row).values())  # fmt: skip
             cands.append({
-                "optimizer": o, "recipe": row, "batch": batch, "latency_ms": lat,
+                "optimizer": o, "recipe": row, "batch": batch,
                 "backend_top1": statistics.mean(m["top1"] for m in by_seed.values()),
                 "backend_drop": statistics.mean(back_drops) if back_drops else None,
                 "pytorch_drop": statistics.mean(torch_drops) if torch_drops else None,
-                "pytorch_seeds": len(torch_drops) if torch_row != FP32 else len(res.top1.get((o, FP32), {})),
-                "seeds": sorted(by_seed),
+                "pytorch_seeds": len(torch_drops), "seeds": sorted(by_seed),
             })  # fmt: skip
+        for c in cands:
+            c["latency_ms"] = statistics.median(latency[c["recipe"]])
+            c["latency_cells"] = len(latency[c["recipe"]])
         ok = [c for c in cands if c["pytorch_drop"] is not None and c["pytorch_drop"] <= max_drop
               and (c["backend_drop"] is None or c["backend_drop"] <= max_drop)]  # fmt: skip
-        fp32 = [c for c in cands if c["recipe"] == "fp32"]
-        fp32_lat = statistics.median(c["latency_ms"] for c in fp32) if fp32 else None
+        fp32_lat = statistics.median(latency["fp32"]) if "fp32" in latency else None
         if not ok:
             lines.append(f"- **{backend}**: no deployed recipe is within {max_drop:g} point(s) of FP32.")
             continue
-        best = min(ok, key=lambda c: (c["latency_ms"], -c["backend_top1"]))
+        fastest = min(c["latency_ms"] for c in ok)
+        best = max((c for c in ok if c["latency_ms"] == fastest), key=lambda c: (-c["pytorch_drop"], c["backend_top1"]))
         speed = f", {fp32_lat / best['latency_ms']:.2f}x FP32's {fp32_lat:.2f} ms" if fp32_lat else ""
         best["commands"] = commands(res, best, backend, specs)
         picks[backend] = best
         lines += [
-            f"- **{backend}**: **{best['optimizer']} fine-tuning, {best['recipe']}**: {best['latency_ms']:.2f} ms at "
-            f"batch {best['batch']}{speed}; top-1 on {backend} {best['backend_top1']:.2f} (mean drop "
-            f"{best['pytorch_drop']:.2f} over {best['pytorch_seeds']} seed(s) in "
-            f"PyTorch). Among {len(ok)} of {len(cands)} deployed recipes within the budget. To reproduce (seed "
-            f"{best['seeds'][0]}):",
+            f"- **{backend}**: **{best['recipe']}, {best['optimizer']} fine-tuning**: {best['latency_ms']:.2f} ms at "
+            f"batch {best['batch']} (median of {best['latency_cells']} deployed cells){speed}; top-1 on {backend} "
+            f"{best['backend_top1']:.2f}, mean drop from FP32 {best['pytorch_drop']:.2f} over "
+            f"{best['pytorch_seeds']} seed(s) in PyTorch. {len(ok)} of {len(cands)} deployed (optimizer, recipe) pairs "
+            f"are within the budget. To reproduce (seed {best['seeds'][0]}):",
             "",
             "```",
             *best["commands"],
@@ -210,7 +215,9 @@ def finetune_flags(conf: dict[str, Any]) -> list[str]:
 
     flags: list[str] = []
     for f in dataclasses.fields(FinetuneConfig):
-        if f.name in ("threads", "init") or f.name not in conf or conf[f.name] == f.default:
+        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        value = list(conf[f.name]) if isinstance(conf.get(f.name), tuple) else conf.get(f.name)
+        if f.name in ("threads", "init") or f.name not in conf or value == default:
             continue
         value, flag = conf[f.name], "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
