@@ -401,6 +401,7 @@ STUDY_DEFAULT_GRID = (
     "w8a8",
     "w6a16",
     "w8a8+bn",
+    "w7a8+ort-cpu+bn",
     "w6a6+bn",
     "w4a16+bn",
     "2:4+magnitude+bn",
