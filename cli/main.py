@@ -47,7 +47,11 @@ def _guard(fn):
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
-            click.secho("interrupted; nothing was written to --out (finetune: continue with --resume OUT)", err=True)
+            click.secho(
+                "interrupted; nothing half-written is left in --out (finetune: continue with --resume OUT; study: run "
+                "the same command again, finished cells are kept)",
+                err=True,
+            )
             sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
