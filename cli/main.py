@@ -736,9 +736,8 @@ def study(config, out, overwrite, retry_failed, ray_address, epochs, train_subse
 
     overrides = {k: v for k, v in kw.items() if v is not None}
     shortcuts = {k: v for k, v in (("epochs", epochs), ("train_subset", train_subset)) if v is not None}
-    if shortcuts:  # merged into the config file's `finetune:` settings
-        overrides["finetune"] = {**((study_stage.load_study_config(config).finetune or {}) if config else {}),
-                                 **shortcuts}  # fmt: skip
+    if shortcuts:  # merged into the config file's `finetune:` settings by load_study_config
+        overrides["finetune"] = shortcuts
     cfg = study_stage.load_study_config(config, **overrides) if config else StudyConfig.from_dict(overrides)
     rec = study_stage.run(cfg, out, overwrite=overwrite, retry_failed=retry_failed, ray_address=ray_address)
     failed = sum(c["status"] == "error" for c in rec["cells"])

@@ -22,7 +22,7 @@ from craft_deploy.artifacts import atomic_write_json, read_json
 from craft_deploy.config import StudyConfig
 from craft_deploy.records import environment
 from craft_deploy.study import plan
-from craft_deploy.study.budget import estimator, trim
+from craft_deploy.study.budget import PRIOR_SECONDS, estimator, trim
 from craft_deploy.study.cells import read_cell
 from craft_deploy.study.executors import execute, threads_per_cell
 from craft_deploy.study.recipes import parse_recipe
@@ -33,7 +33,8 @@ STUDY_SCHEMA = 1
 
 
 def load_study_config(path: str | Path, **overrides: Any) -> StudyConfig:
-    """A StudyConfig from a YAML file (its keys are StudyConfig fields), with command-line `overrides` on top."""
+    """A StudyConfig from a YAML file (its keys are StudyConfig fields), with command-line `overrides` on top; an
+    override of `finetune` is merged into the file's `finetune:` settings key by key."""
     import yaml
 
     path = Path(path)
@@ -45,14 +46,17 @@ def load_study_config(path: str | Path, **overrides: Any) -> StudyConfig:
         raise CraftError(f"study config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise CraftError(f"study config {path} must be a mapping of StudyConfig fields, got {type(data).__name__}")
+    if isinstance(overrides.get("finetune"), dict) and isinstance(data.get("finetune"), dict):
+        overrides = {**overrides, "finetune": {**data["finetune"], **overrides["finetune"]}}
     return StudyConfig.from_dict({**data, **overrides})
 
 
 class _Run:
     """The state of one invocation: finished records, the budget clock, the progress bar."""
 
-    def __init__(self, cfg: StudyConfig, root: Path, retry_failed: bool, ray_address: str | None):
+    def __init__(self, cfg: StudyConfig, root: Path, retry_failed: bool, ray_address: str | None, grid: list[str]):
         self.cfg, self.root, self.retry_failed, self.ray_address = cfg, root, retry_failed, ray_address
+        self.grid = grid  # recipe names in grid order: the budget drops them from the end
         self.records: dict[str, dict[str, Any]] = {}
         self.trimmed: list[dict[str, Any]] = []
         self.t0 = time.perf_counter()
@@ -84,11 +88,12 @@ class _Run:
         """Run the unfinished `specs`, after trimming them (and the projected `future` cells) to the budget."""
         todo = self.pending(specs)
         if self.cfg.budget_minutes is not None and todo:
-            grid = [r.name for r in plan.recipes(self.cfg)]
             first = self.cfg.seeds[0]
             future = [f for f in future if f["id"] not in self.records]
             cell_seconds_left = self.seconds_left() * self.cfg.jobs  # N jobs spend N cell-seconds per second
-            kept, dropped, _ = trim(todo + list(future), list(self.records.values()), cell_seconds_left, first, grid)
+            kept, dropped, _ = trim(
+                todo + list(future), list(self.records.values()), cell_seconds_left, first, self.grid
+            )
             now = {s["id"] for s in todo}
             kept_ids = {s["id"] for s in kept}
             self.trimmed += [{"id": s["id"], "reason": "budget"} for s in dropped if s["id"] in now]
@@ -116,15 +121,15 @@ def worst_recipes(cfg: StudyConfig, records: dict[str, dict[str, Any]]) -> list[
     return chosen
 
 
-def _projected_deploys(cfg: StudyConfig) -> list[dict[str, Any]]:
+def _projected_deploys(cfg: StudyConfig, grid: list[str]) -> list[dict[str, Any]]:
     """The deployments phase 4 would run if every cell before it succeeds (for the budget's estimate)."""
     fake = {}
     for ft in plan.fine_tunings(cfg):
-        for r in plan.recipes(cfg):
-            fake[f"{ft.id}/compress/{r.name}"] = {
+        for name in grid:
+            fake[f"{ft.id}/compress/{name}"] = {
                 "status": "ok",
                 "kind": "compress",
-                "spec": {"ft": ft.id, "recipe": r.name},
+                "spec": {"ft": ft.id, "recipe": name},
             }
         for rr in cfg.tunecomp:
             fake[f"{ft.id}/tunecomp-r{rr:g}"] = {"status": "ok", "kind": "tunecomp",
@@ -143,10 +148,11 @@ def run(
     from craft_deploy.bench.backends import get_backend
     from craft_deploy.study.report import write_report
 
-    plan.fine_tunings(cfg), plan.recipes(cfg)  # bad optimizer names, recipes and backends fail before any work
+    plan.fine_tunings(cfg)  # bad optimizer names, recipes and backends fail before any work
+    grid = [r.name for r in plan.recipes(cfg)]
     for backend in cfg.backends:
         get_backend(backend)
-    names = {r.name for r in plan.recipes(cfg)}
+    names = set(grid)
     for entry in cfg.recover:
         if any(r.name not in names for r in parse_recipe(entry, cfg.calibrators)):
             raise CraftError(f"recover entry {entry!r} is not a recipe of the grid ({', '.join(sorted(names))})")
@@ -169,16 +175,14 @@ def run(
 
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
-    state = _Run(cfg, root, retry_failed, ray_address)
+    state = _Run(cfg, root, retry_failed, ray_address, grid)
     try:
-        grid_future = plan.training_cells(
-            cfg, [r.name for r in plan.recipes(cfg)][: cfg.recover_worst + len(cfg.recover)]
-        )
+        grid_future = plan.training_cells(cfg, grid[: cfg.recover_worst + len(cfg.recover)])
         state.phase(plan.finetune_cells(cfg))
         ready = {r["spec"]["ft"] for r in state.records.values() if r["kind"] == "finetune" and r["status"] == "ok"}
-        state.phase(plan.grid_cells(cfg, ready), future=grid_future + _projected_deploys(cfg))
+        state.phase(plan.grid_cells(cfg, ready), future=grid_future + _projected_deploys(cfg, grid))
         worst = worst_recipes(cfg, state.records)
-        state.phase(plan.training_cells(cfg, worst, ready), future=_projected_deploys(cfg))
+        state.phase(plan.training_cells(cfg, worst, ready), future=_projected_deploys(cfg, grid))
         state.phase(plan.deploy_cells(cfg, state.records))
     finally:
         state.bar.close()
@@ -196,8 +200,7 @@ def run(
             "cell_seconds": sum(r.get("seconds", 0.0) for r in state.records.values()),
             "threads_per_cell": threads_per_cell(cfg.threads, cfg.jobs),
             "estimate_seconds_by_kind": {
-                k: estimate({"kind": k.split("-")[0], "solver": k.endswith("solver")})
-                for k in ("finetune", "analyze", "compress", "compress-solver", "recover", "tunecomp", "deploy")
+                k: estimate({"kind": k.split("-")[0], "solver": k.endswith("solver")}) for k in PRIOR_SECONDS
             },
         },
         "environment": environment(),

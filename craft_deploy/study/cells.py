@@ -60,7 +60,7 @@ def run_cell(spec: dict[str, Any], root: str, threads: int) -> dict[str, Any]:
 def _finetune(spec: dict[str, Any], root: Path, d: Path, threads: int) -> dict[str, Any]:
     """Fine-tune, or adopt a finished fine-tune already in place with the same settings, or continue a killed one."""
     from craft_deploy.config import FinetuneConfig
-    from craft_deploy.finetune import check_same_run, run
+    from craft_deploy.finetune import check_same_run
 
     cfg = FinetuneConfig.from_dict({**spec["config"], "threads": threads})
     out = d / "bundle"
@@ -71,13 +71,21 @@ def _finetune(spec: dict[str, Any], root: Path, d: Path, threads: int) -> dict[s
         saved = FinetuneConfig.from_dict(rec["config"]).to_dict()  # JSON lists back to the config's tuples
         check_same_run(saved, cfg)  # a bundle with other settings is refused, not silently adopted
     else:
-        resume = out if (partial_dir(out) / "checkpoint.pt").is_file() else None
-        rec = run(cfg, out, overwrite=True, resume=resume)
+        rec = _fine_tune(cfg, out)
     return {
         "test_top1": rec["metrics"]["test_top1"],
         "seconds_per_epoch": rec["timings"]["seconds_per_epoch"],
         "reused": reused,
     }
+
+
+def _fine_tune(cfg, out: Path) -> dict[str, Any]:
+    """finetune.run into `out`, continuing the run a killed study left there (its epoch checkpoint) if there is one."""
+    from craft_deploy.finetune import run
+    from craft_deploy.finetune.trainer import CHECKPOINT
+
+    resume = out if (partial_dir(out) / CHECKPOINT).is_file() else None
+    return run(cfg, out, overwrite=True, resume=resume)
 
 
 def _analyze(spec: dict[str, Any], root: Path, d: Path, threads: int) -> dict[str, Any]:
@@ -105,14 +113,11 @@ def _compress(spec: dict[str, Any], root: Path, d: Path, threads: int) -> dict[s
 def _train(spec: dict[str, Any], root: Path, d: Path, threads: int) -> dict[str, Any]:
     """Recovery (--init) and TuneComp are fine-tunes with a different starting point."""
     from craft_deploy.config import FinetuneConfig
-    from craft_deploy.finetune import run
 
     conf = dict(spec["config"])
     if spec["kind"] == "recover":
         conf["init"] = str(root / spec["source"])
-    out = d / "bundle"
-    resume = out if (partial_dir(out) / "checkpoint.pt").is_file() else None
-    rec = run(FinetuneConfig.from_dict({**conf, "threads": threads}), out, overwrite=True, resume=resume)
+    rec = _fine_tune(FinetuneConfig.from_dict({**conf, "threads": threads}), d / "bundle")
     return {"test_top1": rec["metrics"]["test_top1"], "seconds_per_epoch": rec["timings"]["seconds_per_epoch"]}
 
 

@@ -109,7 +109,7 @@ def recipes(cfg: StudyConfig) -> list[Recipe]:
 
 def grid_cells(cfg: StudyConfig, ready: set[str] | None = None) -> list[dict[str, Any]]:
     """Diagnostics and one-shot compression of every fine-tuning (of those in `ready`, the ones that finished)."""
-    cells = []
+    cells, grid = [], recipes(cfg)
     for ft in fine_tunings(cfg):
         if ready is not None and ft.id not in ready:
             continue
@@ -119,7 +119,7 @@ def grid_cells(cfg: StudyConfig, ready: set[str] | None = None) -> list[dict[str
                 data_root=cfg.data_root, lambda_images=cfg.lambda_images, lambda_iters=cfg.lambda_iters
             )
             cells.append(_spec(f"{ft.id}/analyze", "analyze", ft, conf.to_dict(), source=source))
-        for r in recipes(cfg):
+        for r in grid:
             conf = {**r.kwargs, "calib_samples": cfg.calib_samples, "eval_subset": cfg.eval_subset,
                     "data_root": cfg.data_root, "seed": 0}  # fmt: skip
             cells.append(_spec(f"{ft.id}/compress/{r.name}", "compress", ft, conf, source=source, recipe=r.name,

@@ -41,22 +41,18 @@ class Results:
     """The cell records arranged by (optimizer label, row) -> {seed: value}."""
 
     def __init__(self, record: dict[str, Any]):
-        self.record = record
-        self.cells = {c["id"]: c for c in record["cells"]}
         ok = [c for c in record["cells"] if c["status"] == "ok"]
         self.optimizers = list(
             dict.fromkeys(c["spec"]["optimizer"] for c in record["cells"] if c["kind"] == "finetune")
         )
         self.baseline = record["baseline"]
         self.top1: dict[tuple[str, str], dict[int, float]] = {}
-        self.fp32: dict[str, float] = {}  # ft id -> FP32 top-1 (PyTorch, the study's test images)
         self.lambdas: dict[str, dict[int, float]] = {}
         self.deployed: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}  # (backend, optimizer, row)
         self.rows: list[str] = [FP32]
         for c in ok:
             s, m = c["spec"], c["metrics"]
-            if c["kind"] == "finetune":
-                self.fp32[s["ft"]] = m["test_top1"]
+            if c["kind"] == "finetune":  # FP32 top-1 (PyTorch, the study's test images)
                 self._put((s["optimizer"], FP32), s["seed"], m["test_top1"])
             elif c["kind"] == "compress":
                 self._put((s["optimizer"], s["recipe"]), s["seed"], m["test_top1"])
@@ -77,8 +73,9 @@ class Results:
         self.top1.setdefault(key, {})[seed] = value
 
     def drops(self, optimizer: str, row: str) -> dict[int, float]:
-        vals = self.top1.get((optimizer, row), {})
-        return {s: self.fp32[f"{optimizer}-s{s}"] - v for s, v in vals.items() if f"{optimizer}-s{s}" in self.fp32}
+        """Per seed: that seed's FP32 top-1 minus the row's."""
+        fp32 = self.top1.get((optimizer, FP32), {})
+        return {s: fp32[s] - v for s, v in self.top1.get((optimizer, row), {}).items() if s in fp32}
 
     def comparison(self, optimizer: str, row: str) -> dict[str, Any]:
         """Paired over seeds: top-1 and drop of `optimizer` minus the baseline's, on the same seed's test images."""
