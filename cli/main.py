@@ -549,6 +549,13 @@ def export(bundle, out, overwrite, format_, batch_sizes, **kw) -> None:
     help="A batch size whose coefficient of variation exceeds this is re-measured.",
 )
 @click.option("--retries", show_default=True, type=int, help="Re-measurements of a noisy batch size.")
+@click.option(
+    "--rounds",
+    show_default=True,
+    type=int,
+    help="Time the models round-robin in this many passes (each model and batch once per pass; p50 is the median "
+    "of the passes), so that drift of a shared machine hits every model alike: use it to compare models.",
+)
 @click.option("--threads", type=int, help="CPU threads for the backend.")
 @click.option("--compile", is_flag=True, help="pytorch backend: torch.compile the model.")
 @click.option(
@@ -596,7 +603,7 @@ def bench(models, out, overwrite, batch_sizes, from_trtexec, **kw) -> None:
     \b
     Examples:
       craft-deploy bench runs/adam-w8a8-onnx/model.onnx --backend ort-cpu --batch-sizes 1,16 --out runs/bench
-      craft-deploy bench runs/adam-fp32-onnx runs/adam-w8a8-onnx --out runs/compare
+      craft-deploy bench runs/adam-fp32-onnx runs/adam-w8a8-onnx --rounds 5 --out runs/compare
       craft-deploy bench runs/m.onnx --baseline ci/bench-baseline.json --update-baseline --out runs/b0
       craft-deploy bench runs/m.onnx --baseline ci/bench-baseline.json --max-latency-regression 0.10 --out runs/b1
     """
@@ -618,6 +625,7 @@ def bench(models, out, overwrite, batch_sizes, from_trtexec, **kw) -> None:
             f"{r['model'][-40:]:<40} {r['batch']:>5} {_top1(r['top1']):>7} {r['p50_ms']:>9.2f} {r['p90_ms']:>9.2f} "
             f"{r['p99_ms']:>9.2f} {r['images_per_second']:>9.1f} {r['cv']:>6.3f}"
             + (f"  (re-measured {r['remeasured']}x)" if r["remeasured"] else "")
+            + (f"  (median of {len(r['round_p50_ms'])} round-robin passes)" if "round_p50_ms" in r else "")
         )
     first = rec["results"][0]
     measured = f"accuracy on {first['samples']} {first['dataset']} {first['split']} images" if first["samples"] else ""

@@ -340,6 +340,7 @@ class BenchConfig(_Config):
     seed: int = 0
     max_cv: float = 0.10
     retries: int = 2
+    rounds: int = 1  # > 1: time every (model, batch) in this many round-robin passes; p50 = median of the passes
     compile: bool = False
     precision: str = "fp32"  # pytorch backend: fp32, bf16 or fp16
     kernels: str | None = None  # pytorch backend: a name in bench.torch_kernels.TORCH_KERNELS (int8, fp8, sparse24)
@@ -364,6 +365,8 @@ class BenchConfig(_Config):
             raise CraftError(f"--split must be val or test, got {self.split!r}")
         if self.iters < 1 or self.warmup < 0:
             raise CraftError(f"--iters must be >= 1 and --warmup >= 0, got {self.iters} and {self.warmup}")
+        if self.rounds < 1:
+            raise CraftError(f"--rounds must be >= 1 (round-robin passes over the models), got {self.rounds}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise CraftError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if (self.precision != "fp32" or self.kernels or self.compile) and self.backend != "pytorch":

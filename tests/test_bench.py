@@ -29,6 +29,32 @@ def test_ort_cpu_bench_reads_everything_from_the_model(tiny_w8a8_onnx, tmp_path)
     assert "| 1 |" in report and "| 4 |" in report
 
 
+def test_rounds_time_the_models_round_robin(tiny_bundle, tiny_w8a8_onnx, tmp_path, monkeypatch):
+    """--rounds N: every (model, batch) is timed once per pass, passes interleaved across models, and p50 is the
+    median pass's."""
+    from craft_deploy import bench
+    from craft_deploy.config import ExportConfig
+    from craft_deploy.export import run as export
+
+    export(ExportConfig(verify_samples=8), tiny_bundle, tmp_path / "fp32")
+    models = [tmp_path / "fp32" / "model.onnx", tiny_w8a8_onnx / "model.onnx"]
+    order = []
+    timed = bench._timed
+    monkeypatch.setattr(
+        bench, "_timed", lambda backend, batch, cfg: order.append(len(batch)) or timed(backend, batch, cfg)
+    )
+    rec = run(
+        BenchConfig(batch_sizes=(1, 2), iters=3, min_seconds=0.0, eval_subset=32, rounds=3), models, tmp_path / "b"
+    )
+    assert order == [1, 2, 1, 2] * 3  # pass by pass over both models, not model by model
+    assert len(rec["results"]) == 4
+    for r in rec["results"]:
+        passes = r["round_p50_ms"]
+        assert len(passes) == 3 and r["p50_ms"] == sorted(passes)[1]
+    with pytest.raises(CraftError, match="--rounds must be >= 1"):
+        BenchConfig(rounds=0)
+
+
 def test_pytorch_backend_agrees_with_onnx_on_accuracy(tiny_w8a8, tiny_w8a8_onnx, tmp_path):
     cfg = dict(batch_sizes=(2,), iters=2, min_seconds=0.0, eval_subset=128)
     pt = run(BenchConfig(backend="pytorch", **cfg), tiny_w8a8, tmp_path / "pt")["results"][0]

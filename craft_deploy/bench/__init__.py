@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from craft_deploy import CraftError, VerificationError
 from craft_deploy.artifacts import atomic_write_json, check_out_dir, read_json, staged_dir
@@ -81,6 +82,21 @@ def _timed(backend: Backend, batch: np.ndarray, cfg: BenchConfig) -> dict[str, A
     return {**stats, "remeasured": tries}
 
 
+def _round_robin(runners: dict, cfg: BenchConfig) -> dict[tuple[str, int], dict[str, Any]]:
+    """Time every (model, batch) once per pass, `cfg.rounds` passes, so that a shared machine's drift (15-30% for
+    minutes here) hits every model alike. Each row reports the pass with the median p50 (its percentiles, CV and
+    throughput), and every pass's p50 in `round_p50_ms`."""
+    passes: dict[tuple[str, int], list[dict[str, Any]]] = {k: [] for k in runners}
+    for _ in tqdm(range(cfg.rounds), desc="round-robin passes", unit="pass", disable=None):
+        for key, (backend, batch) in runners.items():
+            passes[key].append(_timed(backend, batch, cfg))
+    out = {}
+    for key, runs in passes.items():
+        ranked = sorted(runs, key=lambda r: r["p50_ms"])
+        out[key] = {**ranked[(len(ranked) - 1) // 2], "round_p50_ms": [r["p50_ms"] for r in runs]}
+    return out
+
+
 def _model_identity(meta: dict[str, Any], path: Path) -> dict[str, Any]:
     return {
         "file": str(path),
@@ -127,7 +143,7 @@ def run(
     baseline = read_baseline(cfg.baseline) if cfg.baseline and not cfg.update_baseline else None
     with staged_dir(out, overwrite) as stage:
         t0 = time.perf_counter()
-        results, models, runners = [], {}, {}
+        results, models, runners, accuracies = [], {}, {}, {}
         for name, path, meta in resolved:
             backend = backend_cls(
                 path,
@@ -157,22 +173,25 @@ def run(
             models[name] = {**_model_identity(meta, path), "backend_info": backend.info(), "verification": check}
             images = next(iter(DataLoader(ds, batch_size=max(cfg.batch_sizes))))[0].numpy()
             for bs in cfg.batch_sizes:
-                batch = np.ascontiguousarray(np.resize(images, (bs, *images.shape[1:])))
-                runners[(name, bs)] = (backend, batch)
-                results.append(
-                    {
-                        "model": name,
-                        "backend": cfg.backend,
-                        "batch": bs,
-                        **_timed(backend, batch, cfg),
-                        "top1": accuracy["top1"],
-                        "top5": accuracy["top5"],
-                        "samples": accuracy["samples"],
-                        "dataset": splits.info["dataset"],
-                        "split": cfg.split,
-                        "model_size_bytes": models[name]["size_bytes"],
-                    }
-                )
+                runners[(name, bs)] = (backend, np.ascontiguousarray(np.resize(images, (bs, *images.shape[1:]))))
+            accuracies[name] = (accuracy, splits.info["dataset"])
+        timings = _round_robin(runners, cfg) if cfg.rounds > 1 else {k: _timed(*r, cfg) for k, r in runners.items()}
+        for (name, bs), stats in timings.items():
+            accuracy, dataset = accuracies[name]
+            results.append(
+                {
+                    "model": name,
+                    "backend": cfg.backend,
+                    "batch": bs,
+                    **stats,
+                    "top1": accuracy["top1"],
+                    "top5": accuracy["top5"],
+                    "samples": accuracy["samples"],
+                    "dataset": dataset,
+                    "split": cfg.split,
+                    "model_size_bytes": models[name]["size_bytes"],
+                }
+            )
         record_fields = {
             "bench_schema": BENCH_SCHEMA,
             "models": models,
