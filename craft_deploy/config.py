@@ -461,6 +461,7 @@ class StudyConfig(_Config):
     backends: tuple[str, ...] = ("ort-cpu",)
     batch_sizes: tuple[int, ...] = (1, 16)
     bench_seconds: float = 0.5  # minimum timing per batch size of each deployed cell (BenchConfig.min_seconds)
+    speed_rounds: int = 5  # round-robin passes over one deployed model per recipe (0: none; latency from the cells)
     max_drop: float = 1.0
     budget_minutes: float | None = None
     jobs: int = 1
@@ -512,6 +513,10 @@ class StudyConfig(_Config):
             raise CraftError(f"--batch-sizes must be positive integers, e.g. 1,16; got {self.batch_sizes}")
         if not self.calibrators:
             raise CraftError("calibrators must name at least one calibrator, e.g. mse")
+        if self.speed_rounds < 0:
+            raise CraftError(
+                f"speed_rounds must be >= 0 (round-robin passes; 0 turns them off), got {self.speed_rounds}"
+            )
         if self.bench_seconds <= 0:
             raise CraftError(
                 f"bench_seconds must be positive (seconds of timing per batch size), got {self.bench_seconds}"

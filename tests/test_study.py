@@ -40,8 +40,9 @@ SMALL = {
     "batch_sizes": [1],
     "bench_seconds": 0.05,
 }
-# 4 fine-tunes, 4 analyses, 12 compressions, 4 recoveries, 4 x (FP32 + w8a8 + 0.5 + 2:4 + recovery) deployments
-SMALL_CELLS = 4 + 4 + 12 + 4 + 20
+# 4 fine-tunes, 4 analyses, 12 compressions, 4 recoveries, 4 x (FP32 + w8a8 + 0.5 + 2:4 + recovery) deployments, and
+# one round-robin timing of the 5 deployed recipes
+SMALL_CELLS = 4 + 4 + 12 + 4 + 20 + 1
 
 
 def _cells(root: Path) -> dict[str, dict]:
@@ -149,6 +150,27 @@ def test_recommended_commands_reproduce_the_cell(killed_and_resumed, tmp_path):
     assert ctx.params["optimizer"] == "adam" and ctx.params["model"] == "test_efficientnet"
 
 
+def test_the_recommendation_rests_on_the_round_robin_timing(killed_and_resumed):
+    """One deployed model per recipe (the baseline's first seed) is timed side by side; the recommendation and the
+    report's table quote those figures."""
+    out, _ = killed_and_resumed
+    cells = _cells(out)
+    speed = cells["speed/ort-cpu"]
+    rows = {"fp32", "w8a8+minmax", "0.5+magnitude+bn", "2:4+magnitude+bn"}
+    recovered = json.loads((out / "study.json").read_text())["recovered"][0]
+    assert set(speed["metrics"]["latency_ms"]) == rows | {f"recover-{recovered}"}
+    for row, cell_id in speed["metrics"]["cells"].items():
+        assert cell_id == f"adam-s0/deploy/ort-cpu/{row}" and cells[cell_id]["status"] == "ok"
+        passes = speed["metrics"]["round_p50_ms"][row]["1"]
+        assert len(passes) == 5 and speed["metrics"]["latency_ms"][row]["1"] == sorted(passes)[2]
+    pick = json.loads((out / "study.json").read_text())["report"]["recommendation"]["ort-cpu"]
+    assert pick["latency_source"] == "round-robin"
+    assert pick["latency_ms"] == speed["metrics"]["latency_ms"][pick["recipe"]]["1"]
+    report = (out / "report.md").read_text()
+    fp32 = speed["metrics"]["latency_ms"]["fp32"]["1"]
+    assert f"| fp32 | {fp32:.2f} (" in report and "Side by side on ort-cpu (5 round-robin passes" in report
+
+
 @pytest.mark.parametrize("executor", ["local", "ray"])
 def test_worker_processes_and_ray_compute_the_same_cells(executor, killed_and_resumed, tmp_path):
     if executor == "ray":
@@ -219,7 +241,8 @@ def test_a_finished_finetune_in_place_is_adopted_and_one_with_other_settings_is_
 
 
 def test_a_budget_trims_in_the_stated_order(tmp_path):
-    """With 0.01 minutes only what is never dropped runs: fine-tunes, the first recipe, FP32 deployments of seed 0."""
+    """With 0.01 minutes only what is never dropped runs: fine-tunes, the first recipe, FP32 deployments of seed 0, and
+    the round-robin timing of what was deployed."""
     cfg = {**SMALL, "recover_worst": 1, "budget_minutes": 0.01, "threads": 1}
     result = CliRunner().invoke(main, ["study", str(_write(tmp_path, cfg)), "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
@@ -228,6 +251,7 @@ def test_a_budget_trims_in_the_stated_order(tmp_path):
         "adam-s0/compress/w8a8+minmax", "adam-s1/compress/w8a8+minmax", "sam-0.05-s0/compress/w8a8+minmax",
         "sam-0.05-s1/compress/w8a8+minmax", "adam-s0/deploy/ort-cpu/fp32", "sam-0.05-s0/deploy/ort-cpu/fp32",
         "adam-s0/deploy/ort-cpu/w8a8+minmax", "sam-0.05-s0/deploy/ort-cpu/w8a8+minmax",
+        "speed/ort-cpu",  # the round-robin timing of what was deployed is never dropped
     }  # fmt: skip
     trimmed = json.loads((tmp_path / "o" / "study.json").read_text())["trimmed"]
     assert {"id": "adam-s1/analyze", "reason": "budget"} in trimmed

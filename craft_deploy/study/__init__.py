@@ -4,7 +4,9 @@ Phases, each a set of independent cells (craft_deploy.study.plan):
 1. fine-tune every optimizer x seed (a finished fine-tune with the same settings already in place is adopted);
 2. diagnostics (lambda_max) and one-shot compression of every fine-tuning with every grid recipe;
 3. recovery fine-tuning of the `recover_worst` recipes with the largest mean drop, and TuneComp;
-4. export + bench of every deployable cell on every backend.
+4. export + bench of every deployable cell on every backend;
+5. per backend, one deployed model per recipe timed side by side, round-robin (`speed_rounds` passes), so that the
+   latency ratios the recommendation rests on are not the drift between cells benched minutes apart.
 Then study.json (every cell's record) and report.md with its plots (craft_deploy.study.report).
 """
 
@@ -30,6 +32,7 @@ from craft_deploy.study.recipes import parse_recipe
 __all__ = ["load_study_config", "run"]
 
 STUDY_SCHEMA = 1
+DERIVED = ("speed",)  # cell kinds computed from other cells' outputs, re-run when those change
 
 
 def load_study_config(path: str | Path, **overrides: Any) -> StudyConfig:
@@ -72,6 +75,9 @@ class _Run:
         todo = []
         for spec in specs:
             rec = read_cell(self.root, spec["id"])
+            if rec is not None and rec["spec"] != spec and spec["kind"] in DERIVED:
+                todo.append(spec)  # built from other cells' outputs: a changed set of them is measured again
+                continue
             if rec is not None and rec["spec"] != spec:
                 diff = sorted(k for k in set(spec) | set(rec["spec"]) if spec.get(k) != rec["spec"].get(k))
                 raise CraftError(
@@ -84,10 +90,10 @@ class _Run:
                 self.records[spec["id"]] = rec
         return todo
 
-    def phase(self, specs: list[dict[str, Any]], future: list[dict[str, Any]] = ()) -> None:
+    def phase(self, specs: list[dict[str, Any]], future: list[dict[str, Any]] = (), budgeted: bool = True) -> None:
         """Run the unfinished `specs`, after trimming them (and the projected `future` cells) to the budget."""
         todo = self.pending(specs)
-        if self.cfg.budget_minutes is not None and todo:
+        if self.cfg.budget_minutes is not None and todo and budgeted:
             first = self.cfg.seeds[0]
             future = [f for f in future if f["id"] not in self.records]
             cell_seconds_left = self.seconds_left() * self.cfg.jobs  # N jobs spend N cell-seconds per second
@@ -184,6 +190,7 @@ def run(
         worst = worst_recipes(cfg, state.records)
         state.phase(plan.training_cells(cfg, worst, ready), future=_projected_deploys(cfg, grid))
         state.phase(plan.deploy_cells(cfg, state.records))
+        state.phase(plan.speed_cells(cfg, state.records), budgeted=False)  # minutes at most; what the pick rests on
     finally:
         state.bar.close()
     estimate = estimator(list(state.records.values()))

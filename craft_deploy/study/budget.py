@@ -16,7 +16,8 @@ When the estimate of what is left exceeds what is left of the budget, cells are 
    what is left is still a paired comparison), together with their deployments;
 5. diagnostics (lambda_max), last seed first.
 
-Fine-tunings, the first grid recipe and the FP32 deployments of the first seed are never dropped. A trimmed cell is
+Fine-tunings, the first grid recipe and the FP32 deployments of the first seed are never dropped, nor the round-robin
+timing of what was deployed (phase 5: about `speed_rounds` x recipes x batch sizes x `bench_seconds`). A trimmed cell is
 listed in study.json with the reason; a later run with a larger budget runs it.
 """
 

@@ -9,6 +9,7 @@ recorded with `status: error` and the error; the study goes on.
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from pathlib import Path
@@ -145,6 +146,24 @@ def _deploy(spec: dict[str, Any], root: Path, d: Path, threads: int) -> dict[str
     }
 
 
+def _speed(spec: dict[str, Any], root: Path, d: Path, threads: int) -> dict[str, Any]:
+    """Time one deployed model per recipe side by side, round-robin (bench --rounds), in one process: the latency
+    ratios the recommendation quotes, free of the drift between cells benched minutes apart."""
+    from craft_deploy import bench
+    from craft_deploy.config import BenchConfig
+
+    paths = {os.path.normpath(str(root / path)): row for row, path in spec["models"]}
+    rec = bench.run(BenchConfig.from_dict({**spec["config"], "threads": threads}), list(paths), d / "bench", True)
+    latency: dict[str, dict[str, float]] = {}
+    passes: dict[str, dict[str, list[float]]] = {}
+    for r in rec["results"]:
+        row = paths[r["model"]]
+        latency.setdefault(row, {})[str(r["batch"])] = r["p50_ms"]
+        passes.setdefault(row, {})[str(r["batch"])] = r.get("round_p50_ms", [r["p50_ms"]])
+    return {"rounds": spec["config"]["rounds"], "latency_ms": latency, "round_p50_ms": passes,
+            "cells": dict(spec["cells"])}  # fmt: skip
+
+
 _KINDS = {
     "finetune": _finetune,
     "analyze": _analyze,
@@ -152,4 +171,5 @@ _KINDS = {
     "recover": _train,
     "tunecomp": _train,
     "deploy": _deploy,
+    "speed": _speed,
 }

@@ -8,6 +8,7 @@ Cell ids (also their directories under `cells/`):
     <ft>/recover/<recipe>              recovery fine-tuning (--init) of that compressed bundle, same optimizer
     <ft>/tunecomp-r<R>                 TuneComp from the pretrained model, same optimizer and seed
     <ft>/deploy/<backend>/<source>     export (when the backend needs it) + bench; source is fp32 or one of the above
+    speed/<backend>                    one deployed model per recipe timed side by side, round-robin (bench --rounds)
 """
 
 from __future__ import annotations
@@ -177,4 +178,47 @@ def deploy_cells(cfg: StudyConfig, finished: dict[str, dict[str, Any]]) -> list[
                 elif kind == "tunecomp":
                     sources.append((cell_id, recipe, "tensorrt"))
             cells += [deploy_cell(cfg, ft, backend, s, n, t) for s, n, t in sources]
+    return cells
+
+
+def speed_cells(cfg: StudyConfig, finished: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per backend, one round-robin timing of one deployed model per recipe: the baseline optimizer's lowest seed
+    that deployed it (the optimizer changes the weights, not the graph), else the first optimizer's that did."""
+    if cfg.speed_rounds < 1:
+        return []
+    from craft_deploy.bench.backends import get_backend
+    from craft_deploy.study.cells import EXPORT_FOR
+
+    runs = fine_tunings(cfg)
+    baseline = runs[0].label
+    order = {ft.id: i for i, ft in enumerate(sorted(runs, key=lambda f: (f.label != baseline, f.seed)))}
+    cells = []
+    for backend in cfg.backends:
+        chosen: dict[str, tuple[int, str, dict[str, Any]]] = {}
+        for cell_id, rec in finished.items():
+            s = rec["spec"]
+            if rec["kind"] != "deploy" or rec.get("status") != "ok" or s["backend"] != backend:
+                continue
+            rank = order.get(s["ft"], len(order))
+            if s["recipe"] not in chosen or rank < chosen[s["recipe"]][0]:
+                chosen[s["recipe"]] = (rank, cell_id, s)
+        if len(chosen) < 2:
+            continue  # nothing to compare side by side
+        exported = EXPORT_FOR[get_backend(backend).needs] is not None
+        models = [[row, f"cells/{cell_id}/export" if exported else s["source"]]
+                  for row, (_, cell_id, s) in sorted(chosen.items())]  # fmt: skip
+        bench = BenchConfig(
+            backend=backend,
+            batch_sizes=cfg.batch_sizes,
+            eval_subset=cfg.eval_subset,
+            data_root=cfg.data_root,
+            min_seconds=cfg.bench_seconds,
+            rounds=cfg.speed_rounds,
+        ).to_dict()
+        bench.pop("threads")
+        cells.append(json.loads(json.dumps({
+            "id": f"speed/{backend}", "kind": "speed", "ft": None, "optimizer": None, "seed": None,
+            "backend": backend, "config": bench, "models": models,
+            "cells": {row: cell_id for row, (_, cell_id, _) in sorted(chosen.items())},
+        })))  # fmt: skip
     return cells

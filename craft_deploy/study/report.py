@@ -13,7 +13,8 @@ from craft_deploy.config import FinetuneConfig
 from craft_deploy.study.recipes import expand_grid, parse_recipe
 
 FP32 = "FP32"
-LATENCY_NOISE = 0.20  # these VMs drift 15-30% for minutes; cells are benched one by one, not round-robin
+LATENCY_NOISE = 0.20  # these VMs drift 15-30% for minutes: the tie band between cells benched one by one
+ROUND_ROBIN_NOISE = 0.05  # the tie band between recipes timed side by side in one run (the speed cell)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -49,6 +50,7 @@ class Results:
         self.top1: dict[tuple[str, str], dict[int, float]] = {}
         self.lambdas: dict[str, dict[int, float]] = {}
         self.deployed: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}  # (backend, optimizer, row)
+        self.speed: dict[str, dict[str, Any]] = {}  # backend -> the round-robin timing of one model per recipe
         self.rows: list[str] = [FP32]
         for c in ok:
             s, m = c["spec"], c["metrics"]
@@ -64,10 +66,16 @@ class Results:
                 self.lambdas.setdefault(s["optimizer"], {})[s["seed"]] = m["lambda_max"]
             elif c["kind"] == "deploy":
                 self.deployed.setdefault((s["backend"], s["optimizer"], s["recipe"]), {})[s["seed"]] = m
+            elif c["kind"] == "speed":
+                self.speed[s["backend"]] = m
         cfg = record["config"]
         grid = [r.name for r in expand_grid(tuple(cfg["grid"]), tuple(cfg["calibrators"]))]
         self.rows += [r for r in grid if any(r == k[1] for k in self.top1)]
         self.rows += sorted({k[1] for k in self.top1} - set(self.rows))
+
+    def latency(self, backend: str, row: str, batch: int) -> float | None:
+        """The round-robin p50 of a deployed recipe on a backend, when the study timed it side by side."""
+        return self.speed.get(backend, {}).get("latency_ms", {}).get(row, {}).get(str(batch))
 
     def _put(self, key: tuple[str, str], seed: int, value: float) -> None:
         self.top1.setdefault(key, {})[seed] = value
@@ -148,9 +156,10 @@ def recommendation(res: Results, max_drop: float, specs: dict[str, dict[str, Any
     """Per backend: the fastest deployed recipe that some optimizer keeps within `max_drop` of its FP32 (mean over
     every seed in PyTorch, and over the deployed seeds on the backend), with the most accurate such optimizer.
 
-    A recipe's latency is the median over all its deployed cells, every optimizer and seed together: the optimizer
-    changes weights, not the graph, so pooling them measures the recipe more often instead of ranking noise. Recipes
-    within LATENCY_NOISE of the fastest count as equally fast, and the most accurate of them is recommended."""
+    A recipe's latency is its p50 in the study's round-robin timing (the speed cell: one deployed model per recipe,
+    side by side) when there is one; else the median over all its deployed cells, every optimizer and seed together
+    (the optimizer changes weights, not the graph). Recipes within ROUND_ROBIN_NOISE (LATENCY_NOISE for pooled cells)
+    of the fastest count as equally fast, and the most accurate of them is recommended."""
     lines: list[str] = []
     picks: dict[str, Any] = {}
     for backend in sorted({k[0] for k in res.deployed}):
@@ -172,27 +181,31 @@ def recommendation(res: Results, max_drop: float, specs: dict[str, dict[str, Any
                 "pytorch_drop": statistics.mean(torch_drops) if torch_drops else None,
                 "pytorch_seeds": len(torch_drops), "seeds": sorted(by_seed),
             })  # fmt: skip
-        for c in cands:
-            c["latency_ms"] = statistics.median(latency[c["recipe"]])
-            c["latency_cells"] = len(latency[c["recipe"]])
+        timed = all(res.latency(backend, c["recipe"], c["batch"]) is not None for c in cands)
+        for c in cands:  # side by side when the speed cell timed every recipe, else pooled over the deployed cells
+            rr = res.latency(backend, c["recipe"], c["batch"]) if timed else None
+            c["latency_ms"] = rr if rr is not None else statistics.median(latency[c["recipe"]])
+            c["latency_source"] = "round-robin" if rr is not None else f"median of {len(latency[c['recipe']])} cells"
         ok = [c for c in cands if c["pytorch_drop"] is not None and c["pytorch_drop"] <= max_drop
               and (c["backend_drop"] is None or c["backend_drop"] <= max_drop)]  # fmt: skip
-        fp32_lat = statistics.median(latency["fp32"]) if "fp32" in latency else None
+        fp32 = [c["latency_ms"] for c in cands if c["recipe"] == "fp32"]
+        fp32_lat = fp32[0] if fp32 else None
+        band = ROUND_ROBIN_NOISE if timed else LATENCY_NOISE
         if not ok:
             lines.append(f"- **{backend}**: no deployed recipe is within {max_drop:g} point(s) of FP32.")
             continue
         fastest = min(c["latency_ms"] for c in ok)
-        tied = [c for c in ok if c["latency_ms"] <= fastest * (1 + LATENCY_NOISE)]  # within drift: not slower
+        tied = [c for c in ok if c["latency_ms"] <= fastest * (1 + band)]  # within the noise: not slower
         best = max(tied, key=lambda c: (-c["pytorch_drop"], c["backend_top1"]))
         speed = f", {fp32_lat / best['latency_ms']:.2f}x FP32's {fp32_lat:.2f} ms" if fp32_lat else ""
         best["commands"] = commands(res, best, backend, specs)
         picks[backend] = best
         lines += [
             f"- **{backend}**: **{best['recipe']}, {best['optimizer']} fine-tuning**: {best['latency_ms']:.2f} ms at "
-            f"batch {best['batch']} (median of {best['latency_cells']} deployed cells){speed}; top-1 on {backend} "
+            f"batch {best['batch']} ({best['latency_source']}){speed}; top-1 on {backend} "
             f"{best['backend_top1']:.2f}, mean drop from FP32 {best['pytorch_drop']:.2f} over "
             f"{best['pytorch_seeds']} seed(s) in PyTorch. {len(ok)} of {len(cands)} deployed (optimizer, recipe) pairs "
-            f"are within the budget; {len(tied)} of them within {LATENCY_NOISE:.0%} of the fastest "
+            f"are within the budget; {len(tied)} of them within {band:.0%} of the fastest "
             f"({fastest:.2f} ms), of which this is the most accurate. To reproduce (seed {best['seeds'][0]}):",
             "",
             "```",
@@ -328,8 +341,9 @@ def plots(res: Results, root: Path) -> list[str]:
             if b != backend:
                 continue
             batch = min(int(k) for k in next(iter(by_seed.values()))["latency_ms"])
+            rr = res.latency(backend, row, batch)  # side by side when timed so, else the cell's own run
             for m in by_seed.values():
-                points.append((m["latency_ms"][str(batch)], m["top1"], o, row))
+                points.append((rr if rr is not None else m["latency_ms"][str(batch)], m["top1"], o, row))
         for o in res.optimizers:
             mine = [p for p in points if p[2] == o]
             ax.scatter([p[0] for p in mine], [p[1] for p in mine], label=o, s=18)
@@ -350,6 +364,42 @@ def plots(res: Results, root: Path) -> list[str]:
         plt.close(fig)
         written.append(name)
     return written
+
+
+def speed_table(res: Results) -> list[str]:
+    """The round-robin timings: p50 per recipe and batch, its ratio to FP32 and the spread over the passes."""
+    if not res.speed:
+        return [
+            "Latencies are p50 of each deployed cell's own bench run, one model at a time (no round-robin "
+            f"timing in this study): differences under {LATENCY_NOISE:.0%} are within this machine's drift.",
+            "",
+        ]
+    lines = []
+    for backend, m in sorted(res.speed.items()):
+        batches = sorted({int(b) for per in m["latency_ms"].values() for b in per})
+        lines += [
+            f"### Side by side on {backend} ({m['rounds']} round-robin passes, one deployed model per recipe)",
+            "",
+            "p50 ms, the median of the passes (min-max over the passes), and the speed-up over FP32 measured "
+            "in the same run; the cell each model comes from is in study.json.",
+            "",
+            "| recipe | " + " | ".join(f"batch {b}" for b in batches) + " |",
+            "|---|" + "---|" * len(batches),
+        ]
+        fp32 = m["latency_ms"].get("fp32", {})
+        rows = sorted(m["latency_ms"], key=lambda r: m["latency_ms"][r].get(str(batches[0]), float("inf")))
+        for row in rows:
+            cells = []
+            for b in batches:
+                p50, runs = m["latency_ms"][row].get(str(b)), m["round_p50_ms"][row].get(str(b), [])
+                if p50 is None:
+                    cells.append("-")
+                    continue
+                ratio = f", {fp32[str(b)] / p50:.2f}x" if str(b) in fp32 else ""
+                cells.append(f"{p50:.2f} ({min(runs):.2f}-{max(runs):.2f}){ratio}")
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def minutes(seconds: float) -> str:
@@ -400,9 +450,7 @@ def write_report(record: dict[str, Any], root: Path) -> dict[str, Any]:
                 lines.append(f"| {o} | {m:.1f} ± {sd:.1f} | {per} |")
         lines.append("")
     lines += [f"## Recommendation (accuracy budget: {cfg['max_drop']:g} point(s) from FP32)", "", *rec_lines, ""]
-    lines += ["Latencies are p50 of each deployed cell's own bench run, one model at a time (not round-robin): "
-              f"differences under {LATENCY_NOISE:.0%} between recipes are within this machine's drift.",
-              ""]  # fmt: skip
+    lines += speed_table(res)
     if failed:
         lines += ["## Failed cells", "", "| cell | error |", "|---|---|"]
         lines += [f"| {c['id']} | {c['error'].splitlines()[0][:200]} |" for c in failed]
