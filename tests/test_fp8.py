@@ -81,6 +81,23 @@ def test_fp8_bundle_records_its_format_and_round_trips(fp8_bundle, tiny_bundle):
         torch.testing.assert_close((w / s).to(torch.float8_e4m3fn).float(), w / s, rtol=1e-5, atol=0)
 
 
+def test_fp8_per_tensor_weights_share_one_scale_and_export(tiny_bundle, tmp_path):
+    """--weight-granularity tensor: one E4M3 scale per weight tensor (amax / 448), on convs whose last axis is not the
+    channel axis, and a scalar scale in the exported QuantizeLinear."""
+    out = tmp_path / "fp8-tensor"
+    compress(from_flags(quant="fp8", weight_granularity="tensor", calib_samples=32), tiny_bundle, out)
+    model, dense = load_bundle(out).model.eval(), load_bundle(tiny_bundle).model.eval()
+    w0, q = dense.conv_stem.weight, model.conv_stem.parametrizations.weight[0]
+    assert w0.shape[0] != w0.shape[-1]
+    scale = fp8_scale(w0.abs().amax().reshape(1))
+    torch.testing.assert_close(q.scale, scale.expand_as(q.scale))
+    with torch.no_grad():
+        expected = (w0 / scale).to(torch.float8_e4m3fn).float() * scale
+        torch.testing.assert_close(model.conv_stem.weight, expected, rtol=0, atol=0)
+    rec = export(ExportConfig(verify_samples=16), out, tmp_path / "onnx")
+    assert rec["verification"]["onnxruntime"]["passed"]
+
+
 def test_fp8_export_is_opset_19_qdq_checked_by_onnx_runtime_and_the_reference_evaluator(fp8_bundle, tmp_path):
     rec = export(ExportConfig(verify_samples=16), fp8_bundle, tmp_path / "onnx")
     assert rec["precision"] == "fp8" and rec["opset"] == 19 and rec["weights"] == "fp8"

@@ -78,7 +78,9 @@ class WeightQuantizer(nn.Module):
         if not self.enabled:
             return weight
         if self.number_format == "fp8":  # E4M3 saturates by itself: no clamp needed
-            return fake_quant_fp8(weight, self.scale, 0 if self.granularity == "channel" else None)
+            if self.granularity == "channel":
+                return fake_quant_fp8(weight, self.scale, 0)
+            return fake_quant_fp8(weight, self.scale[0], None)  # per tensor: every row holds the same scale
         if self.granularity == "group":  # one scale per row of (channels * groups, group_size)
             rows = self.rows(weight)
             rows = rows if self.pre_clamped else self.clamp(rows)
