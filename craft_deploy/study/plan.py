@@ -145,12 +145,22 @@ def training_cells(cfg: StudyConfig, worst: list[str], ready: set[str] | None = 
     return cells
 
 
+def bench_config(cfg: StudyConfig, backend: str, **extra: Any) -> dict[str, Any]:
+    """The BenchConfig of a study's bench on `backend` (less threads: the executor sets them). Fields added to
+    BenchConfig after studies were run (`rounds`) are left out at their default, so that a deployment cell's spec is
+    the one it was, and an older study resumes instead of refusing its finished cells."""
+    conf = BenchConfig(backend=backend, batch_sizes=cfg.batch_sizes, eval_subset=cfg.eval_subset,
+                       data_root=cfg.data_root, min_seconds=cfg.bench_seconds, **extra).to_dict()  # fmt: skip
+    conf.pop("threads")
+    if conf["rounds"] == 1:
+        conf.pop("rounds")
+    return conf
+
+
 def deploy_cell(cfg: StudyConfig, ft: FineTuning, backend: str, source_id: str, name: str, target: str):
     export = ExportConfig(target=target, batch_sizes=cfg.batch_sizes, data_root=cfg.data_root).to_dict()
     export.pop("format")  # chosen by what the backend needs (cells.EXPORT_FOR)
-    bench = BenchConfig(backend=backend, batch_sizes=cfg.batch_sizes, eval_subset=cfg.eval_subset,
-                        data_root=cfg.data_root, min_seconds=cfg.bench_seconds).to_dict()  # fmt: skip
-    bench.pop("threads")
+    bench = bench_config(cfg, backend)
     return _spec(f"{ft.id}/deploy/{backend}/{name}", "deploy", ft, {"export": export, "bench": bench},
                  source=bundle_of(source_id), recipe=name, backend=backend)  # fmt: skip
 
@@ -207,15 +217,7 @@ def speed_cells(cfg: StudyConfig, finished: dict[str, dict[str, Any]]) -> list[d
         exported = EXPORT_FOR[get_backend(backend).needs] is not None
         models = [[row, f"cells/{cell_id}/export" if exported else s["source"]]
                   for row, (_, cell_id, s) in sorted(chosen.items())]  # fmt: skip
-        bench = BenchConfig(
-            backend=backend,
-            batch_sizes=cfg.batch_sizes,
-            eval_subset=cfg.eval_subset,
-            data_root=cfg.data_root,
-            min_seconds=cfg.bench_seconds,
-            rounds=cfg.speed_rounds,
-        ).to_dict()
-        bench.pop("threads")
+        bench = bench_config(cfg, backend, rounds=cfg.speed_rounds)
         cells.append(json.loads(json.dumps({
             "id": f"speed/{backend}", "kind": "speed", "ft": None, "optimizer": None, "seed": None,
             "backend": backend, "config": bench, "models": models,
