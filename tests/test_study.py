@@ -270,6 +270,16 @@ def test_trim_drops_later_seeds_deployments_first():
     assert [s["id"] for s in kept] == ["d0", "c0"]
 
 
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "docs").glob("study-*.yaml")), ids=str)
+def test_the_study_configs_in_docs_plan_without_error(path):
+    """Every study config the docs hand out loads, and its optimizers, recipes and backends pass the study's checks."""
+    from craft_deploy.study import load_study_config, plan
+
+    cfg = load_study_config(path)
+    assert len(plan.finetune_cells(cfg)) == len(cfg.optimizers) * len(cfg.seeds)
+    assert plan.recipes(cfg)
+
+
 def test_recipes_parse_into_compress_flags():
     (r,) = parse_recipe("bn+W8A8+mse+2:4+sparsegpt")
     assert r.name == "2:4+sparsegpt+w8a8+mse+bn"
