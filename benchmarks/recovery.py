@@ -128,6 +128,17 @@ def render(cells: dict, recipes: list[str], optimizers: list[str], alphas: list[
                 a = [cells[f"{b}|{recipe}|{a_set}"]["top1"] for b in have]
                 b_ = [cells[f"{b}|{recipe}|{b_set}"]["top1"] for b in have]
                 diffs.append((label, recipe, what, paired([y - x for x, y in zip(a, b_)])))
+    labels = list(groups)
+    for other in labels[1:]:  # fine-tunings against the first one, seed by seed (a seed's cells share test images)
+        base = {_seed_of(b): b for b in groups[labels[0]]}
+        pairs = [(base[_seed_of(b)], b) for b in groups[other] if _seed_of(b) in base]
+        for recipe in recipes:
+            for s in settings:
+                keys = [(f"{a}|{recipe}|{s}", f"{b}|{recipe}|{s}") for a, b in pairs]
+                keys = [(ka, kb) for ka, kb in keys if ka in cells and kb in cells]
+                if keys:
+                    d = paired([cells[kb]["top1"] - cells[ka]["top1"] for ka, kb in keys])
+                    diffs.append((f"{other} - {labels[0]}", recipe, f"{_setting_title(s)}: fine-tune", d))
     lines += ["", "| fine-tune | recipe | paired difference | mean [95% CI] | verdict |", "|---|---|---|---|---|"]
     for label, recipe, what, d in diffs:
         ci = (
@@ -170,6 +181,11 @@ def _mean_std(vals: list[float]) -> str:
 
 def _label(bundle: str) -> str:
     return re.sub(r"-s\d+$", "", bundle)
+
+
+def _seed_of(bundle: str) -> str:
+    m = re.search(r"-s(\d+)$", bundle)
+    return m.group(1) if m else bundle
 
 
 def _seed(path: str) -> int:
