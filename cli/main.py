@@ -752,8 +752,8 @@ def study(config, out, overwrite, retry_failed, ray_address, epochs, train_subse
     click.echo(f"\nstudy: {len(rec['cells'])} cells ({failed} failed, {len(rec['trimmed'])} trimmed); "
                f"report: {out}/report.md")  # fmt: skip
     for backend, pick in rec["report"]["recommendation"].items():
-        click.echo(f"  {backend}: {pick['optimizer']} + {pick['recipe']}, {pick['latency_ms']:.2f} ms, "
-                   f"top-1 {pick['backend_top1']:.2f}")  # fmt: skip
+        click.echo(f"  {backend}: {pick['optimizer']} + {pick['recipe']}, {pick['latency_ms']:.2f} ms "
+                   f"({pick['latency_source']}), top-1 {pick['backend_top1']:.2f}")  # fmt: skip
 
 
 @main.command()
