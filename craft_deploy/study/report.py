@@ -141,6 +141,9 @@ def verdicts(res: Results) -> tuple[list[str], dict[str, Any]]:
                   f"{len(counts['hurts'])} ({', '.join(counts['hurts']) or 'none'}); the data cannot tell in "
                   f"{len(undecided)}. At 95% per row, about {len(rows) / 20:.1f} of {len(rows)} rows would show a "
                   "verdict by chance alone: read single rows with that in mind.", ""]  # fmt: skip
+    if len(res.optimizers) < 2:
+        lines += [f"Only one fine-tuning optimizer ({res.baseline}): nothing to compare it with; add e.g. sam:0.05 to "
+                  "`optimizers`.", ""]  # fmt: skip
     return lines, out
 
 
