@@ -666,7 +666,8 @@ def _top1(value: float | None) -> str:
 @overwrite_option
 @_guard
 def analyze(bundle, out, overwrite, **kw) -> None:
-    """Sharpness (lambda_max of the loss Hessian), weight rank and activation ranges; analyze.json and analyze.png.
+    """Sharpness (lambda_max of the loss Hessian), weight rank, activation ranges and multiply-adds; analyze.json and
+    analyze.png.
 
     \b
     Example:
@@ -685,6 +686,11 @@ def analyze(bundle, out, overwrite, **kw) -> None:
     click.echo(
         f"  weight rank: median layer needs {100 * sorted(ranks)[len(ranks) // 2]:.0f}% of its components "
         "for 80% of its energy"
+    )
+    c = rec["cost"]
+    click.echo(
+        f"  cost per image: {c['multiply_adds'] / 1e6:.1f} M multiply-adds in Conv/Linear layers "
+        f"({c['nonzero_multiply_adds'] / 1e6:.1f} M on nonzero weights), {c['parameters'] / 1e6:.2f} M parameters"
     )
     click.echo(f"  activations: largest outlier ratio {worst[1]['outlier_ratio']:.1f} in {worst[0]}; report: {out}")
 

@@ -91,6 +91,29 @@ def test_activation_ranges_find_an_outlier_channel():
     assert conv["outlier_ratio"] > 20
 
 
+def test_model_cost_counts_multiply_adds_by_hand():
+    """Conv 3->8, 3x3, stride 2 on 16x16 (8x8 outputs), a depthwise 3x3 conv, then Linear 8*8*8 -> 10 and a low-rank
+    pair; a 2:4-pruned Linear counts half its multiply-adds over nonzero weights."""
+    from craft_deploy.analyze import model_cost
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
+        nn.Flatten(),
+        nn.Linear(512, 10),
+        nn.Linear(10, 4, bias=False),
+        nn.Linear(4, 10),
+    )
+    with torch.no_grad():
+        model[3].weight.view(-1, 4)[:, :2] = 0  # 2:4 along the input dimension
+    cost = model_cost(model, (3, 16, 16))
+    conv, depthwise, linear, pair = 64 * 8 * 27, 64 * 8 * 9, 512 * 10, 10 * 4 + 4 * 10
+    assert cost["multiply_adds"] == conv + depthwise + linear + pair
+    assert cost["nonzero_multiply_adds"] == conv + depthwise + linear // 2 + pair
+    assert cost["parameters"] == sum(p.numel() for p in model.parameters())
+    assert cost["layer_weights"] - cost["nonzero_layer_weights"] == 512 * 10 // 2
+
+
 def test_analyze_cli_writes_json_and_plot(tiny_bundle, tmp_path):
     import json
 
@@ -117,4 +140,5 @@ def test_analyze_cli_writes_json_and_plot(tiny_bundle, tmp_path):
     rec = json.loads((tmp_path / "a" / "analyze.json").read_text())
     assert rec["sharpness"]["iterations"] <= 3 and rec["sharpness"]["images"] == 16
     assert rec["weight_rank"] and rec["activation_ranges"]
+    assert rec["cost"]["multiply_adds"] >= rec["cost"]["nonzero_multiply_adds"] > 0 and "multiply-adds" in res.output
     assert (tmp_path / "a" / "analyze.png").read_bytes()[:4] == b"\x89PNG"

@@ -11,18 +11,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from craft_deploy.analyze.sharpness import lambda_max, power_iteration
-from craft_deploy.analyze.structure import activation_ranges, weight_rank
+from craft_deploy.analyze.structure import activation_ranges, model_cost, weight_rank
 from craft_deploy.artifacts import check_out_dir, staged_dir
 from craft_deploy.config import AnalyzeConfig
 from craft_deploy.data import calibration_subset, splits_for_manifest
 from craft_deploy.models import load_bundle
 from craft_deploy.records import write_record
 
-__all__ = ["activation_ranges", "analyze_model", "lambda_max", "power_iteration", "run", "weight_rank"]
+__all__ = ["activation_ranges", "analyze_model", "lambda_max", "model_cost", "power_iteration", "run", "weight_rank"]
 
 
 def analyze_model(model: nn.Module, train_split, cfg: AnalyzeConfig) -> dict[str, Any]:
-    """lambda_max on a fixed set of training images, weight rank, and activation ranges on calibration images."""
+    """lambda_max on a fixed set of training images, weight rank, activation ranges on calibration images, and the
+    model's parameters and multiply-adds per image (model_cost)."""
     from craft_deploy.compress import calib_loop
 
     t0 = time.perf_counter()
@@ -38,7 +39,8 @@ def analyze_model(model: nn.Module, train_split, cfg: AnalyzeConfig) -> dict[str
     )
     sharp["seconds"] = time.perf_counter() - t0
     ranges = activation_ranges(model, calib_loop(calibration_subset(train_split, cfg.calib_samples, cfg.seed)))
-    return {"sharpness": sharp, "weight_rank": weight_rank(model), "activation_ranges": ranges}
+    cost = model_cost(model, tuple(train_split[0][0].shape))
+    return {"sharpness": sharp, "weight_rank": weight_rank(model), "activation_ranges": ranges, "cost": cost}
 
 
 def write_plots(result: dict[str, Any], out: Path) -> list[str]:

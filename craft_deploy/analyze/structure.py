@@ -1,4 +1,4 @@
-"""Weight rank (CrAFT Figure 1) and activation ranges (CrAFT Figure 2) of a model."""
+"""Weight rank (CrAFT Figure 1), activation ranges (CrAFT Figure 2) and the size and compute cost of a model."""
 
 from __future__ import annotations
 
@@ -75,3 +75,38 @@ def activation_ranges(model: nn.Module, calib: Callable[[nn.Module], None]) -> d
             "outlier_ratio": float(absmax.max() / absmax.median().clamp(min=1e-12)),
         }
     return out
+
+
+@torch.no_grad()
+def model_cost(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
+    """Parameters and multiply-adds of one image through the model's Conv2d and Linear layers (attention's two
+    matmuls and elementwise ops are not counted), each also counted over nonzero weights only: what a dense kernel
+    computes, and what pruning removes (a factorised layer is two layers and counts as such)."""
+    macs = {"dense": 0, "nonzero": 0}
+
+    def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        w = mod.weight
+        positions = (
+            output[0].numel() // output.shape[1] if isinstance(mod, nn.Conv2d) else output[0].numel() // w.shape[0]
+        )
+        per_output = w[0].numel()  # (in / groups) x kernel for a conv, in_features for a Linear
+        macs["dense"] += positions * w.shape[0] * per_output
+        macs["nonzero"] += positions * int((w != 0).sum())
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    was_training = model.training
+    try:
+        model.eval()(torch.zeros(1, *input_size, device=next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    weights = [m.weight for m in layers]
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "layer_weights": sum(w.numel() for w in weights),
+        "nonzero_layer_weights": sum(int((w != 0).sum()) for w in weights),
+        "multiply_adds": macs["dense"],
+        "nonzero_multiply_adds": macs["nonzero"],
+    }
