@@ -159,7 +159,7 @@ def test_the_recommendation_rests_on_the_round_robin_timing(killed_and_resumed):
     rows = {"fp32", "w8a8+minmax", "0.5+magnitude+bn", "2:4+magnitude+bn"}
     recovered = json.loads((out / "study.json").read_text())["recovered"][0]
     assert set(speed["metrics"]["latency_ms"]) == rows | {f"recover-{recovered}"}
-    for row, cell_id in speed["metrics"]["cells"].items():
+    for row, cell_id in speed["spec"]["cells"].items():
         assert cell_id == f"adam-s0/deploy/ort-cpu/{row}" and cells[cell_id]["status"] == "ok"
         passes = speed["metrics"]["round_p50_ms"][row]["1"]
         assert len(passes) == 5 and speed["metrics"]["latency_ms"][row]["1"] == sorted(passes)[2]

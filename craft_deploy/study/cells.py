@@ -160,8 +160,7 @@ def _speed(spec: dict[str, Any], root: Path, d: Path, threads: int) -> dict[str,
         row = paths[r["model"]]
         latency.setdefault(row, {})[str(r["batch"])] = r["p50_ms"]
         passes.setdefault(row, {})[str(r["batch"])] = r.get("round_p50_ms", [r["p50_ms"]])
-    return {"rounds": spec["config"]["rounds"], "latency_ms": latency, "round_p50_ms": passes,
-            "cells": dict(spec["cells"])}  # fmt: skip
+    return {"latency_ms": latency, "round_p50_ms": passes}
 
 
 _KINDS = {

@@ -66,8 +66,8 @@ class Results:
                 self.lambdas.setdefault(s["optimizer"], {})[s["seed"]] = m["lambda_max"]
             elif c["kind"] == "deploy":
                 self.deployed.setdefault((s["backend"], s["optimizer"], s["recipe"]), {})[s["seed"]] = m
-            elif c["kind"] == "speed":
-                self.speed[s["backend"]] = m
+            elif c["kind"] == "speed":  # how many passes is the spec's
+                self.speed[s["backend"]] = {**m, "rounds": s["config"]["rounds"]}
         cfg = record["config"]
         grid = [r.name for r in expand_grid(tuple(cfg["grid"]), tuple(cfg["calibrators"]))]
         self.rows += [r for r in grid if any(r == k[1] for k in self.top1)]
