@@ -106,8 +106,8 @@ def render(cells: dict, recipes: list[str], optimizers: list[str], alphas: list[
     groups: dict[str, list[str]] = defaultdict(list)
     for key in cells:
         bundle = key.split("|")[0]
-        if bundle not in groups[_label(bundle)]:
-            groups[_label(bundle)].append(bundle)
+        if bundle not in groups[_split(bundle)[0]]:
+            groups[_split(bundle)[0]].append(bundle)
     settings = ["one-shot"] + [f"{o}-kd{a:g}" for o in optimizers for a in alphas]
     head = ["fine-tune", "recipe", "n", "FP32"] + [_setting_title(s) for s in settings]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -130,8 +130,8 @@ def render(cells: dict, recipes: list[str], optimizers: list[str], alphas: list[
                 diffs.append((label, recipe, what, paired([y - x for x, y in zip(a, b_)])))
     labels = list(groups)
     for other in labels[1:]:  # fine-tunings against the first one, seed by seed (a seed's cells share test images)
-        base = {_seed_of(b): b for b in groups[labels[0]]}
-        pairs = [(base[_seed_of(b)], b) for b in groups[other] if _seed_of(b) in base]
+        base = {_split(b)[1]: b for b in groups[labels[0]]}
+        pairs = [(base[_split(b)[1]], b) for b in groups[other] if _split(b)[1] in base]
         for recipe in recipes:
             for s in settings:
                 keys = [(f"{a}|{recipe}|{s}", f"{b}|{recipe}|{s}") for a, b in pairs]
@@ -157,7 +157,7 @@ def render(cells: dict, recipes: list[str], optimizers: list[str], alphas: list[
 
 
 def _comparisons(optimizers: list[str], alphas: list[float]) -> list[tuple[str, str, str]]:
-    """(baseline setting, other setting, title): distillation on vs off, SAM vs Adam recovery, both vs one-shot."""
+    """(baseline setting, other setting, title): distillation on vs off, and SAM vs Adam recovery."""
     out = []
     if len(alphas) > 1:
         lo, hi = min(alphas), max(alphas)
@@ -179,13 +179,10 @@ def _mean_std(vals: list[float]) -> str:
     return f"{m:.2f} ± {sd:.2f}" if len(vals) > 1 else f"{m:.2f}"
 
 
-def _label(bundle: str) -> str:
-    return re.sub(r"-s\d+$", "", bundle)
-
-
-def _seed_of(bundle: str) -> str:
-    m = re.search(r"-s(\d+)$", bundle)
-    return m.group(1) if m else bundle
+def _split(bundle: str) -> tuple[str, str]:
+    """'adam-s2' -> ('adam', '2'); a name without a seed suffix is its own label and seed."""
+    m = re.fullmatch(r"(.*)-s(\d+)", bundle)
+    return (m.group(1), m.group(2)) if m else (bundle, bundle)
 
 
 def _seed(path: str) -> int:
