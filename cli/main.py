@@ -20,6 +20,7 @@ from craft_deploy.config import (
     EXPORT_PRECISIONS,
     EXPORT_TARGETS,
     QUANT_PLACEMENTS,
+    TUNECOMP_PRUNE_SCHEDULES,
     AnalyzeConfig,
     BenchConfig,
     CompressConfig,
@@ -259,6 +260,12 @@ def main() -> None:
     show_default=True,
     type=float,
     help="tunecomp: initial weight of the student-vs-dense output regulariser, decaying with the dense branch.",
+)
+@click.option(
+    "--prune-schedule",
+    show_default=True,
+    type=click.Choice(TUNECOMP_PRUNE_SCHEDULES),
+    help="tunecomp: how the factors' sparsity ramps up to --prune-ratio over the transition.",
 )
 @click.option("--resume", type=click.Path(), help="Continue a killed run: its --out (or its checkpoint).")
 @out_option

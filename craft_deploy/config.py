@@ -94,6 +94,9 @@ def parse_quant(text: str | None) -> tuple[int, int] | None:
     return w, a
 
 
+TUNECOMP_PRUNE_SCHEDULES = ("cubic", "linear")  # see craft_deploy.finetune.tunecomp.Schedule.sparsity
+
+
 @dataclass(frozen=True)
 class FinetuneConfig(_Config):
     """Fine-tuning of a pretrained model on a downstream dataset."""
@@ -138,6 +141,7 @@ class FinetuneConfig(_Config):
     prune_ratio: float = 0.0  # tunecomp: share of each factor's entries pruned by the end of the transition
     transition: float = 0.5  # tunecomp: share of the run's steps over which the dense branch fades out
     reg_weight: float = 1.0  # tunecomp: initial weight of the student-vs-dense output regulariser (decays with a_t)
+    prune_schedule: str = "cubic"  # tunecomp: how the factors' sparsity ramps to prune_ratio (cubic or linear)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cram_sparsities", tuple(float(v) for v in self.cram_sparsities))
@@ -190,12 +194,17 @@ class FinetuneConfig(_Config):
             raise CraftError(f"--calib-samples must be positive, got {self.calib_samples}")
 
     def _check_tunecomp(self) -> None:
-        tunecomp_flags = self.rank_ratio is not None or self.rank_energy is not None or self.prune_ratio > 0
+        tunecomp_flags = (
+            self.rank_ratio is not None or self.rank_energy is not None or self.prune_ratio > 0
+            or self.prune_schedule != "cubic"
+        )  # fmt: skip
         if self.method not in (None, "tunecomp"):
             raise CraftError(f"--method must be tunecomp (or left out for plain fine-tuning), got {self.method!r}")
         if self.method is None:
             if tunecomp_flags:
-                raise CraftError("--rank-ratio, --rank-energy and --prune-ratio go with --method tunecomp")
+                raise CraftError(
+                    "--rank-ratio, --rank-energy, --prune-ratio and --prune-schedule go with --method tunecomp"
+                )
             return
         if self.init is not None:
             raise CraftError("--method tunecomp starts from a pretrained model; it cannot continue --init as well")
@@ -207,6 +216,10 @@ class FinetuneConfig(_Config):
             raise CraftError(f"--transition must be in (0, 1) (a share of the training steps), got {self.transition}")
         if self.reg_weight < 0:
             raise CraftError(f"--reg-weight must be >= 0, got {self.reg_weight}")
+        if self.prune_schedule not in TUNECOMP_PRUNE_SCHEDULES:
+            raise CraftError(
+                f"--prune-schedule must be one of {', '.join(TUNECOMP_PRUNE_SCHEDULES)}, got {self.prune_schedule!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -482,8 +495,8 @@ class StudyConfig(_Config):
         if len(set(self.seeds)) != len(self.seeds) or len(set(self.optimizers)) != len(self.optimizers):
             raise CraftError(f"--seeds and --optimizers must not repeat, got {self.seeds} and {self.optimizers}")
         owned = {"model", "data", "data_root", "pretrained", "optimizer", "rho", "seed", "eval_subset", "threads",
-                 "device", "init", "method", "rank_ratio", "rank_energy", "prune_ratio", "checkpoint",
-                 "teacher"}  # fmt: skip
+                 "device", "init", "method", "rank_ratio", "rank_energy", "prune_ratio", "prune_schedule",
+                 "checkpoint", "teacher"}  # fmt: skip
         clash = sorted(set(self.finetune) & owned)
         if clash:
             raise CraftError(f"study finetune settings {clash} are set by the study itself (its own keys, --seeds, "

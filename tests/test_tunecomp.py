@@ -36,6 +36,13 @@ def test_the_schedule_moves_from_dense_to_student_and_ramps_pruning():
     assert s.sparsity() == pytest.approx(0.6)
 
 
+def test_the_linear_pruning_schedule_ramps_evenly_to_the_same_target():
+    s = Schedule(transition_steps=100, prune_ratio=0.6, reg_weight=1.0, prune_schedule="linear")
+    for step, sparsity in {0: 0.0, 25: 0.15, 50: 0.3, 100: 0.6, 150: 0.6}.items():
+        s.step.fill_(step)
+        assert s.sparsity() == pytest.approx(sparsity)
+
+
 @pytest.fixture(scope="module")
 def pretrained_and_calib(tiny_bundle):
     bundle = load_bundle(tiny_bundle)
@@ -118,6 +125,11 @@ def test_a_tunecomp_bundle_round_trips_exports_and_recovers_with_its_zeros(tunec
         (dict(method="tunecomp", rank_ratio=0.5, transition=1.0), "--transition must be in \\(0, 1\\)"),
         (dict(method="tunecomp", rank_ratio=0.5, prune_ratio=1.0), "--prune-ratio must be in \\[0, 1\\)"),
         (dict(method="lora"), "--method must be tunecomp"),
+        (dict(prune_schedule="linear"), "go with --method tunecomp"),
+        (
+            dict(method="tunecomp", rank_ratio=0.5, prune_schedule="exp"),
+            "--prune-schedule must be one of cubic, linear",
+        ),
     ],
 )
 def test_bad_tunecomp_options(kw, message):

@@ -14,8 +14,10 @@ Choices where the published summary is not specific (each is a parameter):
   detached), weighted by `reg_weight` x a_t^2: it pulls the student towards the pretrained map while the output still
   leans on it, and decays to zero with a_t.
 - Pruning is gradual magnitude pruning (hard shrinkage of the smallest entries) of each factor, to `prune_ratio` on a
-  cubic schedule s_t = P (1 - (1 - t/T)^3) (Zhu & Gupta 2017), updated every `prune_every` steps and exact at T; a
-  pruned entry stays pruned (zeroed after every step), so the saved factors hold exactly round(P x size) zeros.
+  cubic schedule s_t = P (1 - (1 - t/T)^3) (Zhu & Gupta 2017; `prune_schedule="linear"`: s_t = P t/T, measured
+  against it in benchmarks/tunecomp.py), updated every `prune_every` steps and exact at T; a pruned entry stays pruned
+  (zeroed after every step), so the saved factors hold exactly round(P x size) zeros. Cubic prunes most while the
+  dense branch still carries the output and little near T, when the student alone must absorb each cut.
 """
 
 from __future__ import annotations
@@ -43,9 +45,10 @@ from craft_deploy.compress.registry import CalibLoop, manifest_entry
 class Schedule(nn.Module):
     """The step counter (a buffer: checkpointed and resumed with the model) and what depends on it."""
 
-    def __init__(self, transition_steps: int, prune_ratio: float, reg_weight: float):
+    def __init__(self, transition_steps: int, prune_ratio: float, reg_weight: float, prune_schedule: str = "cubic"):
         super().__init__()
         self.transition_steps, self.prune_ratio, self.reg_weight = max(1, transition_steps), prune_ratio, reg_weight
+        self.prune_schedule = prune_schedule
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.penalties: list[torch.Tensor] = []
 
@@ -58,7 +61,9 @@ class Schedule(nn.Module):
         return 0.0 if self.progress >= 1.0 else 1.0 - math.sin(math.pi * self.progress / 2)
 
     def sparsity(self) -> float:
-        """Cubic ramp to prune_ratio at T."""
+        """The ramp to prune_ratio at T: cubic (fast early) or linear."""
+        if self.prune_schedule == "linear":
+            return self.prune_ratio * self.progress
         return self.prune_ratio * (1.0 - (1.0 - self.progress) ** 3)
 
 
@@ -98,9 +103,10 @@ class TuneComp:
         prune_ratio: float,
         reg_weight: float,
         prune_every: int = 0,
+        prune_schedule: str = "cubic",
     ):
         self.model, self.lowrank, self.prune_ratio = model, lowrank, prune_ratio
-        self.schedule = Schedule(round(transition * total_steps), prune_ratio, reg_weight)
+        self.schedule = Schedule(round(transition * total_steps), prune_ratio, reg_weight, prune_schedule)
         self.prune_every = prune_every or max(1, self.schedule.transition_steps // 50)
         candidates, self.skipped = select_layers(
             model, lowrank.include, lowrank.exclude, skip_stem=False, skip_depthwise=False
