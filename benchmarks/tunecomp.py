@@ -1,16 +1,26 @@
-"""TuneComp against the sequential baseline, one tool against itself, on the default (tf_efficientnet_lite0 ->
-Fashion-MNIST, 64 px), and ONNX Runtime CPU latency of the results against the dense FP32 model.
+"""TuneComp against the sequential baseline, one tool against itself, and ONNX Runtime CPU latency of the results
+(FP32 and W7A8 `--placement ort-cpu`) against the dense FP32 model, timed side by side.
 
-For each seed, rank ratio R and factor pruning ratio P:
-- TuneComp: `finetune --method tunecomp --rank-ratio R --prune-ratio P` from the pretrained model, `--epochs` epochs.
-- sequential: the dense fine-tune of the same seed (`--dense-dir`/<opt>-s<seed>, made here when missing, same epochs)
-  -> `compress --rank-ratio R` (activation-aware SVD) -> `compress --sparsity P --include '*.a' '*.b'` (magnitude, the
-  factors only) -> `finetune --init` for `--recovery-epochs` epochs with distillation from the dense model.
-Every model is evaluated on the full test split (10000 images: the same images for every cell). Latency: FP32 ONNX
-exports on ONNX Runtime CPU (all optimisations, `--threads`), batch 1 and 16, round-robin over the models
-(`--rounds` passes, each figure the median of its rounds), as ratios to the dense model measured in the same run.
+For each seed, rank ratio R, factor pruning ratio P (and pruning schedule):
+- TuneComp: `finetune --method tunecomp --rank-ratio R --prune-ratio P` for `--epochs` epochs, from the timm pretrained
+  model (`--start pretrained`, the default CNN) or from the dense model's own weights (`--start dense`: a model with no
+  pretrained weights at hand, such as the ViT we train from scratch; both arms then start from the same trained model).
+- sequential: the dense fine-tune of the seed (`--dense`, `{seed}` filled in; the default model's is made when
+  missing) -> `compress --rank-ratio R` (activation-aware SVD) -> `compress --sparsity P --include '*.a' '*.b'`
+  (magnitude, the factors only) -> `finetune --init` for `--recovery-epochs` epochs, distilling from the dense model.
+Every model is evaluated on the full test split (10000 images, the same for every cell), so cells of one seed are
+paired. Each finished cell is kept under `--work` and reused when the script runs again (a killed run loses one cell).
 
-    python benchmarks/tunecomp.py --seeds 0 --rank-ratios 0.25 --prune-ratios 0 0.6 --out benchmarks/results
+With `--speed`: the dense model and the first seed's TuneComp models at P = 0 (or `--speed-tags`), each as FP32 and
+as W7A8 `--placement ort-cpu` + BatchNorm re-estimation, exported to ONNX and benched on ONNX Runtime CPU at batch 1
+and 16 in one `bench --rounds` run (round-robin: every model once per pass), with their ORT top-1 on the full test.
+
+Writes `<out>/tunecomp-<name>.{json,md,png}`: every cell, mean +- std over seeds with the paired TuneComp - sequential
+difference (95% t-interval), the latency table, and accuracy against pruning ratio per rank (the paper's Figure 3).
+
+    python benchmarks/tunecomp.py --name grid --seeds 0 1 2 --rank-ratios 0.25 0.5 \\
+        --prune-ratios 0 0.2 0.4 0.6 0.8 0.9 0.95 --dense 'runs/r14/adam-s{seed}' --speed
+    python benchmarks/tunecomp.py --name vit --start dense --dense runs/vit-adam --lr 2e-4 --epochs 2 --speed
 """
 
 from __future__ import annotations
@@ -20,18 +30,17 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-
+from craft_deploy import CraftError
 from craft_deploy.compress import from_flags
 from craft_deploy.compress import run as compress
-from craft_deploy.config import ExportConfig, FinetuneConfig
-from craft_deploy.export import run as export
-from craft_deploy.finetune import run as finetune
+from craft_deploy.config import BenchConfig, ExportConfig, FinetuneConfig
+from craft_deploy.study.report import mean_std, paired
 
 
-def _dense_top1(path: Path) -> float:
-    """The dense bundle on the full test split (its own record may be on a subset)."""
+def _test_top1(path: Path) -> float:
+    """A bundle on the full test split (the dense fine-tune's own record may be on a subset)."""
     from craft_deploy.data import splits_for_manifest
     from craft_deploy.evaluate import evaluate
     from craft_deploy.models import load_bundle
@@ -40,7 +49,7 @@ def _dense_top1(path: Path) -> float:
     return evaluate(bundle.model.eval(), splits_for_manifest(bundle.manifest).test)["top1"]
 
 
-def _top1(path: Path) -> float:
+def _record_top1(path: Path) -> float:
     for name, key in (("finetune.json", "test_top1"), ("compress.json", "test_top1_after")):
         rec = path / name
         if rec.is_file():
@@ -57,133 +66,276 @@ def _params(path: Path) -> tuple[int, int]:
     return sum(v.numel() for v in weights), sum(int((v != 0).sum()) for v in weights)
 
 
-def _latency(onnx_paths: dict[str, Path], shape: list[int], threads: int, rounds: int) -> dict[str, dict[int, float]]:
-    import onnxruntime as ort
+def _done(path: Path) -> bool:
+    return (path / "manifest.json").is_file() and any((path / n).is_file() for n in ("finetune.json", "compress.json"))
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    cpu = ["CPUExecutionProvider"]
-    sessions = {n: ort.InferenceSession(str(p), opts, providers=cpu) for n, p in onnx_paths.items()}
-    out: dict[str, dict[int, float]] = {n: {} for n in sessions}
-    for batch in (1, 16):
-        x = np.random.default_rng(0).standard_normal((batch, *shape), dtype=np.float32)
-        runs = {n: [] for n in sessions}
-        for s in sessions.values():
-            for _ in range(5):
-                s.run(None, {"input": x})
-        for _ in range(rounds):
-            for n, s in sessions.items():
-                times = []
-                for _ in range(20 if batch == 1 else 5):
-                    t0 = time.perf_counter()
-                    s.run(None, {"input": x})
-                    times.append(time.perf_counter() - t0)
-                runs[n].append(statistics.median(times) * 1e3)
-        for n in sessions:
-            out[n][batch] = statistics.median(runs[n])
+
+def _finetune(cfg: FinetuneConfig, out: Path) -> float:
+    """Seconds spent (0 when the cell was already there)."""
+    from craft_deploy.finetune import run
+
+    if _done(out):
+        return 0.0
+    t0 = time.perf_counter()
+    run(cfg, out, overwrite=True)
+    return time.perf_counter() - t0
+
+
+def _compress(cfg, source: Path, out: Path) -> None:
+    if not _done(out):
+        compress(cfg, source, out, overwrite=True)
+
+
+def _dense_config(dense: Path) -> dict[str, Any]:
+    return json.loads((dense / "finetune.json").read_text())["config"]
+
+
+def tag_of(r: float, p: float, seed: int, schedule: str, epochs: int, kd: bool = False) -> str:
+    extra = ("" if schedule == "cubic" else f"-{schedule}") + ("" if epochs == 2 else f"-e{epochs}")
+    return f"r{r:g}-p{p:g}-s{seed}{extra}" + ("-kd" if kd else "")
+
+
+def run_cell(args, seed: int, dense: Path, r: float, p: float, schedule: str, dense_top1: float) -> dict[str, Any]:
+    """One (seed, R, P, schedule) point: TuneComp and (for the cubic schedule's tag) the sequential baseline."""
+    work = Path(args.work)
+    dcfg = _dense_config(dense)
+    common: dict[str, Any] = dict(
+        model=dcfg["model"], img_size=dcfg["img_size"], data=dcfg["data"], train_subset=args.train_subset,
+        threads=args.threads, seed=seed, **({"lr": args.lr} if args.lr else {}),
+    )  # fmt: skip
+    start: dict[str, Any] = {}
+    if args.start == "dense":
+        start = dict(pretrained=False, checkpoint=str(dense / "model.safetensors"))
+    elif not dcfg["pretrained"]:
+        raise CraftError(f"{dense} was trained from scratch: give --start dense (there are no pretrained weights)")
+    if args.kd:
+        start["teacher"] = str(dense)
+    tag = tag_of(r, p, seed, schedule, args.epochs, args.kd)
+    tc = work / f"tunecomp-{tag}"
+    tc_seconds = _finetune(
+        FinetuneConfig(epochs=args.epochs, method="tunecomp", rank_ratio=r, prune_ratio=p, prune_schedule=schedule,
+                       **start, **common),
+        tc,
+    )  # fmt: skip
+    total, nonzero = _params(tc)
+    row = {
+        "seed": seed, "rank_ratio": r, "prune_ratio": p, "schedule": schedule, "epochs": args.epochs, "kd": args.kd,
+        "tag": tag,
+        "dense": dense_top1, "tunecomp": _record_top1(tc), "params": total, "params_nonzero": nonzero,
+        "params_dense": _params(dense)[0], "tunecomp_seconds": tc_seconds,
+    }  # fmt: skip
+    seq_tag = tag_of(r, p, seed, "cubic", 2)  # the baseline does not depend on TuneComp's schedule or epochs
+    lowrank = work / f"seq-lowrank-{seq_tag}"
+    _compress(from_flags(rank_ratio=r, calib_samples=256), dense, lowrank)
+    source = lowrank
+    if p > 0:
+        source = work / f"seq-pruned-{seq_tag}"
+        _compress(from_flags(sparsity=str(p), include=("*.a", "*.b"), calib_samples=64), lowrank, source)
+    rec_tag = "" if args.recovery_epochs == 1 else f"-rec{args.recovery_epochs}"
+    seq = work / f"seq-recovered-{seq_tag}{rec_tag}"
+    seconds = _finetune(
+        FinetuneConfig(init=str(source), teacher=str(dense), epochs=args.recovery_epochs, **common), seq
+    )
+    row.update(sequential_one_shot=_record_top1(source), sequential=_record_top1(seq), sequential_seconds=seconds,
+               recovery_epochs=args.recovery_epochs)  # fmt: skip
+    return row
+
+
+def speed(args, dense: Path, tunecomp: dict[str, Path]) -> dict[str, Any]:
+    """FP32 and W7A8 ort-cpu (+BN) of the dense and TuneComp models, exported and benched round-robin in one run."""
+    from craft_deploy import bench
+    from craft_deploy.export import run as export
+
+    work = Path(args.work)
+    models = {"dense": dense, **{f"tunecomp {t}": p for t, p in tunecomp.items()}}
+    quant = from_flags(quant="w7a8", placement="ort-cpu", bn_recalibrate=True, calib_samples=256)
+    exports, failed = {}, {}
+    for name, bundle in models.items():
+        for precision in ("fp32", "w7a8"):
+            source = bundle
+            label = f"{name} {precision}"
+            if precision == "w7a8":
+                source = work / f"q-{bundle.name}-w7a8"
+                _compress(quant, bundle, source)
+            dst = work / f"onnx-{source.name}"
+            try:
+                if not (dst / "model.onnx").is_file():
+                    export(ExportConfig(target="ort-cpu", verify_samples=32), source, dst, overwrite=True)
+            except CraftError as e:  # a model whose export fails its verification is reported, not timed
+                failed[label] = str(e)
+                continue
+            exports[label] = dst
+    conf = BenchConfig(backend="ort-cpu", batch_sizes=(1, 16), rounds=args.rounds, threads=args.threads)
+    rec = bench.run(conf, [str(p) for p in exports.values()], work / "bench", overwrite=True)
+    by_path = {str(p): label for label, p in exports.items()}
+    rows: dict[str, dict[str, Any]] = {}
+    for res in rec["results"]:
+        row = rows.setdefault(by_path[res["model"]], {"top1_ort": res["top1"], "samples": res["samples"]})
+        row[f"b{res['batch']}_ms"] = res["p50_ms"]
+        row[f"b{res['batch']}_passes_ms"] = res.get("round_p50_ms")
+    return {"rows": rows, "export_failed": failed, "rounds": args.rounds, "threads": args.threads}
+
+
+def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (R, P, schedule, epochs): mean +- std over seeds and the paired TuneComp - sequential difference."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        key = (r["rank_ratio"], r["prune_ratio"], r["schedule"], r["epochs"], r.get("recovery_epochs", 1),
+               r.get("kd", False))  # fmt: skip
+        groups.setdefault(key, []).append(r)
+    out = []
+    for (rank, p, schedule, epochs, recovery_epochs, kd), rs in sorted(groups.items()):
+        diff = paired([r["tunecomp"] - r["sequential"] for r in rs])
+        out.append({
+            "rank_ratio": rank, "prune_ratio": p, "schedule": schedule, "epochs": epochs,
+            "recovery_epochs": recovery_epochs, "kd": kd, "seeds": len(rs),
+            **{k: mean_std([r[k] for r in rs]) for k in ("dense", "tunecomp", "sequential")},
+            "tunecomp_minus_sequential": diff, "params": rs[0]["params"] / rs[0]["params_dense"],
+            "params_nonzero": statistics.mean([r["params_nonzero"] / r["params_dense"] for r in rs]),
+        })  # fmt: skip
     return out
+
+
+def _ms(v: tuple[float, float], n: int) -> str:
+    return f"{v[0]:.2f}" + (f" ± {v[1]:.2f}" if n > 1 else "")
+
+
+def markdown(record: dict[str, Any]) -> str:
+    lines = [
+        "| rank ratio | factor pruning | TuneComp schedule | epochs (TuneComp / recovery) | seeds | dense | TuneComp | "
+        "sequential | TuneComp - sequential [95% CI] | params (nonzero) / dense |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in record["summary"]:
+        d, n = s["tunecomp_minus_sequential"], s["seeds"]
+        ci = f" [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] {d['verdict']}" if d["ci"] else ""
+        lines.append(
+            f"| {s['rank_ratio']:g} | {s['prune_ratio']:g} | {s['schedule'] + (' + KD' if s['kd'] else '')} | "
+            f"{s['epochs']} / {s['recovery_epochs']} "
+            f"| {n} | "
+            f"{_ms(s['dense'], n)} | {_ms(s['tunecomp'], n)} | {_ms(s['sequential'], n)} | {d['mean']:+.2f}{ci} | "
+            f"{s['params']:.2f} ({s['params_nonzero']:.2f}) |"
+        )
+    lines += ["", "Every cell (sequential: one-shot -> recovered):", "",
+              "| tag | dense | TuneComp | sequential |", "|---|---|---|---|"]  # fmt: skip
+    for r in record["rows"]:
+        lines.append(f"| {r['tag']} | {r['dense']:.2f} | {r['tunecomp']:.2f} | "
+                     f"{r['sequential_one_shot']:.2f} -> {r['sequential']:.2f} |")  # fmt: skip
+    sp = record.get("speed")
+    if sp:
+        base = sp["rows"]["dense fp32"]
+        lines += [
+            "",
+            f"ONNX Runtime CPU, {sp['threads']} threads, round-robin over {sp['rounds']} passes (p50 of the median "
+            "pass):",
+            "",
+            "| model | ORT top-1 | batch 1 ms | x vs dense FP32 | batch 16 ms | x vs dense FP32 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, row in sp["rows"].items():
+            lines.append(
+                f"| {name} | {row['top1_ort']:.2f} | {row['b1_ms']:.3f} | {base['b1_ms'] / row['b1_ms']:.2f} | "
+                f"{row['b16_ms']:.3f} | {base['b16_ms'] / row['b16_ms']:.2f} |"
+            )
+        for name, why in sp["export_failed"].items():
+            lines.append(f"| {name} | export failed: {why} | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(record: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plain = ("cubic", 2, 1, False)
+    rows = [s for s in record["summary"] if (s["schedule"], s["epochs"], s["recovery_epochs"], s["kd"]) == plain]
+    for i, rank in enumerate(sorted({s["rank_ratio"] for s in rows})):
+        pts = sorted((s for s in rows if s["rank_ratio"] == rank), key=lambda s: s["prune_ratio"])
+        x = [100 * s["prune_ratio"] for s in pts]
+        for key, style in (("tunecomp", "-"), ("sequential", "--")):
+            ax.errorbar(x, [s[key][0] for s in pts], yerr=[s[key][1] for s in pts], fmt=style, marker="o",
+                        color=f"C{i}", capsize=3, label=f"{key} rank {rank:g}")  # fmt: skip
+    dense = [s["dense"][0] for s in rows]
+    if dense:
+        ax.axhline(statistics.mean(dense), color="grey", lw=1, ls=":", label="dense fine-tune")
+    ax.set_xlabel("pruning ratio of the factors (%)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"TuneComp vs fine-tune -> SVD -> prune -> recover ({record['model']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", default="grid", help="results: <out>/tunecomp-<name>.{json,md,png}")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--rank-ratios", nargs="+", type=float, default=[0.25])
     ap.add_argument("--prune-ratios", nargs="+", type=float, default=[0.0, 0.6])
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--schedules", nargs="+", default=["cubic"], choices=["cubic", "linear"])
+    ap.add_argument("--epochs", type=int, default=2, help="TuneComp's epochs")
     ap.add_argument("--recovery-epochs", type=int, default=1)
     ap.add_argument("--train-subset", type=int, default=6000)
-    ap.add_argument("--dense-dir", default="runs/seeds", help="dense fine-tunes: DIR/adam-s<seed> (made when missing)")
+    ap.add_argument("--lr", type=float, help="learning rate of TuneComp and recovery (default: finetune's)")
+    ap.add_argument("--start", choices=["pretrained", "dense"], default="pretrained")
+    ap.add_argument(
+        "--kd", action="store_true", help="TuneComp distils from the dense fine-tune too (as recovery does)"
+    )
+    ap.add_argument("--dense", default="runs/seeds/adam-s{seed}", help="the dense fine-tune of each seed")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--speed", action="store_true", help="also time FP32 and W7A8 exports round-robin")
+    ap.add_argument("--speed-tags", nargs="*", help="TuneComp cells to time (default: the first seed's at P = 0)")
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--work", default="runs/tunecomp")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument(
+        "--render", action="store_true", help="only rewrite the .md and .png from <out>/tunecomp-<name>.json"
+    )
     args = ap.parse_args()
-    work, out = Path(args.work), Path(args.out)
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    common = dict(train_subset=args.train_subset, threads=args.threads)
-    rows, onnx = [], {}
+    result = out / f"tunecomp-{args.name}.json"
+    if args.render:
+        record = json.loads(result.read_text())
+        record["summary"] = summary(record["rows"])
+        return write(record, out, args.name)
+    rows: list[dict[str, Any]] = []
+    record: dict[str, Any] = {"args": vars(args)}
     for seed in args.seeds:
-        dense = Path(args.dense_dir) / f"adam-s{seed}"
-        if not (dense / "manifest.json").is_file():
-            finetune(FinetuneConfig(epochs=args.epochs, seed=seed, **common), dense, overwrite=True)
-        if seed == args.seeds[0]:
-            onnx["dense"] = dense
-        dense_top1 = _dense_top1(dense)
+        dense = Path(args.dense.format(seed=seed))
+        if not _done(dense):
+            if args.start == "dense":
+                raise CraftError(f"--dense {dense}: no finished bundle there")
+            _finetune(FinetuneConfig(epochs=2, seed=seed, train_subset=args.train_subset, threads=args.threads), dense)
+        record["model"] = _dense_config(dense)["model"]
+        dense_top1 = _test_top1(dense)
         for r in args.rank_ratios:
             for p in args.prune_ratios:
-                tag = f"r{r:g}-p{p:g}-s{seed}"
-                t0 = time.perf_counter()
-                tc = work / f"tunecomp-{tag}"
-                finetune(
-                    FinetuneConfig(epochs=args.epochs, seed=seed, method="tunecomp", rank_ratio=r, prune_ratio=p,
-                                   **common),
-                    tc,
-                    overwrite=True,
-                )  # fmt: skip
-                tc_seconds = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                lr = work / f"seq-lowrank-{tag}"
-                compress(from_flags(rank_ratio=r, calib_samples=256), dense, lr, overwrite=True)
-                source = lr
-                if p > 0:
-                    source = work / f"seq-pruned-{tag}"
-                    compress(
-                        from_flags(sparsity=str(p), include=("*.a", "*.b"), calib_samples=64), lr, source,
-                        overwrite=True,
-                    )  # fmt: skip
-                seq = work / f"seq-recovered-{tag}"
-                finetune(
-                    FinetuneConfig(init=str(source), teacher=str(dense), epochs=args.recovery_epochs, **common),
-                    seq,
-                    overwrite=True,
-                )
-                seq_seconds = time.perf_counter() - t0
-                total, nonzero = _params(tc)
-                row = {
-                    "seed": seed,
-                    "rank_ratio": r,
-                    "prune_ratio": p,
-                    "dense": dense_top1,
-                    "tunecomp": _top1(tc),
-                    "sequential_one_shot": _top1(source),
-                    "sequential": _top1(seq),
-                    "params": total,
-                    "params_nonzero": nonzero,
-                    "params_dense": _params(dense)[0],
-                    "tunecomp_seconds": tc_seconds,
-                    "sequential_seconds_after_dense": seq_seconds,
-                }
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                (out / "tunecomp.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
-                if seed == args.seeds[0]:
-                    onnx[f"tunecomp {tag}"] = tc
-    exported = {}
-    for name, bundle in onnx.items():
-        dst = work / f"onnx-{name.replace(' ', '-')}"
-        export(ExportConfig(verify_samples=32), bundle, dst, overwrite=True)
-        exported[name] = dst / "model.onnx"
-    shape = json.loads((onnx["dense"] / "manifest.json").read_text())["input_size"]
-    latency = _latency(exported, shape, args.threads, args.rounds)
-    record = {"args": vars(args), "rows": rows, "latency_ms": latency}
-    (out / "tunecomp.json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = [
-        "| seed | rank ratio | factor pruning | dense | TuneComp | sequential (one-shot -> recovered) | params "
-        "(nonzero) / dense |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['seed']} | {r['rank_ratio']:g} | {r['prune_ratio']:g} | {r['dense']:.2f} | {r['tunecomp']:.2f} | "
-            f"{r['sequential_one_shot']:.2f} -> {r['sequential']:.2f} | {r['params'] / r['params_dense']:.2f} "
-            f"({r['params_nonzero'] / r['params_dense']:.2f}) |"
-        )
-    lines += ["", "| model | batch 1 ms | x vs dense | batch 16 ms | x vs dense |", "|---|---|---|---|---|"]
-    base = latency["dense"]
-    for name, lat in latency.items():
-        lines.append(f"| {name} | {lat[1]:.2f} | {base[1] / lat[1]:.2f} | {lat[16]:.2f} | {base[16] / lat[16]:.2f} |")
-    (out / "tunecomp.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+                for schedule in args.schedules:
+                    if schedule != "cubic" and p == 0:
+                        continue  # nothing to prune: the same run as the cubic one
+                    row = run_cell(args, seed, dense, r, p, schedule, dense_top1)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    record.update(rows=rows, summary=summary(rows))
+                    result.write_text(json.dumps(record, indent=2) + "\n")
+    if args.speed:
+        first = args.seeds[0]
+        tags = args.speed_tags or [r["tag"] for r in rows if r["seed"] == first and r["prune_ratio"] == 0]
+        work = Path(args.work)
+        record["speed"] = speed(args, Path(args.dense.format(seed=first)), {t: work / f"tunecomp-{t}" for t in tags})
+        result.write_text(json.dumps(record, indent=2) + "\n")
+    write(record, out, args.name)
+
+
+def write(record: dict[str, Any], out: Path, name: str) -> None:
+    (out / f"tunecomp-{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / f"tunecomp-{name}.md").write_text(markdown(record))
+    plot(record, out / f"tunecomp-{name}.png")
+    print(markdown(record))
 
 
 if __name__ == "__main__":
