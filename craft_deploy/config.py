@@ -138,6 +138,7 @@ class FinetuneConfig(_Config):
     method: str | None = None  # tunecomp: fine-tune and compress jointly (finetune.tunecomp)
     rank_ratio: float | None = None  # tunecomp: rank = ratio x min(in, out) per factorised layer
     rank_energy: float | None = None  # tunecomp: or the smallest rank keeping this share of spectral energy
+    rank_multiple: int = 1  # tunecomp: round each rank up to a multiple of this (8, 16: hardware-friendly widths)
     prune_ratio: float = 0.0  # tunecomp: share of each factor's entries pruned by the end of the transition
     transition: float = 0.5  # tunecomp: share of the run's steps over which the dense branch fades out
     reg_weight: float = 1.0  # tunecomp: initial weight of the student-vs-dense output regulariser (decays with a_t)
@@ -196,14 +197,15 @@ class FinetuneConfig(_Config):
     def _check_tunecomp(self) -> None:
         tunecomp_flags = (
             self.rank_ratio is not None or self.rank_energy is not None or self.prune_ratio > 0
-            or self.prune_schedule != "cubic"
+            or self.prune_schedule != "cubic" or self.rank_multiple != 1
         )  # fmt: skip
         if self.method not in (None, "tunecomp"):
             raise CraftError(f"--method must be tunecomp (or left out for plain fine-tuning), got {self.method!r}")
         if self.method is None:
             if tunecomp_flags:
                 raise CraftError(
-                    "--rank-ratio, --rank-energy, --prune-ratio and --prune-schedule go with --method tunecomp"
+                    "--rank-ratio, --rank-energy, --rank-multiple, --prune-ratio and --prune-schedule go with "
+                    "--method tunecomp"
                 )
             return
         if self.init is not None:
@@ -495,8 +497,8 @@ class StudyConfig(_Config):
         if len(set(self.seeds)) != len(self.seeds) or len(set(self.optimizers)) != len(self.optimizers):
             raise CraftError(f"--seeds and --optimizers must not repeat, got {self.seeds} and {self.optimizers}")
         owned = {"model", "data", "data_root", "pretrained", "optimizer", "rho", "seed", "eval_subset", "threads",
-                 "device", "init", "method", "rank_ratio", "rank_energy", "prune_ratio", "prune_schedule",
-                 "checkpoint", "teacher"}  # fmt: skip
+                 "device", "init", "method", "rank_ratio", "rank_energy", "rank_multiple", "prune_ratio",
+                 "prune_schedule", "checkpoint", "teacher"}  # fmt: skip
         clash = sorted(set(self.finetune) & owned)
         if clash:
             raise CraftError(f"study finetune settings {clash} are set by the study itself (its own keys, --seeds, "

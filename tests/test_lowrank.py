@@ -14,7 +14,14 @@ from torch.utils.data import DataLoader
 from craft_deploy import CraftError
 from craft_deploy.compress import LowRankConfig, calib_loop, from_flags
 from craft_deploy.compress import run as compress
-from craft_deploy.compress.lowrank import LowRankConv, LowRankLinear, channel_rms, factorise, weight_2d
+from craft_deploy.compress.lowrank import (
+    LowRankConv,
+    LowRankLinear,
+    channel_rms,
+    choose_rank,
+    factorise,
+    weight_2d,
+)
 from craft_deploy.config import ExportConfig
 from craft_deploy.data import calibration_subset, splits_for_manifest
 from craft_deploy.export import run as export
@@ -74,6 +81,21 @@ def test_ranks_reach_their_targets_exactly(tiny_vit_bundle, tmp_path):
     assert share[r - 1] >= 0.9 > share[r - 2]
 
 
+def test_ranks_round_up_to_their_multiple_and_stay_within_the_layer(tiny_bundle, tmp_path):
+    sv = torch.ones(40)
+    assert choose_rank(sv, (40, 240), LowRankConfig(rank_ratio=0.25)) == 10
+    assert choose_rank(sv, (40, 240), LowRankConfig(rank_ratio=0.25, rank_multiple=16)) == 16
+    assert choose_rank(sv, (12, 100), LowRankConfig(rank_ratio=0.9, rank_multiple=16)) == 12  # capped at min(shape)
+    rec = compress(from_flags(rank_ratio=0.25, rank_multiple=8, calib_samples=32, eval_subset=32), tiny_bundle,
+                   tmp_path / "r")  # fmt: skip
+    model = load_bundle(tmp_path / "r").model
+    ranks = [m.a.out_channels for m in model.modules() if isinstance(m, LowRankConv)]
+    assert ranks and all(r % 8 == 0 for r in ranks)
+    assert {n: v["rank"] for n, v in rec["methods"][0]["layers"].items()} == {
+        n: m.a.out_channels for n, m in model.named_modules() if isinstance(m, LowRankConv)
+    }
+
+
 def test_a_factorised_bundle_round_trips_and_exports_as_two_layers(tiny_bundle, tmp_path):
     rec = compress(from_flags(rank_ratio=0.25, calib_samples=64, eval_subset=64), tiny_bundle, tmp_path / "r")
     report = rec["methods"][0]
@@ -112,6 +134,7 @@ def test_a_rank_that_does_not_pay_keeps_the_layer_dense(tiny_vit_bundle, tmp_pat
         (dict(rank_ratio=0.5, rank_energy=0.9), "exactly one of --rank-ratio"),
         (dict(rank_ratio=1.5), "--rank-ratio must be in \\(0, 1\\)"),
         (dict(rank_energy=0.0), "--rank-energy must be in \\(0, 1\\)"),
+        (dict(rank_ratio=0.25, rank_multiple=0), "--rank-multiple must be a positive integer"),
     ],
 )
 def test_bad_low_rank_options(kw, message):

@@ -126,6 +126,7 @@ def test_a_tunecomp_bundle_round_trips_exports_and_recovers_with_its_zeros(tunec
         (dict(method="tunecomp", rank_ratio=0.5, prune_ratio=1.0), "--prune-ratio must be in \\[0, 1\\)"),
         (dict(method="lora"), "--method must be tunecomp"),
         (dict(prune_schedule="linear"), "go with --method tunecomp"),
+        (dict(rank_multiple=16), "go with --method tunecomp"),
         (
             dict(method="tunecomp", rank_ratio=0.5, prune_schedule="exp"),
             "--prune-schedule must be one of cubic, linear",

@@ -67,6 +67,7 @@ def from_flags(
     weight_rounding: str = QuantConfig.weight_rounding,
     rank_ratio: float | None = None,
     rank_energy: float | None = None,
+    rank_multiple: int = LowRankConfig.rank_multiple,
     activation_aware: bool = LowRankConfig.activation_aware,
     include: tuple[str, ...] = (),
     exclude: tuple[str, ...] = (),
@@ -79,7 +80,7 @@ def from_flags(
     if rank_ratio is not None or rank_energy is not None:
         methods.append(
             LowRankConfig(include=include, exclude=exclude, rank_ratio=rank_ratio, rank_energy=rank_energy,
-                          activation_aware=activation_aware)
+                          rank_multiple=rank_multiple, activation_aware=activation_aware)
         )  # fmt: skip
     parsed = parse_sparsity(sparsity)
     if parsed is not None:

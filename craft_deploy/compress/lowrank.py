@@ -11,7 +11,10 @@ describes (its full text was not at hand; ASVD, Yuan et al. 2023, uses the same 
 `activation_aware` off it is the plain truncated SVD of W.
 
 The rank per layer is `rank_ratio` x min(in, out) (rounded up), or the smallest rank keeping `rank_energy` of the
-scaled spectrum's energy. A layer whose factors would hold as many parameters as W (r (in + out) >= in out) is kept
+scaled spectrum's energy, then rounded up to a multiple of `rank_multiple`: ONNX Runtime CPU runs convs in a blocked
+channel layout (NCHWc, 8 channels a block on AVX2, 16 on AVX-512) and surrounds a conv whose rank is not a multiple of
+4 with layout reorders that cost more than the small conv saves (benchmarks/ort_op_profile.py); GPUs' tensor cores
+want multiples of 8 as well. A layer whose factors would hold as many parameters as W (r (in + out) >= in out) is kept
 dense and reported: a factorisation that does not pay is not written.
 """
 
@@ -36,10 +39,13 @@ class LowRankConfig(MethodConfig):
     rank_ratio: float | None = None
     rank_energy: float | None = None
     activation_aware: bool = True
+    rank_multiple: int = 1  # round each rank up to a multiple of this (e.g. 16: ORT's NCHWc block on AVX-512)
 
     def __post_init__(self) -> None:
         if (self.rank_ratio is None) == (self.rank_energy is None):
             raise CraftError("give exactly one of --rank-ratio R (0 < R < 1) and --rank-energy E (0 < E < 1)")
+        if self.rank_multiple < 1:
+            raise CraftError(f"--rank-multiple must be a positive integer such as 8 or 16, got {self.rank_multiple}")
         for flag, value in (("--rank-ratio", self.rank_ratio), ("--rank-energy", self.rank_energy)):
             if value is not None and not 0.0 < value < 1.0:
                 raise CraftError(f"{flag} must be in (0, 1), e.g. 0.25, got {value}")
@@ -106,10 +112,13 @@ def channel_rms(model: nn.Module, layers: dict[str, nn.Module], calib: CalibLoop
 
 
 def choose_rank(singular: torch.Tensor, shape: tuple[int, int], cfg: LowRankConfig) -> int:
+    """The rank by ratio or energy, rounded up to a multiple of `rank_multiple` (at most min(shape))."""
     if cfg.rank_ratio is not None:
-        return max(1, math.ceil(cfg.rank_ratio * min(shape)))
-    energy = singular.pow(2).cumsum(0) / singular.pow(2).sum().clamp(min=1e-30)
-    return int((energy < cfg.rank_energy).sum().item()) + 1
+        r = max(1, math.ceil(cfg.rank_ratio * min(shape)))
+    else:
+        energy = singular.pow(2).cumsum(0) / singular.pow(2).sum().clamp(min=1e-30)
+        r = int((energy < cfg.rank_energy).sum().item()) + 1
+    return min(min(shape), -(-r // cfg.rank_multiple) * cfg.rank_multiple)
 
 
 def factorise(w: torch.Tensor, rms: torch.Tensor | None, rank: int | None, cfg: LowRankConfig | None = None):

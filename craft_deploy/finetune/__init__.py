@@ -166,7 +166,7 @@ def _tunecomp(model: torch.nn.Module, splits, cfg: FinetuneConfig):
 
     steps = cfg.epochs * (len(splits.train) // cfg.batch_size)
     calib = calib_loop(calibration_subset(splits.train, min(cfg.calib_samples, len(splits.train)), cfg.seed))
-    lowrank = LowRankConfig(rank_ratio=cfg.rank_ratio, rank_energy=cfg.rank_energy)
+    lowrank = LowRankConfig(rank_ratio=cfg.rank_ratio, rank_energy=cfg.rank_energy, rank_multiple=cfg.rank_multiple)
     return TuneComp(
         model, lowrank, calib, steps, cfg.transition, cfg.prune_ratio, cfg.reg_weight,
         prune_schedule=cfg.prune_schedule,

@@ -62,8 +62,21 @@ def fine_tunings(cfg: StudyConfig) -> list[FineTuning]:
     return runs
 
 
+# Config fields added after studies were run, left out of cell specs while at their default, so that a cell's spec is
+# the one it was and an older study resumes instead of refusing its finished cells.
+ADDED_LATER = {"finetune": {"prune_schedule": "cubic", "rank_multiple": 1}, "bench": {"rounds": 1}}
+
+
+def _without_later_defaults(conf: dict[str, Any], stage: str) -> dict[str, Any]:
+    for key, default in ADDED_LATER[stage].items():
+        if conf.get(key) == default:
+            conf.pop(key)
+    return conf
+
+
 def finetune_config(cfg: StudyConfig, ft: FineTuning, **extra: Any) -> dict[str, Any]:
-    """The full FinetuneConfig of a fine-tuning (every field, so a changed default is a changed cell), less threads."""
+    """The full FinetuneConfig of a fine-tuning (every field, so a changed default is a changed cell), less threads
+    (and less the fields of ADDED_LATER at their default)."""
     conf = FinetuneConfig(
         **{**cfg.finetune, **extra},
         model=cfg.model,
@@ -77,7 +90,7 @@ def finetune_config(cfg: StudyConfig, ft: FineTuning, **extra: Any) -> dict[str,
         device=cfg.device,
     ).to_dict()
     conf.pop("threads")
-    return conf
+    return _without_later_defaults(conf, "finetune")
 
 
 def bundle_of(cell_id: str) -> str:
@@ -146,15 +159,12 @@ def training_cells(cfg: StudyConfig, worst: list[str], ready: set[str] | None = 
 
 
 def bench_config(cfg: StudyConfig, backend: str, **extra: Any) -> dict[str, Any]:
-    """The BenchConfig of a study's bench on `backend` (less threads: the executor sets them). Fields added to
-    BenchConfig after studies were run (`rounds`) are left out at their default, so that a deployment cell's spec is
-    the one it was, and an older study resumes instead of refusing its finished cells."""
+    """The BenchConfig of a study's bench on `backend` (less threads: the executor sets them; less the fields of
+    ADDED_LATER at their default)."""
     conf = BenchConfig(backend=backend, batch_sizes=cfg.batch_sizes, eval_subset=cfg.eval_subset,
                        data_root=cfg.data_root, min_seconds=cfg.bench_seconds, **extra).to_dict()  # fmt: skip
     conf.pop("threads")
-    if conf["rounds"] == 1:
-        conf.pop("rounds")
-    return conf
+    return _without_later_defaults(conf, "bench")
 
 
 def deploy_cell(cfg: StudyConfig, ft: FineTuning, backend: str, source_id: str, name: str, target: str):
