@@ -1,0 +1,98 @@
+"""Where ONNX Runtime CPU spends its time, per kind of operator, for one or more exported models: ORT's own profiler
+(kernel time of every node over `--runs` runs at one batch size), each node classed by its operator and, for Conv, as
+depthwise (group = channels), pointwise (1x1) or other, from the exported graph. Answers "what is left" once some
+layers are made cheaper (e.g. the 1x1 convs factorised by TuneComp while the depthwise convs stay).
+
+    python benchmarks/ort_op_profile.py runs/tunecomp/onnx-adam-s0/model.onnx \\
+        runs/tunecomp/onnx-tunecomp-r0.25-p0-s0/model.onnx --batch 1 --out benchmarks/results/ort_op_profile.json
+
+Profiling adds overhead to every node, so the totals are above bench's latencies: read the shares, not the ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+
+def node_classes(path: Path) -> dict[str, str]:
+    """Node name -> its class: Conv split by kind (from its weight's shape and group), other ops by type."""
+    model = onnx.load(str(path), load_external_data=False)
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    classes = {}
+    for node in model.graph.node:
+        kind = node.op_type
+        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in shapes:
+            out_ch, in_per_group, *kernel = shapes[node.input[1]]
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            if group > 1 and in_per_group == 1:
+                kind = "Conv depthwise"
+            elif all(k == 1 for k in kernel):
+                kind = "Conv 1x1"
+            else:
+                kind = "Conv other"
+        classes[node.name] = kind
+    return classes
+
+
+def profile(path: Path, batch: int, runs: int, threads: int) -> dict[str, float]:
+    """Mean kernel milliseconds per run by node class."""
+    import onnxruntime as ort
+
+    classes = node_classes(path)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(tmp, "ort")
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        inp = sess.get_inputs()[0]
+        x = np.random.default_rng(0).standard_normal((batch, *inp.shape[1:]), dtype=np.float32)
+        for _ in range(5):
+            sess.run(None, {inp.name: x})
+        sess.end_profiling()  # the warm-up runs go to a file of their own, discarded
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            sess.run(None, {inp.name: x})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    totals: dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        name = e["name"][: -len("_kernel_time")]
+        totals[classes.get(name, e.get("args", {}).get("op_name", "?"))] += e["dur"] / 1e3 / runs
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+", type=Path)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    result = {str(m): profile(m, args.batch, args.runs, args.threads) for m in args.models}
+    classes = list(dict.fromkeys(c for t in result.values() for c in t))
+    print("| operator | " + " | ".join(f"{Path(m).parent.name} ms (share)" for m in result) + " |")
+    print("|---|" + "---|" * len(result))
+    for c in classes:
+        cells = []
+        for t in result.values():
+            total = sum(t.values())
+            cells.append(f"{t.get(c, 0.0):.3f} ({t.get(c, 0.0) / total:.0%})")
+        print(f"| {c} | " + " | ".join(cells) + " |")
+    print("| all | " + " | ".join(f"{sum(t.values()):.3f}" for t in result.values()) + " |")
+    if args.out:
+        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "ms": result}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
