@@ -358,7 +358,7 @@ def finetune(out, overwrite, resume, **kw) -> None:
 @click.option(
     "--bn-recalibrate",
     is_flag=True,
-    help="Re-estimate BatchNorm statistics on calibration data after pruning and/or quantization.",
+    help="Re-estimate BatchNorm statistics on calibration data after factorisation, pruning and/or quantization.",
 )
 @click.option(
     "--quant",

@@ -96,6 +96,19 @@ def test_ranks_round_up_to_their_multiple_and_stay_within_the_layer(tiny_bundle,
     }
 
 
+def test_bn_recalibration_after_factorisation_re_estimates_the_cnns_batchnorms(tiny_bundle, tmp_path):
+    flags = dict(rank_ratio=0.5, calib_samples=64, eval_subset=200)  # here: 15.5% -> 33.5% with re-estimation
+    plain = compress(from_flags(**flags), tiny_bundle, tmp_path / "plain")
+    rec = compress(from_flags(**flags, bn_recalibrate=True), tiny_bundle, tmp_path / "bn")
+    bns = [m for m in load_bundle(tiny_bundle).model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert rec["methods"][0]["bn_recalibrated"] == len(bns) > 0 and "bn_recalibrated" not in plain["methods"][0]
+    before = load_bundle(tmp_path / "plain").model.state_dict()
+    after = load_bundle(tmp_path / "bn").model.state_dict()
+    means = [k for k in before if k.endswith("running_mean")]
+    assert all(not torch.equal(before[k], after[k]) for k in means)
+    assert rec["metrics"]["test_top1_after"] > plain["metrics"]["test_top1_after"] + 5
+
+
 def test_a_factorised_bundle_round_trips_and_exports_as_two_layers(tiny_bundle, tmp_path):
     rec = compress(from_flags(rank_ratio=0.25, calib_samples=64, eval_subset=64), tiny_bundle, tmp_path / "r")
     report = rec["methods"][0]

@@ -80,7 +80,8 @@ def from_flags(
     if rank_ratio is not None or rank_energy is not None:
         methods.append(
             LowRankConfig(include=include, exclude=exclude, rank_ratio=rank_ratio, rank_energy=rank_energy,
-                          rank_multiple=rank_multiple, activation_aware=activation_aware)
+                          rank_multiple=rank_multiple, activation_aware=activation_aware,
+                          bn_recalibrate=bn_recalibrate and sparsity is None and quant is None)
         )  # fmt: skip
     parsed = parse_sparsity(sparsity)
     if parsed is not None:

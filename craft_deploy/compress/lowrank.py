@@ -15,7 +15,9 @@ scaled spectrum's energy, then rounded up to a multiple of `rank_multiple`: ONNX
 channel layout (NCHWc, 8 channels a block on AVX2, 16 on AVX-512) and surrounds a conv whose rank is not a multiple of
 4 with layout reorders that cost more than the small conv saves (benchmarks/ort_op_profile.py); GPUs' tensor cores
 want multiples of 8 as well. A layer whose factors would hold as many parameters as W (r (in + out) >= in out) is kept
-dense and reported: a factorisation that does not pay is not written.
+dense and reported: a factorisation that does not pay is not written. On a CNN the layers after a factorised conv see
+other statistics than their BatchNorms hold (one-shot rank 0.25 leaves the default CNN at chance); `bn_recalibrate`
+re-estimates them on the calibration images, as after pruning.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from craft_deploy import CraftError
+from craft_deploy.compress.batchnorm import recalibrate_batchnorm
 from craft_deploy.compress.layers import replace_module, select_layers
 from craft_deploy.compress.registry import CalibLoop, Method, MethodConfig, calibrate_with_hooks, register_method
 
@@ -40,6 +43,7 @@ class LowRankConfig(MethodConfig):
     rank_energy: float | None = None
     activation_aware: bool = True
     rank_multiple: int = 1  # round each rank up to a multiple of this (e.g. 16: ORT's NCHWc block on AVX-512)
+    bn_recalibrate: bool = False  # re-estimate BatchNorm statistics under the factorised layers
 
     def __post_init__(self) -> None:
         if (self.rank_ratio is None) == (self.rank_energy is None):
@@ -165,8 +169,9 @@ def lowrank(model: nn.Module, cfg: LowRankConfig, calib: CalibLoop | None) -> di
             layers[name] = mod
     if not layers:
         raise CraftError("no Linear layer or dense 1x1 conv to factorise (the head is always kept)")
-    if cfg.activation_aware and calib is None:
-        raise CraftError("activation-aware factorisation needs calibration data: give --calib-samples N")
+    if (cfg.activation_aware or cfg.bn_recalibrate) and calib is None:
+        what = "activation-aware factorisation" if cfg.activation_aware else "BatchNorm re-calibration"
+        raise CraftError(f"{what} needs calibration data: give --calib-samples N")
     rms = channel_rms(model, layers, calib) if cfg.activation_aware else {}
     state_layers, report_layers = {}, {}
     params_before = params_after = 0
@@ -185,7 +190,9 @@ def lowrank(model: nn.Module, cfg: LowRankConfig, calib: CalibLoop | None) -> di
         state_layers[name] = {"rank": r}
         report_layers[name] = {"rank": r, "shape": [out_f, in_f], "params_ratio": r * (in_f + out_f) / dense}
     state = {"layers": state_layers, "activation_aware": cfg.activation_aware}
+    bn = {"bn_recalibrated": recalibrate_batchnorm(model, calib)} if cfg.bn_recalibrate else {}
     return {
+        **bn,
         "state": state,
         "layers": report_layers,
         "skipped": skipped,
