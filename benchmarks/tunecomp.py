@@ -90,9 +90,9 @@ def _dense_config(dense: Path) -> dict[str, Any]:
     return json.loads((dense / "finetune.json").read_text())["config"]
 
 
-def tag_of(r: float, p: float, seed: int, schedule: str, epochs: int, kd: bool = False) -> str:
+def tag_of(r: float, p: float, seed: int, schedule: str, epochs: int, kd: bool = False, multiple: int = 1) -> str:
     extra = ("" if schedule == "cubic" else f"-{schedule}") + ("" if epochs == 2 else f"-e{epochs}")
-    return f"r{r:g}-p{p:g}-s{seed}{extra}" + ("-kd" if kd else "")
+    return f"r{r:g}-p{p:g}-s{seed}{extra}" + ("-kd" if kd else "") + ("" if multiple == 1 else f"-m{multiple}")
 
 
 def run_cell(args, seed: int, dense: Path, r: float, p: float, schedule: str, dense_top1: float) -> dict[str, Any]:
@@ -110,34 +110,37 @@ def run_cell(args, seed: int, dense: Path, r: float, p: float, schedule: str, de
         raise CraftError(f"{dense} was trained from scratch: give --start dense (there are no pretrained weights)")
     if args.kd:
         start["teacher"] = str(dense)
-    tag = tag_of(r, p, seed, schedule, args.epochs, args.kd)
+    tag = tag_of(r, p, seed, schedule, args.epochs, args.kd, args.rank_multiple)
     tc = work / f"tunecomp-{tag}"
     tc_seconds = _finetune(
-        FinetuneConfig(epochs=args.epochs, method="tunecomp", rank_ratio=r, prune_ratio=p, prune_schedule=schedule,
-                       **start, **common),
+        FinetuneConfig(epochs=args.epochs, method="tunecomp", rank_ratio=r, rank_multiple=args.rank_multiple,
+                       prune_ratio=p, prune_schedule=schedule, **start, **common),
         tc,
     )  # fmt: skip
     total, nonzero = _params(tc)
     row = {
-        "seed": seed, "rank_ratio": r, "prune_ratio": p, "schedule": schedule, "epochs": args.epochs, "kd": args.kd,
+        "seed": seed, "rank_ratio": r, "rank_multiple": args.rank_multiple, "prune_ratio": p, "schedule": schedule,
+        "epochs": args.epochs, "kd": args.kd,
         "tag": tag,
         "dense": dense_top1, "tunecomp": _record_top1(tc), "params": total, "params_nonzero": nonzero,
         "params_dense": _params(dense)[0], "tunecomp_seconds": tc_seconds,
     }  # fmt: skip
-    seq_tag = tag_of(r, p, seed, "cubic", 2)  # the baseline does not depend on TuneComp's schedule or epochs
+    # the baseline does not depend on TuneComp's schedule, epochs or KD
+    seq_tag = tag_of(r, p, seed, "cubic", 2, multiple=args.rank_multiple) + ("-bn" if args.seq_bn else "")
     lowrank = work / f"seq-lowrank-{seq_tag}"
-    _compress(from_flags(rank_ratio=r, calib_samples=256), dense, lowrank)
+    bn = dict(bn_recalibrate=args.seq_bn)
+    _compress(from_flags(rank_ratio=r, rank_multiple=args.rank_multiple, calib_samples=256, **bn), dense, lowrank)
     source = lowrank
     if p > 0:
         source = work / f"seq-pruned-{seq_tag}"
-        _compress(from_flags(sparsity=str(p), include=("*.a", "*.b"), calib_samples=64), lowrank, source)
+        _compress(from_flags(sparsity=str(p), include=("*.a", "*.b"), calib_samples=256, **bn), lowrank, source)
     rec_tag = "" if args.recovery_epochs == 1 else f"-rec{args.recovery_epochs}"
     seq = work / f"seq-recovered-{seq_tag}{rec_tag}"
     seconds = _finetune(
         FinetuneConfig(init=str(source), teacher=str(dense), epochs=args.recovery_epochs, **common), seq
     )
     row.update(sequential_one_shot=_record_top1(source), sequential=_record_top1(seq), sequential_seconds=seconds,
-               recovery_epochs=args.recovery_epochs)  # fmt: skip
+               recovery_epochs=args.recovery_epochs, seq_bn=args.seq_bn)  # fmt: skip
     return row
 
 
@@ -180,15 +183,15 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (R, P, schedule, epochs): mean +- std over seeds and the paired TuneComp - sequential difference."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        key = (r["rank_ratio"], r["prune_ratio"], r["schedule"], r["epochs"], r.get("recovery_epochs", 1),
-               r.get("kd", False))  # fmt: skip
+        key = (r["rank_ratio"], r.get("rank_multiple", 1), r["prune_ratio"], r["schedule"], r["epochs"],
+               r.get("recovery_epochs", 1), r.get("kd", False), r.get("seq_bn", False))  # fmt: skip
         groups.setdefault(key, []).append(r)
     out = []
-    for (rank, p, schedule, epochs, recovery_epochs, kd), rs in sorted(groups.items()):
+    for (rank, multiple, p, schedule, epochs, recovery_epochs, kd, seq_bn), rs in sorted(groups.items()):
         diff = paired([r["tunecomp"] - r["sequential"] for r in rs])
         out.append({
-            "rank_ratio": rank, "prune_ratio": p, "schedule": schedule, "epochs": epochs,
-            "recovery_epochs": recovery_epochs, "kd": kd, "seeds": len(rs),
+            "rank_ratio": rank, "rank_multiple": multiple, "prune_ratio": p, "schedule": schedule, "epochs": epochs,
+            "recovery_epochs": recovery_epochs, "kd": kd, "seq_bn": seq_bn, "seeds": len(rs),
             **{k: mean_std([r[k] for r in rs]) for k in ("dense", "tunecomp", "sequential")},
             "tunecomp_minus_sequential": diff, "params": rs[0]["params"] / rs[0]["params_dense"],
             "params_nonzero": statistics.mean([r["params_nonzero"] / r["params_dense"] for r in rs]),
@@ -202,15 +205,17 @@ def _ms(v: tuple[float, float], n: int) -> str:
 
 def markdown(record: dict[str, Any]) -> str:
     lines = [
-        "| rank ratio | factor pruning | TuneComp schedule | epochs (TuneComp / recovery) | seeds | dense | TuneComp | "
-        "sequential | TuneComp - sequential [95% CI] | params (nonzero) / dense |",
+        "| rank ratio (multiple) | factor pruning | TuneComp schedule | epochs (TuneComp / recovery) | seeds | dense | "
+        f"TuneComp | sequential{' (BN re-estimated before recovery)' if record['args'].get('seq_bn') else ''} | "
+        "TuneComp - sequential [95% CI] | params (nonzero) / dense |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in record["summary"]:
         d, n = s["tunecomp_minus_sequential"], s["seeds"]
         ci = f" [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] {d['verdict']}" if d["ci"] else ""
         lines.append(
-            f"| {s['rank_ratio']:g} | {s['prune_ratio']:g} | {s['schedule'] + (' + KD' if s['kd'] else '')} | "
+            f"| {s['rank_ratio']:g}{'' if s['rank_multiple'] == 1 else ' (x' + str(s['rank_multiple']) + ')'} | "
+            f"{s['prune_ratio']:g} | {s['schedule'] + (' + KD' if s['kd'] else '')} | "
             f"{s['epochs']} / {s['recovery_epochs']} "
             f"| {n} | "
             f"{_ms(s['dense'], n)} | {_ms(s['tunecomp'], n)} | {_ms(s['sequential'], n)} | {d['mean']:+.2f}{ci} | "
@@ -249,8 +254,9 @@ def plot(record: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    plain = ("cubic", 2, 1, False)
-    rows = [s for s in record["summary"] if (s["schedule"], s["epochs"], s["recovery_epochs"], s["kd"]) == plain]
+    plain = ("cubic", 2, 1, False, 1, record["args"].get("seq_bn", False))
+    variant = ("schedule", "epochs", "recovery_epochs", "kd", "rank_multiple", "seq_bn")
+    rows = [s for s in record["summary"] if tuple(s[k] for k in variant) == plain]
     for i, rank in enumerate(sorted({s["rank_ratio"] for s in rows})):
         pts = sorted((s for s in rows if s["rank_ratio"] == rank), key=lambda s: s["prune_ratio"])
         x = [100 * s["prune_ratio"] for s in pts]
@@ -281,6 +287,8 @@ def main() -> None:
     ap.add_argument("--train-subset", type=int, default=6000)
     ap.add_argument("--lr", type=float, help="learning rate of TuneComp and recovery (default: finetune's)")
     ap.add_argument("--start", choices=["pretrained", "dense"], default="pretrained")
+    ap.add_argument("--rank-multiple", type=int, default=1, help="round ranks up to a multiple of this")
+    ap.add_argument("--seq-bn", action="store_true", help="the baseline re-estimates BatchNorm before its recovery")
     ap.add_argument(
         "--kd", action="store_true", help="TuneComp distils from the dense fine-tune too (as recovery does)"
     )
