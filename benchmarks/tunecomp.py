@@ -199,6 +199,22 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def schedules(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """TuneComp with the cubic minus the linear pruning schedule, paired by seed: per (R, P) and over all pairs."""
+    same = ("seed", "rank_ratio", "prune_ratio", "epochs")
+    cubic = {tuple(r[k] for k in same): r["tunecomp"] for r in rows if r["schedule"] == "cubic"}
+    diffs: dict[str, list[float]] = {}
+    for r in rows:
+        key = tuple(r[k] for k in same)
+        if r["schedule"] == "linear" and key in cubic:
+            diffs.setdefault(f"rank {r['rank_ratio']:g}, pruning {r['prune_ratio']:g}", []).append(
+                cubic[key] - r["tunecomp"]
+            )
+    if diffs:
+        diffs["all pairs"] = [d for ds in diffs.values() for d in ds]
+    return {name: paired(ds) for name, ds in diffs.items()}
+
+
 def _ms(v: tuple[float, float], n: int) -> str:
     return f"{v[0]:.2f}" + (f" ± {v[1]:.2f}" if n > 1 else "")
 
@@ -221,6 +237,13 @@ def markdown(record: dict[str, Any]) -> str:
             f"{_ms(s['dense'], n)} | {_ms(s['tunecomp'], n)} | {_ms(s['sequential'], n)} | {d['mean']:+.2f}{ci} | "
             f"{s['params']:.2f} ({s['params_nonzero']:.2f}) |"
         )
+    cl = schedules(record["rows"])
+    if cl:
+        lines += ["", "TuneComp, cubic minus linear pruning schedule (paired by seed):", "",
+                  "| points | pairs | cubic - linear [95% CI] |", "|---|---|---|"]  # fmt: skip
+        for name, d in cl.items():
+            ci = f" [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] {d['verdict']}" if d["ci"] else ""
+            lines.append(f"| {name} | {d['n']} | {d['mean']:+.2f}{ci} |")
     lines += ["", "Every cell (sequential: one-shot -> recovered):", "",
               "| tag | dense | TuneComp | sequential |", "|---|---|---|---|"]  # fmt: skip
     for r in record["rows"]:
