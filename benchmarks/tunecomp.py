@@ -66,6 +66,28 @@ def _params(path: Path) -> tuple[int, int]:
     return sum(v.numel() for v in weights), sum(int((v != 0).sum()) for v in weights)
 
 
+def fill_costs(record: dict[str, Any]) -> None:
+    """Multiply-adds per image (Conv/Linear layers, `craft_deploy.analyze.model_cost`) of each row's TuneComp model and
+    of its dense model, dense and over nonzero weights, where a row has none yet."""
+    from craft_deploy.analyze.structure import model_cost
+    from craft_deploy.models import load_bundle
+
+    args, cache = record["args"], {}
+
+    def cost(path: Path) -> dict[str, int]:
+        if path not in cache:
+            bundle = load_bundle(path)
+            cache[path] = model_cost(bundle.model.eval(), tuple(bundle.manifest["input_size"]))
+        return cache[path]
+
+    for row in record["rows"]:
+        if "macs" not in row:
+            tc = cost(Path(args["work"]) / f"tunecomp-{row['tag']}")
+            dense = cost(Path(args["dense"].format(seed=row["seed"])))
+            row.update(macs=tc["multiply_adds"], macs_nonzero=tc["nonzero_multiply_adds"],
+                       macs_dense=dense["multiply_adds"])  # fmt: skip
+
+
 def _done(path: Path) -> bool:
     return (path / "manifest.json").is_file() and any((path / n).is_file() for n in ("finetune.json", "compress.json"))
 
@@ -195,6 +217,7 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             **{k: mean_std([r[k] for r in rs]) for k in ("dense", "tunecomp", "sequential")},
             "tunecomp_minus_sequential": diff, "params": rs[0]["params"] / rs[0]["params_dense"],
             "params_nonzero": statistics.mean([r["params_nonzero"] / r["params_dense"] for r in rs]),
+            "macs": rs[0]["macs"] / rs[0]["macs_dense"] if "macs" in rs[0] else None,
         })  # fmt: skip
     return out
 
@@ -223,8 +246,8 @@ def markdown(record: dict[str, Any]) -> str:
     lines = [
         "| rank ratio (multiple) | factor pruning | TuneComp schedule | epochs (TuneComp / recovery) | seeds | dense | "
         f"TuneComp | sequential{' (BN re-estimated before recovery)' if record['args'].get('seq_bn') else ''} | "
-        "TuneComp - sequential [95% CI] | params (nonzero) / dense |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "TuneComp - sequential [95% CI] | params (nonzero) / dense | multiply-adds / dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in record["summary"]:
         d, n = s["tunecomp_minus_sequential"], s["seeds"]
@@ -235,7 +258,7 @@ def markdown(record: dict[str, Any]) -> str:
             f"{s['epochs']} / {s['recovery_epochs']} "
             f"| {n} | "
             f"{_ms(s['dense'], n)} | {_ms(s['tunecomp'], n)} | {_ms(s['sequential'], n)} | {d['mean']:+.2f}{ci} | "
-            f"{s['params']:.2f} ({s['params_nonzero']:.2f}) |"
+            f"{s['params']:.2f} ({s['params_nonzero']:.2f}) | {s['macs']:.2f} |"
         )
     cl = schedules(record["rows"])
     if cl:
@@ -331,7 +354,6 @@ def main() -> None:
     result = out / f"tunecomp-{args.name}.json"
     if args.render:
         record = json.loads(result.read_text())
-        record["summary"] = summary(record["rows"])
         return write(record, out, args.name)
     rows: list[dict[str, Any]] = []
     record: dict[str, Any] = {"args": vars(args)}
@@ -363,6 +385,8 @@ def main() -> None:
 
 
 def write(record: dict[str, Any], out: Path, name: str) -> None:
+    fill_costs(record)
+    record["summary"] = summary(record["rows"])
     (out / f"tunecomp-{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / f"tunecomp-{name}.md").write_text(markdown(record))
     plot(record, out / f"tunecomp-{name}.png")
