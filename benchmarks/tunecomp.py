@@ -302,7 +302,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plain = ("cubic", 2, 1, False, 1, record["args"].get("seq_bn", False))
     variant = ("schedule", "epochs", "recovery_epochs", "kd", "rank_multiple", "seq_bn")
-    rows = [s for s in record["summary"] if tuple(s[k] for k in variant) == plain]
+    rows = [s for s in record["summary"] if tuple(s[k] for k in variant) == plain] or record["summary"]
     for i, rank in enumerate(sorted({s["rank_ratio"] for s in rows})):
         pts = sorted((s for s in rows if s["rank_ratio"] == rank), key=lambda s: s["prune_ratio"])
         x = [100 * s["prune_ratio"] for s in pts]
