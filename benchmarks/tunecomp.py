@@ -312,9 +312,16 @@ def plot(record: dict[str, Any], path: Path) -> None:
     dense = [s["dense"][0] for s in rows]
     if dense:
         ax.axhline(statistics.mean(dense), color="grey", lw=1, ls=":", label="dense fine-tune")
+        floor = statistics.mean(dense) - 20  # a collapsed model (chance) would flatten every other difference
+        off = sorted(
+            {f"{100 * s['prune_ratio']:g}%" for s in rows for k in ("tunecomp", "sequential") if s[k][0] < floor}
+        )
+        if off:
+            ax.set_ylim(bottom=floor)
+            ax.set_title(f"below {floor:.0f}% (not shown): at {', '.join(off)}", fontsize=8, loc="right", y=0.0)
     ax.set_xlabel("pruning ratio of the factors (%)")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"TuneComp vs fine-tune -> SVD -> prune -> recover ({record['model']})")
+    ax.set_title(f"TuneComp vs fine-tune -> SVD -> prune -> recover ({record['model']})", loc="center")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
