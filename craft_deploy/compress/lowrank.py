@@ -12,10 +12,11 @@ describes (its full text was not at hand; ASVD, Yuan et al. 2023, uses the same 
 
 The rank per layer is `rank_ratio` x min(in, out) (rounded up), or the smallest rank keeping `rank_energy` of the
 scaled spectrum's energy, then rounded up to a multiple of `rank_multiple`: ONNX Runtime CPU runs convs in a blocked
-channel layout (NCHWc, 8 channels a block on AVX2, 16 on AVX-512) and surrounds a conv whose rank is not a multiple of
-4 with layout reorders that cost more than the small conv saves (benchmarks/ort_op_profile.py); GPUs' tensor cores
-want multiples of 8 as well. A layer whose factors would hold as many parameters as W (r (in + out) >= in out) is kept
-dense and reported: a factorisation that does not pay is not written. On a CNN the layers after a factorised conv see
+channel layout (NCHWc, 8 channels a block on AVX2, 16 on AVX-512) and put layout reorders around the factor convs
+narrower than a block (ranks 4, 6 and 10 of the default CNN at rank ratio 0.25; benchmarks/ort_op_profile.py);
+rounding to 16 removed them, about 5% faster (docs/tunecomp.md). GPUs' tensor cores want multiples of 8 as well.
+A layer whose factors would hold as many parameters as W (r (in + out) >= in out) is kept dense and reported: a
+factorisation that does not pay is not written. On a CNN the layers after a factorised conv see
 other statistics than their BatchNorms hold (one-shot rank 0.25 leaves the default CNN at chance); `bn_recalibrate`
 re-estimates them on the calibration images, as after pruning.
 """
