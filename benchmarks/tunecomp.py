@@ -117,7 +117,8 @@ def tag_of(r: float, p: float, seed: int, schedule: str, epochs: int, kd: bool =
     return f"r{r:g}-p{p:g}-s{seed}{extra}" + ("-kd" if kd else "") + ("" if multiple == 1 else f"-m{multiple}")
 
 
-def run_cell(args, seed: int, dense: Path, r: float, p: float, schedule: str, dense_top1: float) -> dict[str, Any]:
+def run_cell(args, seed: int, dense: Path, r: float, p: float, schedule: str, dense_top1: float, dense_params: int
+             ) -> dict[str, Any]:  # fmt: skip
     """One (seed, R, P, schedule) point: TuneComp and (for the cubic schedule's tag) the sequential baseline."""
     work = Path(args.work)
     dcfg = _dense_config(dense)
@@ -145,7 +146,7 @@ def run_cell(args, seed: int, dense: Path, r: float, p: float, schedule: str, de
         "epochs": args.epochs, "kd": args.kd,
         "tag": tag,
         "dense": dense_top1, "tunecomp": _record_top1(tc), "params": total, "params_nonzero": nonzero,
-        "params_dense": _params(dense)[0], "tunecomp_seconds": tc_seconds,
+        "params_dense": dense_params, "tunecomp_seconds": tc_seconds,
     }  # fmt: skip
     # the baseline does not depend on TuneComp's schedule, epochs or KD
     seq_tag = tag_of(r, p, seed, "cubic", 2, multiple=args.rank_multiple) + ("-bn" if args.seq_bn else "")
@@ -371,13 +372,13 @@ def main() -> None:
                 raise CraftError(f"--dense {dense}: no finished bundle there")
             _finetune(FinetuneConfig(epochs=2, seed=seed, train_subset=args.train_subset, threads=args.threads), dense)
         record["model"] = _dense_config(dense)["model"]
-        dense_top1 = _test_top1(dense)
+        dense_top1, dense_params = _test_top1(dense), _params(dense)[0]  # once per seed, not per cell
         for r in args.rank_ratios:
             for p in args.prune_ratios:
                 for schedule in args.schedules:
                     if schedule != "cubic" and p == 0:
                         continue  # nothing to prune: the same run as the cubic one
-                    row = run_cell(args, seed, dense, r, p, schedule, dense_top1)
+                    row = run_cell(args, seed, dense, r, p, schedule, dense_top1, dense_params)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     record.update(rows=rows, summary=summary(rows))
