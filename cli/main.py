@@ -534,6 +534,12 @@ def export(bundle, out, overwrite, format_, batch_sizes, **kw) -> None:
     rec = run(cfg, bundle, out, overwrite)
     checks = ", ".join(
         f"{name}: max |diff| {v['max_abs_diff']:.2e}, top-1 agreement {100 * v['top1_agreement']:.1f}%"
+        + (
+            f" (ill-conditioned model: vs PyTorch in float64 {v['float64_reference']['export_max_abs_diff']:.2e}, "
+            f"PyTorch FP32 itself {v['float64_reference']['pytorch_fp32_max_abs_diff']:.2e})"
+            if "export_max_abs_diff" in v.get("float64_reference", {})
+            else ""
+        )
         for name, v in rec["verification"].items()
     )
     click.echo(

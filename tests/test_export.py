@@ -475,6 +475,38 @@ def test_qdq_judgement_accepts_near_tie_flips_only():
     assert not judge(compare_outputs(ref, got), "int8", None)
 
 
+def test_an_ill_conditioned_model_is_judged_against_float64(tmp_path):
+    # large inner activations (two near-equal halves) cancelled into small logits: FP32 rounding of the inner values
+    # reaches the logits, so PyTorch's FP32 logits and ONNX Runtime's differ beyond 1e-3 x max|logit| though both
+    # compute the model correctly; against PyTorch in float64 the export is as close as PyTorch's FP32 is
+    from craft_deploy.export.prepare import export_model
+    from craft_deploy.export.verify import compare_outputs, judge, judge_against_float64, onnx_logits
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 192) * 300
+    inner = torch.nn.Linear(192, 128, bias=False)
+    inner.weight.data = torch.cat([w, w + torch.randn_like(w) * 0.01])
+    head = torch.nn.Linear(128, 10, bias=False)
+    u = torch.randn(10, 64)
+    head.weight.data = torch.cat([u, -u], 1)
+    model = torch.nn.Sequential(torch.nn.Flatten(), inner, head).eval()
+    x = torch.randn(32, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(export_model(model, [3, 8, 8], 17).SerializeToString())
+    got = onnx_logits(path, x)
+    check = compare_outputs(ref, got)
+    assert not judge(check, "fp32", None)
+    assert judge_against_float64(check, model, x, ref, got)
+    exact = check["float64_reference"]
+    assert exact["pytorch_fp32_max_abs_diff"] > check["tolerance"]["max_abs_diff"]  # PyTorch FP32 is inexact too
+    # an export that is wrong by 5% of the logit scale still fails
+    wrong = got + 0.05 * check["reference_logit_absmax"]
+    bad = compare_outputs(ref, wrong)
+    assert not judge(bad, "fp32", None) and not judge_against_float64(bad, model, x, ref, wrong)
+
+
 def test_aoti_package_is_verified_loads_without_craft_deploy_and_benches(tiny_bundle, tmp_path):
     import subprocess
     import sys
