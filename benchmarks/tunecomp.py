@@ -14,6 +14,9 @@ paired. Each finished cell is kept under `--work` and reused when the script run
 With `--speed`: the dense model and the first seed's TuneComp models at P = 0 (or `--speed-tags`), each as FP32 and
 as W7A8 `--placement ort-cpu` + BatchNorm re-estimation, exported to ONNX and benched on ONNX Runtime CPU at batch 1
 and 16 in one `bench --rounds` run (round-robin: every model once per pass), with their ORT top-1 on the full test.
+`--bound-ranks R ...` adds the dense model factorised one-shot at rank ratio R (activation-aware SVD + BatchNorm
+re-estimation, no training): at a tiny R (0.02) the factorised layers cost almost nothing, so its speed-up is the most
+that factorising those layers can buy on this backend, whatever the accuracy.
 
 Writes `<out>/tunecomp-<name>.{json,md,png}`: every cell, mean +- std over seeds with the paired TuneComp - sequential
 difference (95% t-interval), the latency table, and accuracy against pruning ratio per rank (the paper's Figure 3).
@@ -167,13 +170,14 @@ def run_cell(args, seed: int, dense: Path, r: float, p: float, schedule: str, de
     return row
 
 
-def speed(args, dense: Path, tunecomp: dict[str, Path]) -> dict[str, Any]:
-    """FP32 and W7A8 ort-cpu (+BN) of the dense and TuneComp models, exported and benched round-robin in one run."""
+def speed(args, dense: Path, others: dict[str, Path]) -> dict[str, Any]:
+    """FP32 and W7A8 ort-cpu (+BN) of the dense model and `others` (label -> bundle), exported and benched round-robin
+    in one run."""
     from craft_deploy import bench
     from craft_deploy.export import run as export
 
     work = Path(args.work)
-    models = {"dense": dense, **{f"tunecomp {t}": p for t, p in tunecomp.items()}}
+    models = {"dense": dense, **others}
     quant = from_flags(quant="w7a8", placement="ort-cpu", bn_recalibrate=True, calib_samples=256)
     exports, failed = {}, {}
     for name, bundle in models.items():
@@ -350,6 +354,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--speed", action="store_true", help="also time FP32 and W7A8 exports round-robin")
     ap.add_argument("--speed-tags", nargs="*", help="TuneComp cells to time (default: the first seed's at P = 0)")
+    ap.add_argument(
+        "--bound-ranks", nargs="*", type=float, default=[],
+        help="with --speed: also time the dense model factorised one-shot at these rank ratios (the speed bound)",
+    )  # fmt: skip
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--work", default="runs/tunecomp")
     ap.add_argument("--out", default="benchmarks/results")
@@ -387,7 +395,12 @@ def main() -> None:
         first = args.seeds[0]
         tags = args.speed_tags or [r["tag"] for r in rows if r["seed"] == first and r["prune_ratio"] == 0]
         work = Path(args.work)
-        record["speed"] = speed(args, Path(args.dense.format(seed=first)), {t: work / f"tunecomp-{t}" for t in tags})
+        dense = Path(args.dense.format(seed=first))
+        models = {f"tunecomp {t}": work / f"tunecomp-{t}" for t in tags}
+        for r in args.bound_ranks:  # the most factorising can buy: layers at a rank where they cost almost nothing
+            bound = models[f"one-shot r{r:g}"] = work / f"oneshot-r{r:g}-s{first}"
+            _compress(from_flags(rank_ratio=r, bn_recalibrate=True, calib_samples=256), dense, bound)
+        record["speed"] = speed(args, dense, models)
         result.write_text(json.dumps(record, indent=2) + "\n")
     write(record, out, args.name)
 
