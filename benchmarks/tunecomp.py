@@ -4,7 +4,9 @@
 For each seed, rank ratio R, factor pruning ratio P (and pruning schedule):
 - TuneComp: `finetune --method tunecomp --rank-ratio R --prune-ratio P` for `--epochs` epochs, from the timm pretrained
   model (`--start pretrained`, the default CNN) or from the dense model's own weights (`--start dense`: a model with no
-  pretrained weights at hand, such as the ViT we train from scratch; both arms then start from the same trained model).
+  pretrained weights at hand, such as the ViT we train from scratch; both arms then start from the same trained model),
+  or from a checkpoint of a source task (`--start FILE`: a model pretrained by us on other classes, see
+  benchmarks/transfer_split.py; the dense fine-tunes given by `--dense` must start from the same file).
 - sequential: the dense fine-tune of the seed (`--dense`, `{seed}` filled in; the default model's is made when
   missing) -> `compress --rank-ratio R` (activation-aware SVD) -> `compress --sparsity P --include '*.a' '*.b'`
   (magnitude, the factors only) -> `finetune --init` for `--recovery-epochs` epochs, distilling from the dense model.
@@ -132,6 +134,8 @@ def run_cell(args, seed: int, dense: Path, r: float, p: float, schedule: str, de
     start: dict[str, Any] = {}
     if args.start == "dense":
         start = dict(pretrained=False, checkpoint=str(dense / "model.safetensors"))
+    elif args.start != "pretrained":
+        start = dict(pretrained=False, checkpoint=args.start)
     elif not dcfg["pretrained"]:
         raise CraftError(f"{dense} was trained from scratch: give --start dense (there are no pretrained weights)")
     if args.kd:
@@ -344,7 +348,10 @@ def main() -> None:
     ap.add_argument("--recovery-epochs", type=int, default=1)
     ap.add_argument("--train-subset", type=int, default=6000)
     ap.add_argument("--lr", type=float, help="learning rate of TuneComp and recovery (default: finetune's)")
-    ap.add_argument("--start", choices=["pretrained", "dense"], default="pretrained")
+    ap.add_argument(
+        "--start", default="pretrained",
+        help="pretrained (timm's weights), dense (the --dense model's own), or FILE (a source-task state dict)",
+    )  # fmt: skip
     ap.add_argument("--rank-multiple", type=int, default=1, help="round ranks up to a multiple of this")
     ap.add_argument("--seq-bn", action="store_true", help="the baseline re-estimates BatchNorm before its recovery")
     ap.add_argument(
@@ -365,6 +372,8 @@ def main() -> None:
         "--render", action="store_true", help="only rewrite the .md and .png from <out>/tunecomp-<name>.json"
     )
     args = ap.parse_args()
+    if args.start not in ("pretrained", "dense") and not Path(args.start).is_file():
+        ap.error(f"--start {args.start}: give pretrained, dense or an existing checkpoint file")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = out / f"tunecomp-{args.name}.json"
@@ -376,10 +385,12 @@ def main() -> None:
     for seed in args.seeds:
         dense = Path(args.dense.format(seed=seed))
         if not _done(dense):
-            if args.start == "dense":
+            if args.start != "pretrained":
                 raise CraftError(f"--dense {dense}: no finished bundle there")
             _finetune(FinetuneConfig(epochs=2, seed=seed, train_subset=args.train_subset, threads=args.threads), dense)
         record["model"] = _dense_config(dense)["model"]
+        if args.start not in ("pretrained", "dense") and _dense_config(dense)["checkpoint"] != args.start:
+            raise CraftError(f"--dense {dense} did not start from --start {args.start}: the arms would not be paired")
         dense_top1, dense_params = _test_top1(dense), _params(dense)[0]  # once per seed, not per cell
         for r in args.rank_ratios:
             for p in args.prune_ratios:
