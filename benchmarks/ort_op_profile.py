@@ -24,11 +24,15 @@ import onnx
 
 def node_classes(path: Path) -> dict[str, str]:
     """Node name -> its class in the graph ORT runs (its optimised graph, where convs are fused and re-laid out):
-    Conv split into depthwise (group > 1), 1x1 and other; other ops by type."""
+    Conv split into depthwise (group > 1), 1x1 and other; MatMul into weights (a Linear layer) and activations
+    (attention); other ops by type."""
     model = onnx.load(str(path), load_external_data=False)
+    weights = {init.name for init in model.graph.initializer}
     classes = {}
     for node in model.graph.node:
         kind = node.op_type
+        if node.op_type in ("MatMul", "FusedMatMul"):  # a Linear layer's (constant B) or attention's (two activations)
+            kind += " (weights)" if len(node.input) > 1 and node.input[1] in weights else " (activations)"
         if node.op_type in ("Conv", "FusedConv", "QLinearConv"):
             attrs = {a.name: a for a in node.attribute}
             kernel = list(attrs["kernel_shape"].ints) if "kernel_shape" in attrs else []
