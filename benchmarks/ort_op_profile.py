@@ -6,7 +6,8 @@ layers are made cheaper (e.g. the 1x1 convs factorised by TuneComp while the dep
     python benchmarks/ort_op_profile.py runs/tunecomp/onnx-adam-s0/model.onnx \\
         runs/tunecomp/onnx-tunecomp-r0.25-p0-s0/model.onnx --batch 1 --out benchmarks/results/ort_op_profile.json
 
-Profiling adds overhead to every node, so the totals are above bench's latencies: read the shares, not the ms.
+Profiling adds overhead to every node, so the totals are above bench's latencies: read the shares, not the ms (at
+batch 1, where kernels are short, even the shares lean towards the model with more nodes). The models run round-robin.
 """
 
 from __future__ import annotations
@@ -46,37 +47,44 @@ def node_classes(path: Path) -> dict[str, str]:
     return classes
 
 
-def profile(path: Path, batch: int, runs: int, threads: int) -> dict[str, float]:
-    """Mean kernel milliseconds per run by node class."""
+def profile(paths: list[Path], batch: int, runs: int, threads: int) -> dict[str, dict[str, float]]:
+    """Mean kernel milliseconds per run by node class, per model. The models run round-robin (one run of each in
+    turn), so a slow phase of the machine weighs on all of them alike."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3  # the optimised graph is saved only to read it back here
     with tempfile.TemporaryDirectory() as tmp:
-        opts.optimized_model_filepath = os.path.join(tmp, "optimised.onnx")
-        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        classes = node_classes(Path(opts.optimized_model_filepath))
-        opts.optimized_model_filepath = ""
-        opts.enable_profiling = True
-        opts.profile_file_prefix = os.path.join(tmp, "ort")
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        inp = sess.get_inputs()[0]
-        x = np.random.default_rng(0).standard_normal((batch, *inp.shape[1:]), dtype=np.float32)
-        for _ in range(5):
-            sess.run(None, {inp.name: x})
-        sess.end_profiling()  # the warm-up runs go to a file of their own, discarded
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        sessions, classes, feeds = {}, {}, {}
+        for i, path in enumerate(paths):
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.log_severity_level = 3
+            opts.optimized_model_filepath = os.path.join(tmp, f"optimised-{i}.onnx")  # read back for the classes
+            ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            classes[path] = node_classes(Path(opts.optimized_model_filepath))
+            opts.optimized_model_filepath = ""
+            opts.enable_profiling = True
+            opts.profile_file_prefix = os.path.join(tmp, f"ort-{i}")
+            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            inp = sess.get_inputs()[0]
+            x = np.random.default_rng(0).standard_normal((batch, *inp.shape[1:]), dtype=np.float32)
+            feeds[path] = {inp.name: x}
+            for _ in range(5):
+                sess.run(None, feeds[path])
+            sess.end_profiling()  # the warm-up runs go to a file of their own, discarded
+            sessions[path] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         for _ in range(runs):
-            sess.run(None, {inp.name: x})
-        events = json.loads(Path(sess.end_profiling()).read_text())
-    totals: dict[str, float] = defaultdict(float)
-    for e in events:
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
-            continue
-        name = e["name"][: -len("_kernel_time")]
-        totals[classes.get(name, e.get("args", {}).get("op_name", "?"))] += e["dur"] / 1e3 / runs
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+            for path, sess in sessions.items():
+                sess.run(None, feeds[path])
+        result = {}
+        for path, sess in sessions.items():
+            totals: dict[str, float] = defaultdict(float)
+            for e in json.loads(Path(sess.end_profiling()).read_text()):
+                if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+                    continue
+                name = e["name"][: -len("_kernel_time")]
+                totals[classes[path].get(name, e.get("args", {}).get("op_name", "?"))] += e["dur"] / 1e3 / runs
+            result[str(path)] = dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+    return result
 
 
 def main() -> None:
@@ -87,7 +95,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    result = {str(m): profile(m, args.batch, args.runs, args.threads) for m in args.models}
+    result = profile(args.models, args.batch, args.runs, args.threads)
     classes = list(dict.fromkeys(c for t in result.values() for c in t))
     print("| operator | " + " | ".join(f"{Path(m).parent.name} ms (share)" for m in result) + " |")
     print("|---|" + "---|" * len(result))
