@@ -58,6 +58,9 @@ def profile(paths: list[Path], batch: int, runs: int, threads: int) -> dict[str,
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads
             opts.log_severity_level = 3
+            # as bench does: threads that spin after a run would take the cores from the next model's run
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
             opts.optimized_model_filepath = os.path.join(tmp, f"optimised-{i}.onnx")  # read back for the classes
             ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             classes[path] = node_classes(Path(opts.optimized_model_filepath))
