@@ -480,7 +480,7 @@ def test_an_ill_conditioned_model_is_judged_against_float64(tmp_path):
     # reaches the logits, so PyTorch's FP32 logits and ONNX Runtime's differ beyond 1e-3 x max|logit| though both
     # compute the model correctly; against PyTorch in float64 the export is as close as PyTorch's FP32 is
     from craft_deploy.export.prepare import export_model
-    from craft_deploy.export.verify import compare_outputs, judge, judge_against_float64, onnx_logits
+    from craft_deploy.export.verify import compare_outputs, judge, judge_against_float64, judge_export, onnx_logits
 
     torch.manual_seed(0)
     w = torch.randn(64, 192) * 300
@@ -501,6 +501,9 @@ def test_an_ill_conditioned_model_is_judged_against_float64(tmp_path):
     assert judge_against_float64(check, model, x, ref, got)
     exact = check["float64_reference"]
     assert exact["pytorch_fp32_max_abs_diff"] > check["tolerance"]["max_abs_diff"]  # PyTorch FP32 is inexact too
+    # the second opinion is for FP32 under the default tolerance only: an explicit --atol is the user's word
+    assert judge_export(compare_outputs(ref, got), "fp32", None, model, x, ref, got)
+    assert not judge_export(compare_outputs(ref, got), "fp32", 1e-3, model, x, ref, got)
     # an export that is wrong by 5% of the logit scale still fails
     wrong = got + 0.05 * check["reference_logit_absmax"]
     bad = compare_outputs(ref, wrong)

@@ -31,14 +31,14 @@ def record(stage: Path, cfg: ExportConfig, bundle_path, plan: ExportPlan, artifa
 
 def compiled_record(
     stage: Path, cfg: ExportConfig, bundle_path, plan: ExportPlan, artifact: Path, runtime: str, info: dict[str, Any],
-    ref: np.ndarray, got: np.ndarray, compile_seconds: float, t0: float,
+    ref: np.ndarray, got: np.ndarray, compile_seconds: float, t0: float, *, model, images,
 ) -> dict[str, Any]:  # fmt: skip
     """export.json of a compiled artifact (a torch-tensorrt program, an AOTI package): its outputs `got` on the
-    verification images judged against PyTorch's `ref` by the tolerance policy."""
-    from craft_deploy.export.verify import compare_outputs, judge
+    verification `images` judged against PyTorch's `ref` by the tolerance policy (`model` for its float64 check)."""
+    from craft_deploy.export.verify import compare_outputs, judge_export
 
     check = compare_outputs(ref[: len(got)], got)
-    check["passed"] = judge(check, plan.precision, cfg.atol)
+    check["passed"] = judge_export(check, plan.precision, cfg.atol, model, images, ref, got)
     return record(
         stage,
         cfg,

@@ -71,4 +71,6 @@ def export(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images, ref,
         got = np.concatenate(
             [program(c.to(device, dtype)).float().cpu().numpy() for c in images.split(max(cfg.batch_sizes))]
         )
-    return compiled_record(stage, cfg, bundle_path, plan, path, "aoti", info, ref, got, seconds, t0)
+    return compiled_record(
+        stage, cfg, bundle_path, plan, path, "aoti", info, ref, got, seconds, t0, model=bundle.model, images=images
+    )

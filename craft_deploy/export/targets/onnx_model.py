@@ -20,8 +20,9 @@ from craft_deploy.export.prepare import export_model
 from craft_deploy.export.targets import record, tensorrt_engine
 from craft_deploy.export.verify import (
     SATURATION_HINT,
+    compare_outputs,
     judge,
-    judge_against_float64,
+    judge_export,
     onnx_logits,
     pruned_zeros,
     verify_onnx,
@@ -49,14 +50,13 @@ def export(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images, ref,
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as e:
         raise CraftError(f"the exported ONNX model fails onnx.checker: {str(e)[:400]}") from e
-    check = verify_onnx(path, images, ref)
+    got = onnx_logits(path, images)
+    check = compare_outputs(ref, got)
     # zeros of the pruned layers in the bundle: each must still be an exact zero in the ONNX weights
     pruned = method_state(manifest, "prune")
     check["weight_zeros_bundle"] = pruned_zeros(bundle, pruned) if pruned else None
     check["weight_zeros_onnx"] = weight_zero_count(proto)
-    check["passed"] = judge(check, plan.precision, cfg.atol)
-    if not check["passed"] and plan.precision == "fp32" and cfg.atol is None:
-        check["passed"] = judge_against_float64(check, bundle.model, images, ref, onnx_logits(path, images))
+    check["passed"] = judge_export(check, plan.precision, cfg.atol, bundle.model, images, ref, got)
     if pruned and check["weight_zeros_onnx"] < check["weight_zeros_bundle"]:
         check["passed"] = False
         check["error"] = "pruned weights are not exactly zero in the exported initializers"

@@ -22,7 +22,7 @@ from craft_deploy import CraftError
 from craft_deploy.artifacts import atomic_write_bytes, atomic_write_json
 from craft_deploy.export.metadata import export_metadata
 from craft_deploy.export.plan import ExportPlan
-from craft_deploy.export.verify import compare_outputs, judge
+from craft_deploy.export.verify import compare_outputs, judge_export
 
 INSTALL_HINT = "pip install 'craft-deploy[tensorrt]' (TensorRT 10 or 11) on a machine with an NVIDIA GPU"
 
@@ -185,7 +185,7 @@ def build_and_verify(cfg, bundle, stage: Path, plan: ExportPlan, images, ref) ->
     lo, hi = min(cfg.batch_sizes), max(cfg.batch_sizes)
     got = np.concatenate([runner.run(runner.prepare(c.numpy())) for c in images.split(hi) if len(c) >= lo])
     check = compare_outputs(ref[: len(got)], got)
-    check["passed"] = judge(check, plan.precision, cfg.atol)
+    check["passed"] = judge_export(check, plan.precision, cfg.atol, bundle.model, images, ref, got)
     layers = info["layers"]
     extra = {
         "engine": {

@@ -57,4 +57,18 @@ def export(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images, ref,
     lo, hi = min(cfg.batch_sizes), max(cfg.batch_sizes)
     with torch.no_grad():
         got = np.concatenate([program(c.cuda()).float().cpu().numpy() for c in images.split(hi) if len(c) >= lo])
-    return compiled_record(stage, cfg, bundle_path, plan, path, "torch_tensorrt", info, ref, got, seconds, t0)
+    return compiled_record(
+        stage,
+        cfg,
+        bundle_path,
+        plan,
+        path,
+        "torch_tensorrt",
+        info,
+        ref,
+        got,
+        seconds,
+        t0,
+        model=bundle.model,
+        images=images,
+    )
