@@ -374,6 +374,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.start not in ("pretrained", "dense") and not Path(args.start).is_file():
         ap.error(f"--start {args.start}: give pretrained, dense or an existing checkpoint file")
+    if args.bound_ranks and not args.speed:
+        ap.error("--bound-ranks times models: give --speed as well")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = out / f"tunecomp-{args.name}.json"
