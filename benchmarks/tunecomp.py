@@ -390,8 +390,9 @@ def main() -> None:
             if args.start != "pretrained":
                 raise CraftError(f"--dense {dense}: no finished bundle there")
             _finetune(FinetuneConfig(epochs=2, seed=seed, train_subset=args.train_subset, threads=args.threads), dense)
-        record["model"] = _dense_config(dense)["model"]
-        if args.start not in ("pretrained", "dense") and _dense_config(dense)["checkpoint"] != args.start:
+        dcfg = _dense_config(dense)
+        record["model"] = dcfg["model"]
+        if args.start not in ("pretrained", "dense") and dcfg["checkpoint"] != args.start:
             raise CraftError(f"--dense {dense} did not start from --start {args.start}: the arms would not be paired")
         dense_top1, dense_params = _test_top1(dense), _params(dense)[0]  # once per seed, not per cell
         for r in args.rank_ratios:
