@@ -92,7 +92,32 @@ def test_verify_with_onnx_runtime_passes_without_craft_deploy(package, tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("PASSED: ort vs PyTorch on 32 images")
     result = json.loads((pkg / "result.json").read_text())
-    assert result["passed"] and result["top1_agreement"] >= 0.95 and "top1_on_package_images" in result
+    assert result["passed"] and "top1_on_package_images" in result
+    # the verdict is the policy's, measured: within it against PyTorch's FP32 logits or, for a model whose FP32
+    # logits are inexact (near-tied logits flip on a rounding step, on some CPUs' kernels), against its float64 ones
+    tolerance = result["tolerance"]
+    plain = result["top1_agreement"] >= tolerance["min_top1_agreement"] or (
+        result["max_abs_diff"] <= tolerance["or_max_abs_diff"]
+    )
+    exact = result.get("float64_reference")
+    assert plain != (exact is not None)  # the second opinion is asked only when the first fails
+    if exact is not None:
+        logits64 = np.load(pkg / "outputs.npz")["logits_float64"]
+        got = onnxruntime_logits(pkg)
+        assert exact["export_max_abs_diff"] == pytest.approx(float(np.abs(got - logits64).max()), rel=1e-6)
+        assert exact["export_max_abs_diff"] <= tolerance["float64_max_abs_diff"]
+
+
+def onnxruntime_logits(pkg: Path) -> np.ndarray:
+    """The packaged ONNX file's logits on the packaged images in ONNX Runtime, as verify.py runs it (basic
+    optimisations, batches of 8)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    sess = ort.InferenceSession(str(pkg / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    images = np.load(pkg / "inputs.npz")["images"]
+    return np.concatenate([sess.run(None, {"input": c})[0] for c in np.split(images, range(8, len(images), 8))])
 
 
 def test_verify_fails_with_exit_4_on_a_tampered_onnx(package, tmp_path):

@@ -477,8 +477,10 @@ def test_qdq_judgement_accepts_near_tie_flips_only():
 
 def test_an_ill_conditioned_model_is_judged_against_float64(tmp_path):
     # large inner activations (two near-equal halves) cancelled into small logits: FP32 rounding of the inner values
-    # reaches the logits, so PyTorch's FP32 logits and ONNX Runtime's differ beyond 1e-3 x max|logit| though both
-    # compute the model correctly; against PyTorch in float64 the export is as close as PyTorch's FP32 is
+    # reaches the logits, so PyTorch's FP32 logits are themselves inexact. Whether ONNX Runtime's FP32 kernels on a
+    # given CPU land within the plain tolerance of PyTorch's is the CPU's business (they did on an AMX Xeon, not on
+    # an EPYC); what holds everywhere: a perfect FP32 implementation (the float64 result rounded once) fails the plain
+    # check, passes the float64 one, and the real export passes one of them
     from craft_deploy.export.prepare import export_model
     from craft_deploy.export.verify import compare_outputs, judge, judge_against_float64, judge_export, onnx_logits
 
@@ -493,21 +495,24 @@ def test_an_ill_conditioned_model_is_judged_against_float64(tmp_path):
     x = torch.randn(32, 3, 8, 8)
     with torch.no_grad():
         ref = model(x).numpy()
+        exact = copy.deepcopy(model).double()(x.double()).numpy()
+    perfect = exact.astype(np.float32)
+    check = compare_outputs(ref, perfect)
+    assert not judge(check, "fp32", None)  # PyTorch FP32 is further from the truth than the tolerance
+    assert judge_against_float64(check, model, x, ref, perfect)
+    assert check["float64_reference"]["pytorch_fp32_max_abs_diff"] > check["tolerance"]["max_abs_diff"]
+    # the second opinion is for the default tolerance only: an explicit --atol is the user's word
+    assert judge_export(compare_outputs(ref, perfect), "fp32", None, model, x, ref, perfect)
+    assert not judge_export(compare_outputs(ref, perfect), "fp32", 1e-3, model, x, ref, perfect)
+    # an export that is wrong by 5% of the logit scale still fails both
+    wrong = perfect + 0.05 * check["reference_logit_absmax"]
+    bad = compare_outputs(ref, wrong)
+    assert not judge(bad, "fp32", None) and not judge_against_float64(bad, model, x, ref, wrong)
+    # the real export, in this CPU's ONNX Runtime, passes one way or the other
     path = tmp_path / "m.onnx"
     path.write_bytes(export_model(model, [3, 8, 8], 17).SerializeToString())
     got = onnx_logits(path, x)
-    check = compare_outputs(ref, got)
-    assert not judge(check, "fp32", None)
-    assert judge_against_float64(check, model, x, ref, got)
-    exact = check["float64_reference"]
-    assert exact["pytorch_fp32_max_abs_diff"] > check["tolerance"]["max_abs_diff"]  # PyTorch FP32 is inexact too
-    # the second opinion is for FP32 under the default tolerance only: an explicit --atol is the user's word
     assert judge_export(compare_outputs(ref, got), "fp32", None, model, x, ref, got)
-    assert not judge_export(compare_outputs(ref, got), "fp32", 1e-3, model, x, ref, got)
-    # an export that is wrong by 5% of the logit scale still fails
-    wrong = got + 0.05 * check["reference_logit_absmax"]
-    bad = compare_outputs(ref, wrong)
-    assert not judge(bad, "fp32", None) and not judge_against_float64(bad, model, x, ref, wrong)
 
 
 def test_aoti_package_is_verified_loads_without_craft_deploy_and_benches(tiny_bundle, tmp_path):

@@ -72,7 +72,14 @@ class WeightQuantizer(nn.Module):
         else:
             amax = rows.abs().amax(dim=1) if self.granularity != "tensor" else rows.abs().amax().reshape(1)
             scale = fp8_scale(amax) if self.number_format == "fp8" else choose_qparams(amax, self.bits)
-        self.scale.copy_(scale.expand_as(self.scale))
+        scale = scale.expand_as(self.scale).clone()
+        empty = (rows == 0).all(dim=1) if self.granularity != "tensor" else (rows == 0).all().expand(scale.numel())
+        if empty.all():  # any scale holds zeros exactly: that of amax 1
+            unit = torch.ones(1)
+            scale.fill_(float(fp8_scale(unit) if self.number_format == "fp8" else choose_qparams(unit, self.bits)))
+        elif empty.any():  # the layer's largest, not 1e-8 / qmax: integer kernels rescale and add biases by it
+            scale[empty] = scale[~empty].max()
+        self.scale.copy_(scale)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -84,11 +91,9 @@ class WeightQuantizer(nn.Module):
         if self.granularity == "group":  # one scale per row of (channels * groups, group_size)
             rows = self.rows(weight)
             rows = rows if self.pre_clamped else self.clamp(rows)
-            return torch.fake_quantize_per_channel_affine(rows, self.scale, self.zero_point, 0, -128, 127).reshape(
-                weight.shape
-            )
+            return _per_channel(rows, self.scale, self.zero_point).reshape(weight.shape)
         weight = weight if self.pre_clamped else self.clamp(weight)  # no reshape: DQ feeds the Conv/Gemm directly
-        return torch.fake_quantize_per_channel_affine(weight, self.scale, self.zero_point, 0, -128, 127)
+        return _per_channel(weight, self.scale, self.zero_point)
 
     def clamp(self, w: torch.Tensor) -> torch.Tensor:
         """Clip weights (or weight rows) to [-qmax, qmax] steps: a clipped (MSE) or narrow (INT6, INT4) grid stays
@@ -96,6 +101,19 @@ class WeightQuantizer(nn.Module):
         top = FP8_E4M3_MAX if self.number_format == "fp8" else qmax_for(self.bits)
         lim = (self.scale * top).reshape(-1, *[1] * (w.ndim - 1))
         return torch.clamp(w, -lim, lim)
+
+
+def _int8_grid(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """(clamp(round(x / s) + zp, -128, 127) - zp) * s, what torch's fake_quantize ops compute, in x's own dtype."""
+    return (torch.clamp(torch.round(x / scale) + zero_point, -128, 127) - zero_point) * scale
+
+
+def _per_channel(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel int8 fake-quant of `w` (rows along dim 0); in float64 too, which torch's op refuses."""
+    if w.dtype != torch.float64:
+        return torch.fake_quantize_per_channel_affine(w, scale, zero_point, 0, -128, 127)
+    shape = (-1, *[1] * (w.ndim - 1))
+    return _int8_grid(w, scale.double().reshape(shape), zero_point.double().reshape(shape))
 
 
 class _ActivationQuantizer(nn.Module):
@@ -138,6 +156,8 @@ class ActQuantizer(_ActivationQuantizer):
             factor = 1.0 / math.sqrt(x.numel() / max(x.shape[0], 1) * qmax)
             zp = self.zero_point.to(x.dtype)
             return torch._fake_quantize_learnable_per_tensor_affine(x, self.scale, zp, -128, 127, factor)
+        if x.dtype == torch.float64:  # the exact reference export verification compares with
+            return _int8_grid(x, self.scale.double(), self.zero_point.double())
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, -128, 127)
 
     def learn_scale(self) -> nn.Parameter:

@@ -18,6 +18,9 @@ import torch
 MIN_SCALE = 1e-8  # a scale is never zero, so empty channels and constant tensors stay valid
 FP8_E4M3_MAX = 448.0
 NUMBER_FORMATS = ("int", "fp8")
+# largest |bias| / (input scale x weight scale) an exported integer layer may hold: int32 accumulators add it, and 2^24
+# leaves 2^7 of headroom for the products summed beside it (compress.bias_bound keeps calibrated scales within it)
+BIAS_INT32_BOUND = 2**24
 
 
 def qmax_for(bits: int) -> int:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from craft_deploy import CraftError
 from craft_deploy.compress.attention import attention_modules
 from craft_deploy.compress.batchnorm import batchnorms, recalibrate_batchnorm
+from craft_deploy.compress.bias_bound import batchnorm_after, fit_biases_to_int32
 from craft_deploy.compress.calibrators import CALIBRATORS, Calibrator, RangeObserver, calibrator
 from craft_deploy.compress.layers import select_layers
 from craft_deploy.compress.placement import PLACEMENTS, ort_cpu_tensors
@@ -195,7 +196,8 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dic
         if calib is None:
             raise CraftError(f"--quant {cfg.name} quantizes activations and needs calibration data")
         t1 = time.perf_counter()
-        observe_ranges(model, act, calib, cal)
+        with batchnorm_after(model, quantized_layers(model)) as following:
+            observe_ranges(model, act, calib, cal)
         timings["activations_seconds"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         refined = cal.refine(model, calib, cfg)
@@ -212,6 +214,13 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dic
         timings["bn_recalibrate_seconds"] = time.perf_counter() - t3
     elif cfg.bn_recalibrate:
         notes.append("--bn-recalibrate: the model has no BatchNorm; nothing re-estimated")
+    biases = fit_biases_to_int32(quantized_layers(model), following) if act else {}
+    if biases.get("weight_scales_raised"):
+        raised = biases["weight_scales_raised"]
+        notes.append(
+            f"weight scales raised so that every bias fits an int32 accumulator: {sum(raised.values())} channels of "
+            f"{len(raised)} layers (near-empty channels)"
+        )
     timings["total_seconds"] = time.perf_counter() - t0
     state = {
         "config": cfg.name,
@@ -232,6 +241,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dic
         "skipped": skipped,
         "activation_ranges": ranges,
         "bn_recalibrated": bn_count,
+        "int32_biases": biases,
         "notes": notes,
         "timings": timings,
     }

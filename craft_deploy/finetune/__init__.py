@@ -206,13 +206,23 @@ def _finish_recovery(cfg: FinetuneConfig, prep: _Setup) -> dict[str, Any]:
     compressed forward pass on calibration images; returns what the manifest records of it."""
     from craft_deploy.compress import calib_loop
     from craft_deploy.compress.batchnorm import recalibrate_batchnorm
+    from craft_deploy.compress.bias_bound import batchnorm_after, fit_biases_to_int32
+    from craft_deploy.compress.qmodules import quantized_layers
     from craft_deploy.data import calibration_subset
 
     prep.masks.remove()
     prep.masks.apply()
     calib = calibration_subset(prep.splits.train, min(cfg.calib_samples, len(prep.splits.train)), cfg.seed)
-    bn = recalibrate_batchnorm(prep.model, calib_loop(calib))
-    return {"init": str(cfg.init), "pruned_layers": len(prep.masks.masks), "bn_recalibrated": bn}
+    layers = quantized_layers(prep.model)
+    with batchnorm_after(prep.model, layers) as following:
+        bn = recalibrate_batchnorm(prep.model, calib_loop(calib))
+    biases = fit_biases_to_int32(layers, following)  # trained biases and new statistics: back on the int32 grid
+    return {
+        "init": str(cfg.init),
+        "pruned_layers": len(prep.masks.masks),
+        "bn_recalibrated": bn,
+        "int32_biases": biases,
+    }
 
 
 def _run_main(cfg: FinetuneConfig, out: str | Path, overwrite: bool, state: dict | None, dist: Dist) -> dict[str, Any]:

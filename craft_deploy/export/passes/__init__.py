@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import onnx
 
+from craft_deploy.compress.qparams import BIAS_INT32_BOUND
 from craft_deploy.export.passes.folding import (
     bypass_constant_identities,
     fold_batchnorm,
@@ -14,6 +15,7 @@ from craft_deploy.export.passes.folding import (
 )
 from craft_deploy.export.passes.precision import to_fp16, upgrade_opset
 from craft_deploy.export.passes.qdq import (
+    check_bias_range,
     drop_clamps_before_quantize,
     requantize_grid_ops,
     requantize_layer_outputs,
@@ -35,6 +37,8 @@ def apply_passes(proto: onnx.ModelProto, plan: ExportPlan) -> tuple[onnx.ModelPr
         counts["identities_bypassed"] = bypass_constant_identities(proto)
         counts["scalar_qparams"] = scalar_activation_qparams(proto)
     counts["batchnorm_folded"] = fold_batchnorm(proto)
+    if plan.precision == "int8" and plan.activations != "fp32":
+        counts["bias_range_checked"] = check_bias_range(proto, BIAS_INT32_BOUND)
     proto = upgrade_opset(proto, plan.opset)
     if plan.int4_weights:
         counts["int4_weights"] = to_int4_weights(proto)

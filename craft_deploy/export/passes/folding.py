@@ -94,8 +94,8 @@ def fold_batchnorm(proto: onnx.ModelProto) -> int:
     The exporter folds BatchNorm into float convs itself, but not into convs whose weight is DequantizeLinear(int8),
     and a BatchNormalization between a Conv and the next QuantizeLinear keeps ONNX Runtime from fusing the Q/DQ conv
     into one integer kernel. Per output channel k = gamma / sqrt(var + eps): a DQ weight keeps its integers and takes
-    scale |k| * scale (a channel with k < 0 has its integers negated, exact on the symmetric grid), a float weight is
-    multiplied by k, and the bias becomes (b - mean) * k + beta.
+    scale |k| * scale (a channel with k < 0 has its integers negated, exact on the symmetric grid; one with k = 0 has
+    them zeroed and keeps its scale), a float weight is multiplied by k, and the bias becomes (b - mean) * k + beta.
     """
     graph = proto.graph
     inits = initializers(graph)
@@ -137,9 +137,10 @@ def fold_batchnorm(proto: onnx.ModelProto) -> int:
             axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
             if (scale.size > 1 and axis != 0) or np.any(zp != 0) or q.dtype != np.int8 or (q == -128).any():
                 continue
-            sign = np.where(k < 0, -1, 1).astype(np.int8)
+            sign = np.sign(k).astype(np.int8)  # a channel with k = 0 (gamma 0) computes beta alone: integers 0
             dq.input[0] = put(dq.input[0], q * sign.reshape(-1, *[1] * (q.ndim - 1)))
-            new_scale = (np.broadcast_to(scale, k.shape) * np.abs(k)).astype(scale.dtype)
+            scale = np.broadcast_to(scale, k.shape)
+            new_scale = np.where(k != 0, scale * np.abs(k), scale).astype(scale.dtype)  # never a zero scale
             dq.input[1] = put(dq.input[1], new_scale)
             zp_name = put(dq.input[2] if len(dq.input) > 2 else dq.output[0] + "_zp", np.zeros(k.shape, q.dtype))
             del dq.input[2:]

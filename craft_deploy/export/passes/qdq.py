@@ -291,3 +291,53 @@ def to_int4_weights(proto: onnx.ModelProto, max_abs: int = 7) -> int:
         converted += 1
     drop_unused_initializers(graph)
     return converted
+
+
+def layer_name(node: onnx.NodeProto) -> str:
+    """The PyTorch module a traced node came from ('/blocks/blocks.0/blocks.0.0/conv_pw/Conv' -> 'blocks.0.0.conv_pw'),
+    or the node's own name when it carries no module scope."""
+    parts = [p for p in node.name.split("/") if p]
+    if len(parts) < 2:
+        return node.name or node.output[0]
+    scope = parts[:-1]
+    parent = scope[-2] if len(scope) > 1 else ""
+    return f"{parent}.{scope[-1]}" if parent and not scope[-1].startswith(parent + ".") else scope[-1]
+
+
+def check_bias_range(proto: onnx.ModelProto, bound: float) -> int:
+    """Refuse a Q/DQ Conv/Gemm whose float bias, in units of (input scale x weight scale), exceeds `bound`: a runtime
+    that adds it to an int32 accumulator (ONNX Runtime fuses every such Conv so) would saturate it. Returns how many
+    layers were checked; raises CraftError naming the first layer out of range."""
+    from craft_deploy import CraftError
+
+    graph = proto.graph
+    inits = initializers(graph)
+    writers = producers(graph)
+
+    def dq_scale(name: str) -> np.ndarray | None:
+        dq = writers.get(name)
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in inits:
+            return None
+        return numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64).reshape(-1)
+
+    checked = 0
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        s_in, s_w = dq_scale(node.input[0]), dq_scale(node.input[1])
+        if s_in is None or s_w is None or s_in.size != 1:
+            continue
+        bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64).reshape(-1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            units = np.abs(bias) / (s_in[0] * np.broadcast_to(s_w, bias.shape))
+        units = np.where(bias == 0, 0.0, units)
+        checked += 1
+        worst = int(np.argmax(units))
+        if not units[worst] <= bound:
+            raise CraftError(
+                f"layer {layer_name(node)}: output channel {worst}'s bias {bias[worst]:.4g} is "
+                f"{units[worst]:.3g} x (input scale {s_in[0]:.3g} x weight scale "
+                f"{float(np.broadcast_to(s_w, bias.shape)[worst]):.3g}), beyond the int32 accumulators' bound "
+                f"{bound:.3g}; re-quantize the bundle with this craft-deploy (calibration keeps scales within it)"
+            )
+    return checked
