@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +54,26 @@ def read_json(path: str | os.PathLike, what: str, missing_hint: str = "") -> Any
         raise CraftError(f"{what} {path} is corrupt (not JSON: {e})") from e
 
 
-def check_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing non-empty `out` unless `overwrite`; create nothing yet."""
+def check_out_dir(out: str | os.PathLike, overwrite: bool, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Refuse an existing non-empty `out` unless `overwrite`, and an `out` that is, or lies inside, one of the stage's
+    `inputs` (a bundle, an export directory), or that holds one (--overwrite would delete it); create nothing yet."""
     out = Path(out)
+    target = out.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if target == source:
+            where = "the same path as"
+        elif source.is_dir() and source in target.parents:
+            where = "inside"
+        elif target in source.parents:
+            where = "a directory holding"
+        else:
+            continue
+        raise CraftError(
+            f"--out {out} is {where} the input {given}: a stage never writes into what it reads; give a path outside it"
+        )
     if out.exists() and not out.is_dir():
         raise CraftError(f"--out {out} exists and is a file; give a directory path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

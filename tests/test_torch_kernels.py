@@ -72,8 +72,19 @@ def test_strip_quantizers_gives_back_the_dense_model(tiny_vit_bundle, vit_w8a8):
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert (quant(x) - dense(x)).abs().max() > 1e-4  # the fake-quant changes the logits
+        # calibration moved each integer layer's bias onto its int32 grid (compress.bias_bound), by at most half a
+        # unit of input scale x weight scale: the only difference left once the quantizers are gone
+        units = {
+            name: float(mod.input_quantizer.scale) * mod.parametrizations.weight[0].scale
+            for name, mod in quant.named_modules()
+            if hasattr(mod, "input_quantizer") and hasattr(mod, "parametrizations") and mod.bias is not None
+        }
         removed = strip_quantizers(quant)
-        assert removed > 0 and strip_quantizers(quant) == 0
+        assert removed > 0 and strip_quantizers(quant) == 0 and units
+        for name, unit in units.items():
+            bias, twin = quant.get_submodule(name).bias, dense.get_submodule(name).bias
+            assert ((bias - twin).abs() <= unit / 2 * (1 + 1e-3)).all(), name
+            twin.copy_(bias)
         torch.testing.assert_close(quant(x), dense(x), rtol=1e-5, atol=1e-5)
 
 

@@ -78,7 +78,7 @@ def write_plots(result: dict[str, Any], out: Path) -> list[str]:
 
 def run(cfg: AnalyzeConfig, bundle_path: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Analyze the bundle at `bundle_path`; write analyze.json and analyze.png to `out`."""
-    check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite, inputs=[bundle_path])
     bundle = load_bundle(bundle_path)
     with staged_dir(out, overwrite) as stage:
         splits = splits_for_manifest(bundle.manifest, cfg.data_root)

@@ -137,7 +137,7 @@ def run(
         raise CraftError("give at least one model (an ONNX file, an export directory, or a bundle for pytorch)")
     if cfg.update_baseline and not cfg.baseline:
         raise CraftError("--update-baseline needs --baseline PATH: the file to (re)write")
-    check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite, inputs=model_paths)
     backend_cls = get_backend(cfg.backend)
     resolved = [(os.path.normpath(str(p)), *resolve_model(p, backend_cls.needs)) for p in model_paths]
     baseline = read_baseline(cfg.baseline) if cfg.baseline and not cfg.update_baseline else None

@@ -56,7 +56,7 @@ def run(cfg: BenchConfig, paths: list[str | Path], out: str | Path, overwrite: b
     """bench.json (and report.md, plots, the gate's verdict) from trtexec timings."""
     if not paths:
         raise CraftError("give at least one device package directory (or times-bN.json file)")
-    check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite, inputs=paths)
     found = [(Path(p), *_times_files(Path(p))) for p in paths]
     baseline = read_baseline(cfg.baseline) if cfg.baseline and not cfg.update_baseline else None
     with staged_dir(out, overwrite) as stage:

@@ -128,7 +128,7 @@ def calib_loop(ds: Dataset, batch_size: int = 64) -> CalibLoop:
 
 def run(cfg: CompressConfig, bundle_path: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Prune and/or quantize the bundle at `bundle_path`; write the compressed bundle and compress.json to `out`."""
-    check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite, inputs=[bundle_path])
     bundle = load_bundle(bundle_path)
     with staged_dir(out, overwrite) as stage:
         t_start = time.perf_counter()

@@ -29,7 +29,7 @@ __all__ = ["ExportPlan", "compare_outputs", "plan_export", "run", "verify_onnx"]
 def run(cfg: ExportConfig, bundle_path: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Export the bundle at `bundle_path` into `out` (model.onnx, model.engine, model.ep or model.pt2), verify,
     export.json."""
-    check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite, inputs=[bundle_path])
     bundle = load_bundle(bundle_path)
     manifest = bundle.manifest
     plan = plan_export(cfg, manifest, bundle_path)

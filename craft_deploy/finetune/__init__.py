@@ -74,7 +74,7 @@ def run(
     rewritten after every epoch. A killed run is continued with `resume` (its --out, or that directory).
     """
     optimizer_class(cfg.optimizer)  # fail on a bad name before any work
-    check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite, inputs=[cfg.init, cfg.teacher])
     state = None
     if resume is not None:
         state = load_checkpoint(find_checkpoint(resume))
