@@ -13,8 +13,8 @@ from torch import nn
 
 from craft_deploy import CraftError
 from craft_deploy.compress.bias_bound import CALIBRATION_BOUND
-from craft_deploy.compress.quant import QuantConfig, quantize
 from craft_deploy.compress.qparams import BIAS_INT32_BOUND
+from craft_deploy.compress.quant import QuantConfig, quantize
 from craft_deploy.export.passes import apply_passes
 from craft_deploy.export.passes.qdq import check_bias_range
 from craft_deploy.export.plan import ExportPlan
