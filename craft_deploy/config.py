@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,24 @@ def _of_type(value: Any, ann: str) -> bool:
 
 
 class _Config:
+    """Base of every config: a float field (alone or in a tuple) that is nan or infinite is refused before the
+    config's own checks run, naming the option; a config of a subclass is checked the same way, by construction."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None:
+            return
+
+        def __post_init__(self) -> None:
+            _refuse_non_finite(self)
+            own(self)
+
+        cls.__post_init__ = __post_init__
+
+    def __post_init__(self) -> None:
+        _refuse_non_finite(self)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -52,6 +71,15 @@ class _Config:
                 raise CraftError(f"{cls.__name__}.{name} must be {ann}, got {str(repr(value))[:60]}")
             kw[name] = tuple(value) if isinstance(value, list) and ann.startswith("tuple[") else value
         return kw
+
+
+def _refuse_non_finite(cfg: Any) -> None:
+    """CraftError for the first float field of `cfg` (or float inside a tuple field) that is nan or +-inf."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise CraftError(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
 
 
 def parse_sparsity(text: str | float | None) -> tuple[str, float | tuple[int, int]] | None:

@@ -276,9 +276,10 @@ def test_trtexec_timings_become_a_gated_bench_record(package, tmp_path):
 
 
 def test_trtexec_input_that_is_not_timings_is_refused(tmp_path):
-    (tmp_path / "times-b4.json").write_text('{"not": "a list"}')
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "times-b4.json").write_text('{"not": "a list"}')
     with pytest.raises(CraftError, match="is a JSON list of per-inference records"):
-        trtexec_times.run(BenchConfig(), [tmp_path], tmp_path / "b")
+        trtexec_times.run(BenchConfig(), [tmp_path / "pkg"], tmp_path / "b")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CraftError, match="holds no times-bN.json: run the package's bench.sh"):

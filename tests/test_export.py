@@ -281,9 +281,10 @@ def test_w6a6_exports_the_narrow_grid_exactly(tiny_w6a6, tmp_path):
     assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.8
 
 
-@pytest.mark.parametrize("group", [0, 16])
+@pytest.mark.parametrize("group", [0, 8])
 def test_w4a16_exports_int4_weights_at_opset_21(group, tiny_bundle, tmp_path):
-    extra = {"group_size": group} if group else {}
+    # groups of 8 do not divide the stem's 27 weights per channel, the depthwise 9, the SE expansions' 12
+    extra = {"group_size": group, "exclude": ("conv_stem", "*conv_dw", "*se.*")} if group else {}
     compress(from_flags(quant="w4a16", calib_samples=32, **extra), tiny_bundle, tmp_path / "w4")
     with pytest.raises(CraftError, match="ort-cpu"):  # TensorRT has no INT4 convolutions
         export(ExportConfig(), tmp_path / "w4", tmp_path / "trt")

@@ -109,7 +109,13 @@ ROUND_TRIPS = [
     ("test_efficientnet", [METHOD_EXAMPLES[name] for name in METHODS]),  # every method, in registry order
     (
         "test_efficientnet",
-        [PruneConfig(ratio=0.5, score="wanda"), QuantConfig(w_bits=4, a_bits=16, w_granularity="group", group_size=8)],
+        [
+            PruneConfig(ratio=0.5, score="wanda"),
+            # groups of 8 do not divide the stem's 27 weights per channel, the depthwise 9, the SE expansion's 12
+            QuantConfig(
+                w_bits=4, a_bits=16, w_granularity="group", group_size=8, exclude=("conv_stem", "*conv_dw", "*se.*")
+            ),
+        ],
     ),
     ("test_vit", [PruneConfig(n=2, m=4), QuantConfig(w_bits=6, a_bits=6, quant_attention=True, calib_method="mse")]),
     ("test_resnet", [QuantConfig(w_bits=7, a_bits=8, placement="ort-cpu")]),

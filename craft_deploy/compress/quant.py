@@ -7,6 +7,7 @@ adds the quantizers ONNX Runtime's CPU integer kernels need (residual adds, pool
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -150,12 +151,10 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dic
             f"{cfg.calib_method} needs a ViT (timm Attention blocks) and quantized activations; calibrated with mse"
         )
     layers, skipped = select_layers(model, cfg.include, cfg.exclude, skip_stem=False, skip_depthwise=False)
+    if cfg.group_size:
+        _check_group_size(layers, cfg.group_size)
     spec: dict[str, LayerQuantSpec] = {}
-    for name, mod in layers.items():
-        per_row = mod.weight[0].numel()
-        if cfg.group_size and per_row % cfg.group_size:
-            skipped[name] = f"{per_row} weights per output channel are not a multiple of --group-size {cfg.group_size}"
-            continue
+    for name in layers:
         spec[name] = LayerQuantSpec(
             w_bits=cfg.w_bits,
             a_bits=cfg.a_bits,
@@ -278,6 +277,24 @@ def gptq_layers(model: nn.Module, calib: CalibLoop) -> None:
     finally:
         for q in act:
             q.enabled = True
+
+
+def _check_group_size(layers: dict[str, nn.Module], group_size: int) -> None:
+    """Refuse a group size that does not divide every selected layer's weights per output channel (quantizing the
+    others per channel, or not at all, would not be what was asked), naming them and what would fit."""
+    widths = {name: mod.weight[0].numel() for name, mod in layers.items()}
+    ragged = {name: w for name, w in widths.items() if w % group_size}
+    if not ragged:
+        return
+    common = math.gcd(*widths.values())
+    fits = [g for g in (256, 128, 64, 32, 16, 8, 4, 2) if common % g == 0]
+    hint = f"--group-size {fits[0]} divides every one" if fits else "no group size divides every one"
+    examples = ", ".join(f"{n} ({w})" for n, w in list(ragged.items())[:3])
+    raise CraftError(
+        f"--group-size {group_size} does not divide the weights per output channel of {len(ragged)} of "
+        f"{len(widths)} layers: {examples}{', ...' if len(ragged) > 3 else ''}; {hint}, or leave those layers "
+        f"float with --exclude (glob patterns, e.g. --exclude {next(iter(ragged))})"
+    )
 
 
 def _or_list(names: list[str]) -> str:

@@ -315,7 +315,11 @@ def check_bias_range(proto: onnx.ModelProto, bound: float) -> int:
     writers = producers(graph)
 
     def dq_scale(name: str) -> np.ndarray | None:
+        """The scale of the DequantizeLinear that `name` comes from, through ops that keep values (Pad, Flatten...),
+        which the runtimes move the DequantizeLinear past."""
         dq = writers.get(name)
+        while dq is not None and dq.op_type in ("Pad", *PASS_THROUGH_OPS):
+            dq = writers.get(dq.input[0])
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in inits:
             return None
         return numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64).reshape(-1)
