@@ -25,8 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from craft_deploy.compress.qparams import BIAS_INT32_BOUND
-
 # What calibration floors the scales to: 2^18 units, where a float32 bias still resolves its grid to 1/64 of a unit
 # (float32 carries 24 bits: at 2^22 units, where the floor first stood, the stored bias was off the grid by up to half
 # a unit again, measured on the issue-25 EfficientNet). Export's bound, 2^24, is about overflow alone.
