@@ -170,3 +170,41 @@ def test_export_precision_and_target_flags(tiny_bundle, tiny_w8a8, tmp_path):
     if importlib.util.find_spec("tensorrt") is None:
         _fails(["export", str(tiny_w8a8), "--format", "tensorrt", "--out", str(tmp_path / "y")], "[tensorrt]")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def _tree(path) -> dict[str, int]:
+    """Every file under `path` with its size: what a refused command must leave untouched."""
+    return {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_float_option_that_is_not_finite_is_refused(value, tiny_bundle, tmp_path):
+    _fails(["study", "--max-drop", value, "--out", str(tmp_path / "s")], "--max-drop must be a finite number")
+    _fails(
+        ["compress", str(tiny_bundle), "--quant", "w8a8", "--percentile", value, "--out", str(tmp_path / "c")],
+        "--percentile must be a finite number",
+    )
+    _fails(["finetune", *TINY, "--lr", value, "--out", str(tmp_path / "f")], "--lr must be a finite number")
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_out_inside_the_input_bundle_is_refused(tiny_bundle, tmp_path):
+    before = _tree(tiny_bundle)
+    _fails(["compress", str(tiny_bundle), "--quant", "w8a8", "--out", str(tiny_bundle / "c")], "is inside the input")
+    _fails(["export", str(tiny_bundle), "--out", str(tiny_bundle)], "is the same path as the input")
+    _fails(["analyze", str(tiny_bundle), "--out", str(tiny_bundle / "a"), "--overwrite"], "is inside the input")
+    # an --out that holds the input would be emptied by --overwrite
+    _fails(
+        ["compress", str(tiny_bundle), "--quant", "w8a8", "--out", str(tiny_bundle.parent), "--overwrite"],
+        "a directory holding",
+    )
+    assert _tree(tiny_bundle) == before
+
+
+def test_a_group_size_that_does_not_divide_every_layer_is_refused(tiny_bundle, tmp_path):
+    out = _fails(
+        ["compress", str(tiny_bundle), "--quant", "w4a16", "--group-size", "7", "--out", str(tmp_path / "c")],
+        "--group-size 7 does not divide the weights per output channel of",
+    )
+    assert "conv_stem (27)" in out and "--group-size" in out and "--exclude" in out
+    assert not (tmp_path / "c").exists()
