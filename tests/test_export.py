@@ -551,3 +551,42 @@ def test_aoti_package_is_verified_loads_without_craft_deploy_and_benches(tiny_bu
         CraftError, match="was compiled for batches up to 8, not 16: export it again with --batch-sizes 1,16"
     ):
         bench(BenchConfig(backend="aoti", batch_sizes=(16,), iters=1, eval_subset=16), tmp_path / "a", tmp_path / "c")
+
+
+def test_a_broken_weight_scale_is_named_by_the_divergence_report(tiny_w8a8, tmp_path, monkeypatch):
+    # one layer's weight scales made 4x larger in the file: export fails (exit 4), and the report says that the file
+    # (not ONNX Runtime) is wrong, at the first activation quantizer after that layer, fed by that layer
+    import craft_deploy.export.targets.onnx_model as onnx_model
+    from craft_deploy import VerificationError
+    from craft_deploy.export.passes.graph import initializers, producers
+
+    passes, broken = onnx_model.apply_passes, {}
+
+    def break_one_scale(proto, plan):
+        proto, counts = passes(proto, plan)
+        inits, writers = initializers(proto.graph), producers(proto.graph)
+        convs = [n for n in proto.graph.node if n.op_type == "Conv" and n.input[1] in writers]
+        conv = convs[1]  # the first block's conv: the 4x reaches the logits (an SE conv's is damped below the policy)
+        scale = inits[writers[conv.input[1]].input[1]]
+        scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 4, scale.name))
+        broken["conv"] = conv.name
+        return proto, counts
+
+    monkeypatch.setattr(onnx_model, "apply_passes", break_one_scale)
+    with pytest.raises(VerificationError, match="the file itself differs from PyTorch") as e:
+        export(ExportConfig(verify_samples=32), tiny_w8a8, tmp_path / "e")
+    assert f"fed by Conv {broken['conv']}" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "e").exists()
+
+
+def test_the_divergence_report_clears_a_file_that_is_right(tiny_w8a8, tmp_path):
+    # the file agrees with PyTorch in the reference evaluator, so whatever disagreed was the runtime
+    from craft_deploy.export.diagnose import diagnose
+
+    rec = export(ExportConfig(verify_samples=32), tiny_w8a8, tmp_path / "e")
+    bundle = load_bundle(tiny_w8a8)
+    images = torch.randn(4, 3, 32, 32)
+    report = diagnose(tmp_path / "e" / rec["file"], bundle.model, images)
+    assert report["wrong"] == "runtime" and report["images"] == 4
+    assert report["reference_evaluator_vs_pytorch"]["top1_agreement"] == 1.0
+    assert report["first_divergence"] is None  # this CPU's ONNX Runtime computes what the reference evaluator does

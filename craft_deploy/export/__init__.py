@@ -53,8 +53,11 @@ def run(cfg: ExportConfig, bundle_path: str | Path, out: str | Path, overwrite: 
             record = onnx_model.export(cfg, bundle, bundle_path, stage, plan, images, ref, t0)
         failed = [k for k, v in record["verification"].items() if isinstance(v, dict) and v.get("passed") is False]
         if failed:
+            found = [record["verification"][k].get("diagnosis", {}).get("summary") for k in failed]
+            measured = {k: {f: v for f, v in record["verification"][k].items() if f != "diagnosis"} for k in failed}
             raise VerificationError(
-                f"{', '.join(failed)} disagrees with PyTorch beyond tolerance: "
-                f"{ {k: record['verification'][k] for k in failed} }; nothing was written to {out}"
+                f"{', '.join(failed)} disagrees with PyTorch beyond tolerance: {measured}"
+                + "".join(f"; {s}" for s in found if s)
+                + f"; nothing was written to {out}"
             )
     return record

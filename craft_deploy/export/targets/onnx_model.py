@@ -13,6 +13,7 @@ import onnx
 from craft_deploy import CraftError
 from craft_deploy.artifacts import atomic_write_bytes
 from craft_deploy.compress.registry import method_state
+from craft_deploy.export.diagnose import diagnose
 from craft_deploy.export.metadata import export_metadata, set_metadata
 from craft_deploy.export.passes import apply_passes
 from craft_deploy.export.plan import ExportPlan
@@ -58,6 +59,8 @@ def export(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images, ref,
     if pruned and check["weight_zeros_onnx"] < check["weight_zeros_bundle"]:
         check["passed"] = False
         check["error"] = "pruned weights are not exactly zero in the exported initializers"
+    elif not check["passed"]:  # the file, or this runtime? and where do they part?
+        check["diagnosis"] = diagnose(path, bundle.model, images)
     ops: dict[str, int] = {}
     for node in proto.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
@@ -69,7 +72,10 @@ def export(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images, ref,
         # recorded, not gated: this host's kernels only
         fused["within_tolerance"] = judge_export(fused, plan.precision, cfg.atol, bundle.model, images, ref, got_fused)
         if not fused["within_tolerance"]:
+            fused["diagnosis"] = diagnose(path, bundle.model, images, fused=True)
             extra["warning"] = SATURATION_HINT.format(agree=fused["top1_agreement"])
+            if "summary" in fused["diagnosis"]:
+                extra["warning"] += f" Measured: {fused['diagnosis']['summary']}."
         verification["onnxruntime_fused_kernels"] = fused
     timings = {"export_seconds": export_seconds}
     if cfg.format == "tensorrt":
