@@ -616,14 +616,27 @@ def export(bundle, out, overwrite, format_, batch_sizes, **kw) -> None:
     help="Fail when top-1 falls by more than this many points.",
 )
 @click.option("--update-baseline", is_flag=True, help="Write this run to --baseline instead of gating against it.")
+@click.option(
+    "--against",
+    type=click.Path(exists=True),
+    help="Paired gate: the baseline artifact itself (ONNX file, export directory, engine, package), timed beside the "
+    "one candidate in interleaved blocks; fails (exit 3) only when the ratio's interval lies above "
+    "1 + --max-latency-regression, says 'undecided' (exit 0) when it still straddles it after --max-blocks.",
+)
+@click.option("--min-blocks", show_default=True, type=int, help="--against: blocks timed before the first verdict.")
+@click.option("--max-blocks", show_default=True, type=int, help="--against: blocks timed at most per batch size.")
+@click.option("--confidence", show_default=True, type=float, help="--against: confidence of the ratio's interval.")
 @out_option
 @overwrite_option
 @_guard
 def bench(models, out, overwrite, batch_sizes, from_trtexec, **kw) -> None:
     """Accuracy and latency of exported models (or bundles with --backend pytorch); bench.json, report.md, plots.
 
-    With --baseline the run is a regression gate: it exits 3 when any (model, backend, batch) row is slower or less
-    accurate than the baseline allows, 0 when it passes, 2 on bad input.
+    With --baseline the run is a regression gate against a stored bench.json: it exits 3 when any (model, backend,
+    batch) row is slower or less accurate than the baseline allows, 0 when it passes, 2 on bad input. With --against
+    BASELINE the gate is paired (the baseline artifact timed beside the candidate, for shared runners): exit 3 when
+    the slowdown's interval lies above the threshold, top-1 fell too far, or a layer fell back to float; exit 0 when
+    it passed or stayed undecided (said so in the table and in bench.json's gate.verdict).
 
     \b
     Examples:
@@ -631,6 +644,7 @@ def bench(models, out, overwrite, batch_sizes, from_trtexec, **kw) -> None:
       craft-deploy bench runs/adam-fp32-onnx runs/adam-w8a8-onnx --rounds 5 --out runs/compare
       craft-deploy bench runs/m.onnx --baseline ci/bench-baseline.json --update-baseline --out runs/b0
       craft-deploy bench runs/m.onnx --baseline ci/bench-baseline.json --max-latency-regression 0.10 --out runs/b1
+      craft-deploy bench runs/new/model.onnx --against runs/main/model.onnx --max-latency-regression 0.05 --out runs/g
     """
     from craft_deploy.bench import EXIT_REGRESSION, run
     from craft_deploy.config import parse_batch_sizes

@@ -392,9 +392,24 @@ class BenchConfig(_Config):
     max_latency_regression: float = 0.10
     max_accuracy_drop: float = 0.5
     update_baseline: bool = False
+    against: str | None = None  # paired gate: the baseline artifact itself, timed beside the candidate
+    min_blocks: int = 12
+    max_blocks: int = 60
+    confidence: float = 0.95
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
+        if self.against and (self.baseline or self.update_baseline):
+            raise CraftError(
+                "--against (the baseline artifact, timed beside the candidate) and --baseline (a stored bench.json) "
+                "are two gates: give one"
+            )
+        if not 2 <= self.min_blocks <= self.max_blocks:
+            raise CraftError(
+                f"--min-blocks and --max-blocks need 2 <= min <= max, got {self.min_blocks} and {self.max_blocks}"
+            )
+        if not 0.5 <= self.confidence < 1.0:
+            raise CraftError(f"--confidence must be in [0.5, 1), e.g. 0.95, got {self.confidence}")
         if self.max_latency_regression < 0 or self.max_accuracy_drop < 0:
             raise CraftError(
                 "--max-latency-regression (a fraction, e.g. 0.10) and --max-accuracy-drop (points, "

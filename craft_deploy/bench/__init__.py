@@ -16,7 +16,7 @@ from craft_deploy import CraftError, VerificationError
 from craft_deploy.artifacts import atomic_write_json, check_out_dir, read_json, staged_dir
 from craft_deploy.bench.backends import BACKENDS, Backend, get_backend, register_backend
 from craft_deploy.bench.gate import BENCH_SCHEMA, EXIT_REGRESSION, compare, gate_record, read_baseline
-from craft_deploy.bench.measure import measure_accuracy, measure_latency
+from craft_deploy.bench.measure import latency_stats, measure_accuracy, measure_latency
 from craft_deploy.bench.report import write_markdown, write_plots
 from craft_deploy.config import BenchConfig
 from craft_deploy.data import splits_for_manifest
@@ -137,7 +137,9 @@ def run(
         raise CraftError("give at least one model (an ONNX file, an export directory, or a bundle for pytorch)")
     if cfg.update_baseline and not cfg.baseline:
         raise CraftError("--update-baseline needs --baseline PATH: the file to (re)write")
-    check_out_dir(out, overwrite, inputs=model_paths)
+    check_out_dir(out, overwrite, inputs=[*model_paths, cfg.against])
+    if cfg.against:
+        return run_paired(cfg, model_paths, out, overwrite)
     backend_cls = get_backend(cfg.backend)
     resolved = [(os.path.normpath(str(p)), *resolve_model(p, backend_cls.needs)) for p in model_paths]
     baseline = read_baseline(cfg.baseline) if cfg.baseline and not cfg.update_baseline else None
@@ -242,3 +244,112 @@ def _confirm_latency_failures(verdict, results: list[dict[str, Any]], runners: d
             row["confirmations"] = row.get("confirmations", 0) + 1
             if again["p50_ms"] < row["p50_ms"]:
                 row.update({k: v for k, v in again.items() if k != "remeasured"})
+
+
+def _backend(cls: type[Backend], path: Path, cfg: BenchConfig) -> Backend:
+    return cls(
+        path,
+        cfg.threads,
+        compile=cfg.compile,
+        include_transfer=cfg.include_transfer,
+        precision=cfg.precision,
+        kernels=cfg.kernels,
+    )
+
+
+def run_paired(cfg: BenchConfig, model_paths: list, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """The paired gate (`--against BASELINE`): the candidate and the baseline artifact loaded in this process, their
+    accuracy on the same images, their latency in interleaved blocks per batch size (bench.paired), their structure
+    compared (bench.structure, ONNX files); bench.json holds every block's times and the environment."""
+    from craft_deploy.bench.paired import format_paired, paired_row
+    from craft_deploy.bench.structure import compare_structure, onnx_structure, sha256
+
+    if len(model_paths) != 1:
+        raise CraftError(f"--against compares one candidate with its baseline; got {len(model_paths)} models")
+    backend_cls = get_backend(cfg.backend)
+    names = {"candidate": os.path.normpath(str(model_paths[0])), "baseline": os.path.normpath(str(cfg.against))}
+    resolved = {role: resolve_model(path, backend_cls.needs) for role, path in names.items()}
+    datasets = {role: meta.get("dataset") for role, (_, meta) in resolved.items()}
+    if datasets["candidate"] != datasets["baseline"] and not cfg.data:
+        raise CraftError(f"candidate and --against model were tuned on other data ({datasets}); give --data to choose")
+    with staged_dir(out, overwrite) as stage:
+        t0 = time.perf_counter()
+        backends = {role: _backend(backend_cls, path, cfg) for role, (path, _) in resolved.items()}
+        meta = resolved["candidate"][1]
+        splits = splits_for_manifest(meta, cfg.data_root, cfg.eval_subset, dataset=cfg.data)
+        ds = splits.test if cfg.split == "test" else splits.val
+        accuracy = {
+            role: measure_accuracy(b, ds, batch_size=min(32, b.max_batch or 32)) for role, b in backends.items()
+        }
+        images = next(iter(DataLoader(ds, batch_size=max(cfg.batch_sizes))))[0].numpy()
+        rng = np.random.default_rng(cfg.seed)
+        rows = []
+        for bs in tqdm(cfg.batch_sizes, desc="paired blocks", unit="batch size", disable=None):
+            batch = np.ascontiguousarray(np.resize(images, (bs, *images.shape[1:])))
+            rows.append(
+                paired_row(backends["baseline"], backends["candidate"], batch, cfg.max_latency_regression, cfg, rng)
+            )
+        paths = {role: path for role, (path, _) in resolved.items()}
+        if all(p.suffix == ".onnx" for p in paths.values()):
+            structures = {role: onnx_structure(p) for role, p in paths.items()}
+            structure = {**compare_structure(structures["baseline"], structures["candidate"]), "records": structures}
+        else:
+            structure = {"skipped": f"structure is read from ONNX files; these are {backend_cls.needs} artifacts"}
+        drop = accuracy["baseline"]["top1"] - accuracy["candidate"]["top1"]
+        acc = {
+            "baseline_top1": accuracy["baseline"]["top1"],
+            "candidate_top1": accuracy["candidate"]["top1"],
+            "max_drop": cfg.max_accuracy_drop,
+            "failed": drop > cfg.max_accuracy_drop,
+        }
+        failed = acc["failed"] or bool(structure.get("failures")) or any(r["verdict"] == "failed" for r in rows)
+        undecided = any(r["verdict"] == "undecided" for r in rows)
+        gate = {
+            "mode": "paired",
+            "candidate": names["candidate"],
+            "against": names["baseline"],
+            "sha256": {role: sha256(p) for role, p in paths.items()},
+            "confidence": cfg.confidence,
+            "threshold": 1.0 + cfg.max_latency_regression,
+            "rows": rows,
+            "accuracy": acc,
+            "structure": structure,
+            "verdict": "failed" if failed else ("undecided" if undecided else "passed"),
+        }
+        gate["passed"] = not failed
+        gate["table"] = format_paired(gate)
+        results, models = [], {}
+        for role, block in (("baseline", "baseline_block_ms"), ("candidate", "candidate_block_ms")):
+            name, (path, meta_r) = names[role], resolved[role]
+            models[name] = {**_model_identity(meta_r, path), "backend_info": backends[role].info(), "role": role}
+            for r in rows:
+                results.append(
+                    {
+                        "model": name,
+                        "backend": cfg.backend,
+                        "batch": r["batch"],
+                        **latency_stats(r[block], r["batch"]),
+                        "remeasured": 0,
+                        "top1": accuracy[role]["top1"],
+                        "top5": accuracy[role]["top5"],
+                        "samples": accuracy[role]["samples"],
+                        "dataset": splits.info["dataset"],
+                        "split": cfg.split,
+                        "model_size_bytes": models[name]["size_bytes"],
+                    }
+                )
+        plots = write_plots(results, stage)
+        record = write_record(
+            stage,
+            "bench",
+            cfg.to_dict(),
+            bench_schema=BENCH_SCHEMA,
+            models=models,
+            results=results,
+            memory=_memory(),
+            gate=gate,
+            plots=plots,
+            timings={"total_seconds": time.perf_counter() - t0},
+        )
+        write_markdown(record, stage / "report.md")
+    return record

@@ -38,7 +38,9 @@ def write_markdown(record: dict[str, Any], path: Path) -> None:
                 f"{r['mean_ms']:.2f} | {r['cv']:.3f} | {r['images_per_second']:.1f} | {r.get('remeasured', 0)} |"
             )
         lines.append("")
-    if record.get("gate"):
+    if (record.get("gate") or {}).get("mode") == "paired":
+        lines += ["## Paired regression gate", "", "```", record["gate"]["table"], "```"]
+    elif record.get("gate"):
         gate = record["gate"]
         lines += [
             "## Regression gate",
