@@ -100,8 +100,13 @@ def main() -> None:
             print(f"extra work: {channels} channels -> ratios {[round(r, 3) for r in ratios]}", flush=True)
             if min(ratios) >= 1 + args.extra:
                 break
+        # the stored gate matches rows by model path: every candidate is written to the same path before its run
+        candidate = tmp / "candidate" / "model.onnx"
+        candidate.parent.mkdir()
+        files = {"unchanged": args.model.read_bytes(), "slower": slow.read_bytes()}
+        candidate.write_bytes(files["unchanged"])
         baseline = tmp / "baseline.json"
-        run(BenchConfig(baseline=str(baseline), update_baseline=True, **common), [args.model], tmp / "b0")
+        run(BenchConfig(baseline=str(baseline), update_baseline=True, **common), [candidate], tmp / "b0")
         modes = {
             "stored": BenchConfig(baseline=str(baseline), **common),
             "paired": BenchConfig(against=str(args.model), **common),
@@ -113,8 +118,9 @@ def main() -> None:
             try:
                 time.sleep(1.0 if proc else 0.0)
                 for i in range(args.runs):
-                    order = [("unchanged", args.model), ("slower", slow)]
-                    for name, candidate in order if i % 2 == 0 else order[::-1]:
+                    order = ["unchanged", "slower"]
+                    for name in order if i % 2 == 0 else order[::-1]:
+                        candidate.write_bytes(files[name])
                         for mode, cfg in modes.items():
                             r = gate(cfg, candidate, tmp / "g")
                             results.append({"condition": condition, "mode": mode, "candidate": name, "run": i, **r})

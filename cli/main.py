@@ -29,8 +29,9 @@ from craft_deploy.config import (
 )
 
 EXIT_CODES_HELP = (
-    "Exit codes: 0 success; 2 bad usage or bad input (a flag value, a bundle or file refused); 3 regression gate "
-    "failed; 4 an artifact failed its verification (export or engine disagrees with PyTorch); 130 interrupted."
+    "Exit codes: 0 success (a paired gate left undecided included); 2 bad usage or bad input (a flag value, a bundle "
+    "or file refused); 3 regression gate failed; 4 an artifact failed its verification (export or engine disagrees "
+    "with PyTorch); 130 interrupted."
 )
 PLUGIN_GROUP = "craft_deploy.plugins"
 PLUGIN_ENV = "CRAFT_DEPLOY_PLUGINS"
