@@ -427,10 +427,15 @@ class BenchConfig(_Config):
             raise CraftError(f"--rounds must be >= 1 (round-robin passes over the models), got {self.rounds}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise CraftError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if (self.precision != "fp32" or self.kernels or self.compile) and self.backend != "pytorch":
+        if (self.kernels or self.compile) and self.backend != "pytorch":
             raise CraftError(
-                f"--precision, --kernels and --compile apply to --backend pytorch only, not {self.backend!r} "
+                f"--kernels and --compile apply to --backend pytorch only, not {self.backend!r} "
                 "(an exported model's precision is chosen at export)"
+            )
+        if self.precision != "fp32" and self.backend not in ("pytorch", "openvino"):
+            raise CraftError(
+                f"--precision applies to --backend pytorch (the bundle's float precision) and openvino (its inference "
+                f"precision hint), not {self.backend!r} (an exported model's precision is chosen at export)"
             )
 
 

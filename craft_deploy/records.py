@@ -15,7 +15,17 @@ from craft_deploy import __version__
 from craft_deploy.artifacts import atomic_write_json
 
 RECORD_SCHEMA = "craft-deploy/record/v1"
-_LIBS = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "torch-tensorrt")
+_LIBS = (
+    "torch",
+    "torchvision",
+    "timm",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "tensorrt",
+    "torch-tensorrt",
+    "openvino",
+)
 
 
 def _version(dist: str) -> str | None:

@@ -406,3 +406,98 @@ def get_backend(name: str) -> type[Backend]:
     if not ok:
         raise CraftError(f"backend {name} is not usable here: {why}")
     return cls
+
+
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}  # --precision -> INFERENCE_PRECISION_HINT
+
+
+def import_openvino():
+    """The openvino module, or a CraftError naming the extra that installs it."""
+    try:
+        import openvino
+    except ImportError:
+        raise CraftError(
+            "--backend openvino needs OpenVINO: pip install 'craft-deploy[openvino]' (or pip install openvino)"
+        ) from None
+    return openvino
+
+
+@register_backend("openvino")
+class OpenVino(Backend):
+    """OpenVINO on this CPU, running an exported ONNX file (FP32, FP16, or our Q/DQ INT8, which it runs with its own
+    low-precision kernels) with `--precision` fp32|bf16|fp16 as its inference precision hint and `--threads` as its
+    thread count; one model compiled per batch size (static shapes). OpenVINO is another runtime than the one export
+    verified, so before timing its logits are checked against the same file in ONNX Runtime on real images, under the
+    tolerance policy of what it computes (Q/DQ: INT8's; bf16 and fp16 hints: theirs)."""
+
+    def __init__(self, path: Path, threads: int | None = None, **kw):
+        super().__init__(path, threads, **kw)
+        ov = import_openvino()
+        self.core = ov.Core()
+        try:
+            self.model = self.core.read_model(str(path))
+        except Exception as e:
+            raise CraftError(f"{path} could not be read by OpenVINO: {str(e)[:300]}") from e
+        self.config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[self.precision]}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = threads
+        self.requests: dict[int, Any] = {}
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        self.quantized = any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            return False, "openvino is not installed (pip install 'craft-deploy[openvino]')"
+        return True, ""
+
+    def _request(self, batch: int):
+        """An infer request of the model compiled for `batch` images (compiled on first use: not timed)."""
+        if batch not in self.requests:
+            model = self.model.clone()
+            dims = model.input(0).get_partial_shape()
+            model.reshape({model.input(0): [batch, *[dims[i].get_length() for i in range(1, dims.rank.get_length())]]})
+            self.requests[batch] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+        return self.requests[batch]
+
+    def prepare(self, batch: np.ndarray):
+        self._request(len(batch))
+        return batch
+
+    def run(self, prepared: np.ndarray) -> np.ndarray:
+        request = self._request(len(prepared))
+        request.infer({0: prepared})
+        return request.get_output_tensor(0).data.copy()
+
+    @property
+    def checks_reference(self) -> bool:
+        return True
+
+    def reference_check(self, images: np.ndarray) -> dict[str, Any] | None:
+        import torch
+
+        from craft_deploy.export.verify import compare_outputs, judge, onnx_logits
+
+        ref = onnx_logits(self.path, torch.from_numpy(images))
+        check = compare_outputs(
+            ref, np.concatenate([self.run(c) for c in np.array_split(images, -(-len(images) // 32))])
+        )
+        check["against"] = "the same file in ONNX Runtime (as export verified it against PyTorch)"
+        check["passed"] = judge(check, "int8" if self.quantized else self.precision, None)
+        return check
+
+    def info(self) -> dict[str, Any]:
+        ov = import_openvino()
+        request = next(iter(self.requests.values()), None)
+        compiled = request.get_compiled_model() if request is not None else None
+        return {
+            "openvino": ov.__version__,
+            "device": self.core.get_property("CPU", "FULL_DEVICE_NAME"),
+            "threads": self.threads,
+            "precision_hint": self.config["INFERENCE_PRECISION_HINT"],
+            "inference_precision": str(compiled.get_property("INFERENCE_PRECISION_HINT")) if compiled else None,
+        }

@@ -1,0 +1,79 @@
+"""The OpenVINO backend: runs our FP32 and Q/DQ INT8 ONNX files of tiny real models, checked against the same file in
+ONNX Runtime before timing; bf16 under its own tolerance; a missing OpenVINO is an error naming the extra."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from craft_deploy import CraftError, VerificationError
+from craft_deploy.bench import run as bench
+from craft_deploy.config import BenchConfig, ExportConfig
+from craft_deploy.export import run as export
+
+pytest.importorskip("openvino", reason="openvino is in the test extra: pip install -e '.[test]'")
+
+FAST = dict(backend="openvino", batch_sizes=(1, 4), iters=3, min_seconds=0.0, eval_subset=64, threads=2)
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(tiny_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ov") / "fp32"
+    export(ExportConfig(verify_samples=32), tiny_bundle, out)
+    return out
+
+
+@pytest.mark.parametrize("which", ["fp32", "int8"])
+def test_openvino_runs_our_files_and_agrees_with_onnx_runtime(which, fp32_onnx, tiny_w8a8_onnx, tmp_path):
+    model = fp32_onnx if which == "fp32" else tiny_w8a8_onnx
+    rec = bench(BenchConfig(**FAST), model, tmp_path / "ov")
+    ort = bench(BenchConfig(**{**FAST, "backend": "ort-cpu"}), model, tmp_path / "ort")
+    info = next(iter(rec["models"].values()))
+    check = info["verification"]
+    assert check["passed"] and check["samples"] == 64 and "ONNX Runtime" in check["against"]
+    if which == "fp32":  # float: every logit within 1e-3 of the scale
+        assert check["tolerance"] == {"max_abs_diff": pytest.approx(1e-3 * max(1.0, check["reference_logit_absmax"]))}
+    else:  # Q/DQ: OpenVINO's own integer kernels, judged by the INT8 policy
+        assert "min_top1_agreement" in check["tolerance"]
+    assert info["backend_info"]["openvino"] and info["backend_info"]["precision_hint"] == "f32"
+    assert [r["batch"] for r in rec["results"]] == [1, 4] and all(r["p50_ms"] > 0 for r in rec["results"])
+    assert abs(rec["results"][0]["top1"] - ort["results"][0]["top1"]) <= 100 * 2 / 64  # two images at most
+
+
+def test_bf16_is_judged_by_its_own_tolerance(fp32_onnx, tmp_path):
+    rec = bench(BenchConfig(**FAST, precision="bf16"), fp32_onnx, tmp_path / "b")
+    info = next(iter(rec["models"].values()))
+    check = info["verification"]
+    assert info["backend_info"]["precision_hint"] == "bf16"
+    assert check["tolerance"]["max_abs_diff"] == pytest.approx(8e-2 * max(1.0, check["reference_logit_absmax"]))
+    assert check["tolerance"]["min_top1_agreement"] == 0.98 and check["passed"]
+
+
+def test_openvino_that_computes_something_else_fails_the_check(fp32_onnx, tmp_path, monkeypatch):
+    from craft_deploy.bench.backends import OpenVino
+
+    real = OpenVino.run
+    monkeypatch.setattr(OpenVino, "run", lambda self, x: real(self, x) * -1.0)
+    with pytest.raises(VerificationError, match="disagrees with the same file in ONNX Runtime"):
+        bench(BenchConfig(**FAST), fp32_onnx, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_missing_openvino_is_an_error_naming_the_extra(fp32_onnx, tmp_path, monkeypatch):
+    from craft_deploy.bench.backends import BACKENDS
+
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    ok, why = BACKENDS["openvino"].availability()
+    assert not ok and "craft-deploy[openvino]" in why
+    with pytest.raises(
+        CraftError, match=r"backend openvino is not usable here: .*pip install 'craft-deploy\[openvino\]'"
+    ):
+        bench(BenchConfig(**FAST), fp32_onnx, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_precision_is_for_backends_that_set_it():
+    with pytest.raises(CraftError, match="--precision applies to --backend pytorch .* and openvino"):
+        BenchConfig(backend="ort-cpu", precision="bf16")
+    assert BenchConfig(backend="openvino", precision="fp16").precision == "fp16"
