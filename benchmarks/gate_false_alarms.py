@@ -84,6 +84,9 @@ def main() -> None:
     ap.add_argument("--conditions", default="quiet,half-core,full-core")
     ap.add_argument("--threshold", type=float, default=0.05, help="--max-latency-regression of both gates.")
     ap.add_argument("--extra", type=float, default=0.10, help="How much slower the slow copy should be.")
+    ap.add_argument("--channels", type=int, help="Extra channels of the slow copy (default: calibrated to --extra).")
+    ap.add_argument("--modes", default="stored,paired", help="Which gates to run: stored, paired or both.")
+    ap.add_argument("--name", default="gate-false-alarms", help="Results file name (JSON and Markdown).")
     ap.add_argument("--eval-subset", type=int, default=64)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
@@ -92,7 +95,7 @@ def main() -> None:
         tmp = Path(tmp)
         # the slow copy: the fewest extra channels that make both batch sizes at least --extra slower (paired, quiet)
         slow, calibration = tmp / "slow.onnx", []
-        for channels in (2, 4, 6, 8, 12, 16, 24, 32, 48, 64):
+        for channels in [args.channels] if args.channels else (2, 4, 6, 8, 12, 16, 24, 32, 48, 64):
             slower_copy(args.model, slow, channels)
             probe = BenchConfig(against=str(args.model), min_blocks=30, max_blocks=30, **common)
             ratios = [r["ratio"] for r in run(probe, [slow], tmp / "probe", overwrite=True)["gate"]["rows"]]
@@ -111,6 +114,7 @@ def main() -> None:
             "stored": BenchConfig(baseline=str(baseline), **common),
             "paired": BenchConfig(against=str(args.model), **common),
         }
+        modes = {m: modes[m] for m in args.modes.split(",")}
         results = []
         for condition in args.conditions.split(","):
             neighbour = NEIGHBOURS[condition]
@@ -140,8 +144,8 @@ def main() -> None:
         "results": results,
         "table": table,
     }
-    (args.out / "gate-false-alarms.json").write_text(json.dumps(record, indent=1) + "\n")
-    (args.out / "gate-false-alarms.md").write_text(table + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    (args.out / f"{args.name}.md").write_text(table + "\n")
     print(table)
 
 
@@ -155,7 +159,7 @@ def summarise(results: list[dict], args) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for condition in args.conditions.split(","):
-        for mode in ("stored", "paired"):
+        for mode in args.modes.split(","):
             cell = [r for r in results if r["condition"] == condition and r["mode"] == mode]
             same = [r for r in cell if r["candidate"] == "unchanged"]
             slow = [r for r in cell if r["candidate"] == "slower"]

@@ -3,6 +3,7 @@ ONNX Runtime before timing; bf16 under its own tolerance; a missing OpenVINO is 
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -42,6 +43,10 @@ def test_openvino_runs_our_files_and_agrees_with_onnx_runtime(which, fp32_onnx, 
 
 
 def test_bf16_is_judged_by_its_own_tolerance(fp32_onnx, tmp_path):
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):  # OpenVINO sees bf16 in CPUID, its oneDNN may not use it: a named error
+        with pytest.raises(CraftError, match="OpenVINO could not compile .* with precision hint bf16 on this CPU"):
+            bench(BenchConfig(**FAST, precision="bf16"), fp32_onnx, tmp_path / "b")
+        return
     rec = bench(BenchConfig(**FAST, precision="bf16"), fp32_onnx, tmp_path / "b")
     info = next(iter(rec["models"].values()))
     check = info["verification"]

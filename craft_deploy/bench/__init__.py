@@ -147,30 +147,7 @@ def run(
         t0 = time.perf_counter()
         results, models, runners, accuracies = [], {}, {}, {}
         for name, path, meta in resolved:
-            backend = backend_cls(
-                path,
-                cfg.threads,
-                compile=cfg.compile,
-                include_transfer=cfg.include_transfer,
-                precision=cfg.precision,
-                kernels=cfg.kernels,
-            )
-            if backend.max_batch is not None and max(cfg.batch_sizes) > backend.max_batch:
-                raise CraftError(
-                    f"{name} was compiled for batches up to {backend.max_batch}, not {max(cfg.batch_sizes)}: export "
-                    f"it again with --batch-sizes 1,{max(cfg.batch_sizes)}"
-                )
-            splits = splits_for_manifest(meta, cfg.data_root, cfg.eval_subset, dataset=cfg.data)
-            ds = splits.test if cfg.split == "test" else splits.val
-            check = None
-            if backend.checks_reference:  # only a backend that changes the model loads images for the check
-                check = backend.reference_check(next(iter(DataLoader(ds, batch_size=REFERENCE_IMAGES)))[0].numpy())
-            if check is not None and not check["passed"]:
-                raise VerificationError(
-                    f"{name} on {cfg.backend} ({backend.info()}) disagrees with {check['against']}: top-1 agreement "
-                    f"{check['top1_agreement']:.1%}, max |diff| {check['max_abs_diff']:.4g} (allowed: "
-                    f"{check['tolerance']})"
-                )
+            backend, splits, ds, check = _load(backend_cls, name, path, meta, cfg)
             accuracy = measure_accuracy(backend, ds, batch_size=min(32, backend.max_batch or 32))
             models[name] = {**_model_identity(meta, path), "backend_info": backend.info(), "verification": check}
             images = next(iter(DataLoader(ds, batch_size=max(cfg.batch_sizes))))[0].numpy()
@@ -246,8 +223,10 @@ def _confirm_latency_failures(verdict, results: list[dict[str, Any]], runners: d
                 row.update({k: v for k, v in again.items() if k != "remeasured"})
 
 
-def _backend(cls: type[Backend], path: Path, cfg: BenchConfig) -> Backend:
-    return cls(
+def _load(cls: type[Backend], name: str, path: Path, meta: dict[str, Any], cfg: BenchConfig):
+    """(backend, splits, evaluation set, reference check) of one model: the backend built, its batch limit checked,
+    and, for a backend that changes what the model computes, its logits checked against the model it came from."""
+    backend = cls(
         path,
         cfg.threads,
         compile=cfg.compile,
@@ -255,6 +234,23 @@ def _backend(cls: type[Backend], path: Path, cfg: BenchConfig) -> Backend:
         precision=cfg.precision,
         kernels=cfg.kernels,
     )
+    if backend.max_batch is not None and max(cfg.batch_sizes) > backend.max_batch:
+        raise CraftError(
+            f"{name} was compiled for batches up to {backend.max_batch}, not {max(cfg.batch_sizes)}: export "
+            f"it again with --batch-sizes 1,{max(cfg.batch_sizes)}"
+        )
+    splits = splits_for_manifest(meta, cfg.data_root, cfg.eval_subset, dataset=cfg.data)
+    ds = splits.test if cfg.split == "test" else splits.val
+    check = None
+    if backend.checks_reference:  # only a backend that changes the model loads images for the check
+        check = backend.reference_check(next(iter(DataLoader(ds, batch_size=REFERENCE_IMAGES)))[0].numpy())
+    if check is not None and not check["passed"]:
+        raise VerificationError(
+            f"{name} on {cfg.backend} ({backend.info()}) disagrees with {check['against']}: top-1 agreement "
+            f"{check['top1_agreement']:.1%}, max |diff| {check['max_abs_diff']:.4g} (allowed: "
+            f"{check['tolerance']})"
+        )
+    return backend, splits, ds, check
 
 
 def run_paired(cfg: BenchConfig, model_paths: list, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
@@ -274,10 +270,9 @@ def run_paired(cfg: BenchConfig, model_paths: list, out: str | Path, overwrite: 
         raise CraftError(f"candidate and --against model were tuned on other data ({datasets}); give --data to choose")
     with staged_dir(out, overwrite) as stage:
         t0 = time.perf_counter()
-        backends = {role: _backend(backend_cls, path, cfg) for role, (path, _) in resolved.items()}
-        meta = resolved["candidate"][1]
-        splits = splits_for_manifest(meta, cfg.data_root, cfg.eval_subset, dataset=cfg.data)
-        ds = splits.test if cfg.split == "test" else splits.val
+        loaded = {role: _load(backend_cls, names[role], *resolved[role], cfg) for role in ("baseline", "candidate")}
+        backends = {role: v[0] for role, v in loaded.items()}
+        _, splits, ds, _ = loaded["candidate"]  # accuracy of both on the candidate's images
         accuracy = {
             role: measure_accuracy(b, ds, batch_size=min(32, b.max_batch or 32)) for role, b in backends.items()
         }
@@ -321,7 +316,12 @@ def run_paired(cfg: BenchConfig, model_paths: list, out: str | Path, overwrite: 
         results, models = [], {}
         for role, block in (("baseline", "baseline_block_ms"), ("candidate", "candidate_block_ms")):
             name, (path, meta_r) = names[role], resolved[role]
-            models[name] = {**_model_identity(meta_r, path), "backend_info": backends[role].info(), "role": role}
+            models[name] = {
+                **_model_identity(meta_r, path),
+                "backend_info": backends[role].info(),
+                "verification": loaded[role][3],
+                "role": role,
+            }
             for r in rows:
                 results.append(
                     {

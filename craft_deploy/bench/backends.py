@@ -461,7 +461,15 @@ class OpenVino(Backend):
             model = self.model.clone()
             dims = model.input(0).get_partial_shape()
             model.reshape({model.input(0): [batch, *[dims[i].get_length() for i in range(1, dims.rank.get_length())]]})
-            self.requests[batch] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+            try:
+                compiled = self.core.compile_model(model, "CPU", self.config)
+            except RuntimeError as e:  # seen with the bf16 hint while oneDNN is held below the CPU (ONEDNN_MAX_CPU_ISA)
+                raise CraftError(
+                    f"OpenVINO could not compile {self.path} for batch {batch} with precision hint "
+                    f"{self.config['INFERENCE_PRECISION_HINT']} on this CPU: {' '.join(str(e).split())[-200:]}; "
+                    "try --precision fp32"
+                ) from e
+            self.requests[batch] = compiled.create_infer_request()
         return self.requests[batch]
 
     def prepare(self, batch: np.ndarray):

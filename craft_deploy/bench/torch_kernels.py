@@ -128,10 +128,28 @@ def _multiple_of(mod: nn.Linear, k: int) -> str | None:
     return None
 
 
+def int8_gemm_is_exact() -> bool:
+    """Whether this CPU's `torch._int_mm` adds int8 products exactly. oneDNN's int8 GEMM on x86 without VNNI (AVX2
+    only, or oneDNN held there with ONEDNN_MAX_CPU_ISA) adds pairs of u8 x s8 products in 16 bits with saturation, as
+    ONNX Runtime's kernels do (docs/cpu-speed.md): 127 x 127 over 64 rows then comes out wrong. Probed, not assumed."""
+    a = torch.full((17, 64), 127, dtype=torch.int8)
+    b = torch.full((64, 8), 127, dtype=torch.int8)
+    return bool((torch._int_mm(a, b) == 64 * 127 * 127).all())
+
+
 @register_torch_kernel("int8")
 class Int8Kernel(KernelRecipe):
     help = "INT8 weights (per channel) and dynamic per-token INT8 activations, torch._int_mm"
     module, multiple = Int8DynamicLinear, 8
+
+    @classmethod
+    def availability(cls, device: str) -> tuple[bool, str]:
+        if device == "cpu" and not int8_gemm_is_exact():
+            return False, (
+                "this CPU's int8 GEMM (oneDNN without VNNI) saturates pairs of 8-bit products, so torch._int_mm "
+                "would compute another model; run it on a CPU with VNNI or AMX, or on a CUDA GPU"
+            )
+        return True, ""
 
 
 @register_torch_kernel("fp8")
