@@ -51,7 +51,7 @@ def test_bf16_is_judged_by_its_own_tolerance(fp32_onnx, tmp_path):
     info = next(iter(rec["models"].values()))
     check = info["verification"]
     assert info["backend_info"]["precision_hint"] == "bf16"
-    assert check["tolerance"]["max_abs_diff"] == pytest.approx(8e-2 * max(1.0, check["reference_logit_absmax"]))
+    assert check["tolerance"]["max_abs_diff"] == pytest.approx(0.16 * max(1.0, check["reference_logit_absmax"]))
     assert check["tolerance"]["min_top1_agreement"] == 0.98 and check["passed"]
 
 

@@ -28,8 +28,9 @@ FLOAT_ATOL = 1e-3
 
 FP16_ATOL = 2e-2
 
-# bf16 keeps 8 mantissa bits to fp16's 11: its rounding is 8x coarser per operation
-BF16_ATOL = 8e-2
+# bf16 keeps 8 mantissa bits to fp16's 11: its rounding is 8x coarser per operation, so 8x FP16's (it was 4x, 8e-2,
+# which OpenVINO's bf16 run of the demo's FP32 EfficientNet missed at 0.12 x the scale with 99.6% top-1 agreement)
+BF16_ATOL = 8 * FP16_ATOL
 
 MIN_TOP1_AGREEMENT = {"fp16": 0.98, "bf16": 0.98, "int8": 0.95}
 
