@@ -818,6 +818,13 @@ def info() -> None:
     for name, cls in BACKENDS.items():
         ok, why = cls.availability()
         click.echo(f"  {name:<15} {'usable' if ok else 'unavailable: ' + why}")
+    if BACKENDS["openvino"].availability()[0]:
+        import openvino as ov
+
+        core = ov.Core()
+        for device in core.available_devices:
+            caps = ", ".join(core.get_property(device, "OPTIMIZATION_CAPABILITIES"))
+            click.echo(f"openvino {device}: {core.get_property(device, 'FULL_DEVICE_NAME')} ({caps})")
 
 
 if __name__ == "__main__":

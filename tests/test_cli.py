@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -78,6 +79,8 @@ def test_help_shows_examples():
 def test_info_lists_backends():
     out = _ok(["info"])
     assert "ort-cpu         usable" in out and "tensorrt" in out
+    if "openvino        usable" in out:  # the test extra installs it: its version and devices are listed
+        assert "openvino CPU: " in out and re.search(r"^  openvino\s+\d{4}\.", out, re.M)
 
 
 @pytest.mark.parametrize(
