@@ -157,26 +157,8 @@ def run(
         timings = _round_robin(runners, cfg) if cfg.rounds > 1 else {k: _timed(*r, cfg) for k, r in runners.items()}
         for (name, bs), stats in timings.items():
             accuracy, dataset = accuracies[name]
-            results.append(
-                {
-                    "model": name,
-                    "backend": cfg.backend,
-                    "batch": bs,
-                    **stats,
-                    "top1": accuracy["top1"],
-                    "top5": accuracy["top5"],
-                    "samples": accuracy["samples"],
-                    "dataset": dataset,
-                    "split": cfg.split,
-                    "model_size_bytes": models[name]["size_bytes"],
-                }
-            )
-        record_fields = {
-            "bench_schema": BENCH_SCHEMA,
-            "models": models,
-            "results": results,
-            "memory": _memory(),
-        }
+            results.append(_result_row(cfg, name, bs, stats, accuracy, dataset, models[name]["size_bytes"]))
+        memory = _memory()
         gate = None
         if baseline is not None:
             verdict = compare(
@@ -188,19 +170,44 @@ def run(
                     {"models": models, "results": results}, baseline, cfg.max_latency_regression, cfg.max_accuracy_drop
                 )
             gate = gate_record(cfg, verdict)
-        plots = write_plots(results, stage)
-        record = write_record(
-            stage,
-            "bench",
-            cfg.to_dict(),
-            **record_fields,
-            gate=gate,
-            plots=plots,
-            timings={"total_seconds": time.perf_counter() - t0},
-        )
-        write_markdown(record, stage / "report.md")
+        record = _write(stage, cfg, models, results, memory, gate, t0)
     if cfg.update_baseline:
         atomic_write_json(cfg.baseline, record)
+    return record
+
+
+def _result_row(cfg: BenchConfig, name: str, batch: int, stats: dict, accuracy: dict, dataset, size: int) -> dict:
+    """One (model, backend, batch) row of bench.json."""
+    return {
+        "model": name,
+        "backend": cfg.backend,
+        "batch": batch,
+        **stats,
+        "top1": accuracy["top1"],
+        "top5": accuracy["top5"],
+        "samples": accuracy["samples"],
+        "dataset": dataset,
+        "split": cfg.split,
+        "model_size_bytes": size,
+    }
+
+
+def _write(stage: Path, cfg: BenchConfig, models: dict, results: list, memory: dict, gate, t0: float) -> dict:
+    """bench.json, the plots and report.md in `stage`; returns the record."""
+    plots = write_plots(results, stage)
+    record = write_record(
+        stage,
+        "bench",
+        cfg.to_dict(),
+        bench_schema=BENCH_SCHEMA,
+        models=models,
+        results=results,
+        memory=memory,
+        gate=gate,
+        plots=plots,
+        timings={"total_seconds": time.perf_counter() - t0},
+    )
+    write_markdown(record, stage / "report.md")
     return record
 
 
@@ -315,7 +322,8 @@ def run_paired(cfg: BenchConfig, model_paths: list, out: str | Path, overwrite: 
         gate["table"] = format_paired(gate)
         results, models = [], {}
         for role, block in (("baseline", "baseline_block_ms"), ("candidate", "candidate_block_ms")):
-            name, (path, meta_r) = names[role], resolved[role]
+            path, meta_r = resolved[role]
+            name = names[role] if names["baseline"] != names["candidate"] else f"{names[role]} ({role})"
             models[name] = {
                 **_model_identity(meta_r, path),
                 "backend_info": backends[role].info(),
@@ -323,33 +331,8 @@ def run_paired(cfg: BenchConfig, model_paths: list, out: str | Path, overwrite: 
                 "role": role,
             }
             for r in rows:
-                results.append(
-                    {
-                        "model": name,
-                        "backend": cfg.backend,
-                        "batch": r["batch"],
-                        **latency_stats(r[block], r["batch"]),
-                        "remeasured": 0,
-                        "top1": accuracy[role]["top1"],
-                        "top5": accuracy[role]["top5"],
-                        "samples": accuracy[role]["samples"],
-                        "dataset": splits.info["dataset"],
-                        "split": cfg.split,
-                        "model_size_bytes": models[name]["size_bytes"],
-                    }
-                )
-        plots = write_plots(results, stage)
-        record = write_record(
-            stage,
-            "bench",
-            cfg.to_dict(),
-            bench_schema=BENCH_SCHEMA,
-            models=models,
-            results=results,
-            memory=_memory(),
-            gate=gate,
-            plots=plots,
-            timings={"total_seconds": time.perf_counter() - t0},
-        )
-        write_markdown(record, stage / "report.md")
+                stats = {**latency_stats(r[block], r["batch"]), "remeasured": 0}
+                size = models[name]["size_bytes"]
+                results.append(_result_row(cfg, name, r["batch"], stats, accuracy[role], splits.info["dataset"], size))
+        record = _write(stage, cfg, models, results, _memory(), gate, t0)
     return record
