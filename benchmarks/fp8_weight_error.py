@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from craft_deploy.compress import QuantConfig, calib_loop
-from craft_deploy.compress.registry import apply_method
 from craft_deploy.data import calibration_subset, splits_for_manifest
 from craft_deploy.evaluate import evaluate
 from craft_deploy.models import load_bundle
+from craft_deploy.toolkit.registry import apply_method
 
 VARIANTS = {
     "FP8 weights, float activations": dict(w_bits=8, a_bits=16, number_format="fp8"),

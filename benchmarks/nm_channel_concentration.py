@@ -15,10 +15,10 @@ import argparse
 
 import torch
 
-from craft_deploy.compress.primitives import as_input_groups
-from craft_deploy.compress.registry import method_state
 from craft_deploy.finetune.recovery import prunable_weight
 from craft_deploy.models import load_bundle
+from craft_deploy.toolkit.primitives import as_input_groups
+from craft_deploy.toolkit.registry import method_state
 
 
 def main() -> None:

@@ -18,12 +18,12 @@ from torch.utils.data import DataLoader
 
 from craft_deploy.analyze import lambda_max
 from craft_deploy.compress import PruneConfig, QuantConfig, calib_loop
-from craft_deploy.compress.registry import apply_method
 from craft_deploy.config import FinetuneConfig
 from craft_deploy.data import calibration_subset, splits_for_manifest
 from craft_deploy.evaluate import evaluate
 from craft_deploy.finetune import run
 from craft_deploy.models import load_bundle
+from craft_deploy.toolkit.registry import apply_method
 
 METHODS = {
     "adam": {"optimizer": "adam"},

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from craft_deploy.compress import QuantConfig, calib_loop
-from craft_deploy.compress.attention import attention_modules
-from craft_deploy.compress.batchnorm import batchnorms
-from craft_deploy.compress.registry import apply_method
 from craft_deploy.data import calibration_subset, splits_for_manifest
 from craft_deploy.evaluate import evaluate
 from craft_deploy.models import load_bundle
+from craft_deploy.toolkit.attention import attention_modules
+from craft_deploy.toolkit.batchnorm import batchnorms
+from craft_deploy.toolkit.registry import apply_method
 
 CONFIGS = [(8, 8), (6, 6), (6, 16), (5, 16), (4, 16), ("fp8", 8)]  # fp8: E4M3, calibrated with minmax/percentile/mse
 METHODS = ["minmax", "percentile", "mse", "entropy", "ptq4vit", "minmax+bn", "mse+bn"]  # +bn: --bn-recalibrate

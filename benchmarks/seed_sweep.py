@@ -78,10 +78,10 @@ def evaluate(args: argparse.Namespace) -> None:
 
     from craft_deploy.analyze import lambda_max
     from craft_deploy.compress import PruneConfig, QuantConfig, calib_loop
-    from craft_deploy.compress.registry import apply_method
     from craft_deploy.data import calibration_subset, splits_for_manifest
     from craft_deploy.evaluate import evaluate as top1_of
     from craft_deploy.models import load_bundle
+    from craft_deploy.toolkit.registry import apply_method
 
     def sharpness(bundle, splits, batchnorm: str) -> dict:
         """lambda_max on the same training images for every run (seed 1 of the calibration draw), batches of 32."""

@@ -21,10 +21,10 @@ import torch
 
 from craft_deploy.compress import PruneConfig, calib_loop
 from craft_deploy.compress.prune import PRUNE_SCORES, Wanda, register_prune_score
-from craft_deploy.compress.registry import apply_method
 from craft_deploy.data import calibration_subset, splits_for_manifest
 from craft_deploy.evaluate import evaluate
 from craft_deploy.models import load_bundle
+from craft_deploy.toolkit.registry import apply_method
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ from craft_deploy.config import (
     EXPORT_FORMATS,
     EXPORT_PRECISIONS,
     EXPORT_TARGETS,
-    QUANT_PLACEMENTS,
     TUNECOMP_PRUNE_SCHEDULES,
     AnalyzeConfig,
     BenchConfig,
@@ -27,6 +26,7 @@ from craft_deploy.config import (
     ExportConfig,
     FinetuneConfig,
 )
+from craft_deploy.toolkit.placement import PLACEMENTS
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success (a paired gate left undecided included); 2 bad usage or bad input (a flag value, a bundle "
@@ -369,7 +369,7 @@ def finetune(out, overwrite, resume, **kw) -> None:
 @click.option(
     "--calib-method",
     show_default=True,
-    type=RegistryChoice("craft_deploy.compress.calibrators:CALIBRATORS"),
+    type=RegistryChoice("craft_deploy.toolkit.calibrators:CALIBRATORS"),
     help="Activation ranges: min-max, a percentile of |x|, the MSE-optimal clip, TensorRT's entropy (KL) threshold, "
     "PTQ4ViT (twin-uniform softmax/GELU quantizers, Hessian-guided scale search; ViTs, else mse), or a plugin's.",
 )
@@ -399,7 +399,7 @@ def finetune(out, overwrite, resume, **kw) -> None:
 @click.option(
     "--placement",
     show_default=True,
-    type=click.Choice(QUANT_PLACEMENTS),
+    type=click.Choice(PLACEMENTS),
     help="Where activation quantizers go: tensorrt = inputs of Conv/Linear only (TensorRT fuses the rest); ort-cpu = "
     "also residual adds and pooling, asymmetric (ONNX Runtime's CPU integer kernels; export with --target ort-cpu).",
 )

@@ -3,83 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from craft_deploy import CraftError
-
-_SCALARS: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
-
-
-def _of_type(value: Any, ann: str) -> bool:
-    """Whether a JSON value fits a field annotation written as `int`, `float | None`, `tuple[str, ...]`, ..."""
-    for alt in (a.strip() for a in ann.split("|")):
-        if alt == "None" and value is None:
-            return True
-        if alt in _SCALARS and isinstance(value, _SCALARS[alt]) and (alt == "bool" or not isinstance(value, bool)):
-            return True
-        if alt.startswith("tuple[") and isinstance(value, (list, tuple)):
-            inner = alt[len("tuple[") : -1].split(",")[0].strip()
-            if all(_of_type(v, inner) for v in value):
-                return True
-        if alt not in _SCALARS and alt != "None" and not alt.startswith("tuple["):
-            return True  # an annotation this check does not model (e.g. Literal): __post_init__ validates it
-    return False
-
-
-class _Config:
-    """Base of every config: a float field (alone or in a tuple) that is nan or infinite is refused before the
-    config's own checks run, naming the option; a config of a subclass is checked the same way, by construction."""
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("__post_init__")
-        if own is None:
-            return
-
-        def __post_init__(self) -> None:
-            _refuse_non_finite(self)
-            own(self)
-
-        cls.__post_init__ = __post_init__
-
-    def __post_init__(self) -> None:
-        _refuse_non_finite(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]):
-        """Build from JSON: unknown fields and values of the wrong type are CraftErrors naming the field."""
-        return cls(**cls._checked(d))
-
-    @classmethod
-    def _checked(cls, d: Any) -> dict[str, Any]:
-        if not isinstance(d, dict):
-            raise CraftError(f"{cls.__name__} must be a JSON object, got {type(d).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(d) - set(fields)
-        if unknown:
-            raise CraftError(f"{cls.__name__} has no field(s) {sorted(unknown)}; known: {sorted(fields)}")
-        kw = {}
-        for name, value in d.items():
-            ann = str(fields[name].type)
-            if not _of_type(value, ann):
-                raise CraftError(f"{cls.__name__}.{name} must be {ann}, got {str(repr(value))[:60]}")
-            kw[name] = tuple(value) if isinstance(value, list) and ann.startswith("tuple[") else value
-        return kw
-
-
-def _refuse_non_finite(cfg: Any) -> None:
-    """CraftError for the first float field of `cfg` (or float inside a tuple field) that is nan or +-inf."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        for v in value if isinstance(value, tuple) else (value,):
-            if isinstance(v, float) and not math.isfinite(v):
-                raise CraftError(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
+from craft_deploy.toolkit.config_base import Config
 
 
 def parse_sparsity(text: str | float | None) -> tuple[str, float | tuple[int, int]] | None:
@@ -126,7 +55,7 @@ TUNECOMP_PRUNE_SCHEDULES = ("cubic", "linear")  # see craft_deploy.finetune.tune
 
 
 @dataclass(frozen=True)
-class FinetuneConfig(_Config):
+class FinetuneConfig(Config):
     """Fine-tuning of a pretrained model on a downstream dataset."""
 
     model: str = "tf_efficientnet_lite0"
@@ -253,11 +182,11 @@ class FinetuneConfig(_Config):
 
 
 @dataclass(frozen=True)
-class CompressConfig(_Config):
+class CompressConfig(Config):
     """One-shot compression: the method configs themselves (each owns and validates its values), in the order they
     run, and the calibration data they share. `craft_deploy.compress.from_flags` builds one from the CLI's flags."""
 
-    methods: tuple[Any, ...] = ()  # MethodConfig instances of registered methods (craft_deploy.compress.registry)
+    methods: tuple[Any, ...] = ()  # MethodConfig instances of registered methods (craft_deploy.toolkit.registry)
     calib_samples: int = 256
     eval_subset: int | None = None
     data_root: str | None = None
@@ -278,7 +207,7 @@ class CompressConfig(_Config):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
-        from craft_deploy.compress.registry import method_named  # the registry knows the configs; imported on use
+        from craft_deploy.toolkit.registry import method_named  # the registry knows the configs; imported on use
 
         if not isinstance(d, dict) or not isinstance(d.get("methods"), list):
             raise CraftError(f"CompressConfig must be an object with a list of methods, got {str(d)[:80]}")
@@ -290,7 +219,6 @@ class CompressConfig(_Config):
         return cls(methods=tuple(methods), **cls._checked({k: v for k, v in d.items() if k != "methods"}))
 
 
-QUANT_PLACEMENTS = ("tensorrt", "ort-cpu")  # see craft_deploy.compress.placement
 EXPORT_FORMATS = ("onnx", "tensorrt", "torch-tensorrt", "aoti", "edge")
 EXPORT_PRECISIONS = ("auto", "fp32", "fp16", "int8", "fp8")
 EXPORT_TARGETS = ("tensorrt", "ort-cpu")
@@ -308,7 +236,7 @@ EDGE_DEVICES = {
 
 
 @dataclass(frozen=True)
-class ExportConfig(_Config):
+class ExportConfig(Config):
     """Export of a bundle to a deployable format, verified against PyTorch.
 
     `precision` auto is int8 (Q/DQ) for quantized bundles and fp32 otherwise. `target` picks the Q/DQ flavour:
@@ -367,7 +295,7 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class BenchConfig(_Config):
+class BenchConfig(Config):
     """Accuracy and latency of a model on one backend."""
 
     backend: str = "ort-cpu"
@@ -440,7 +368,7 @@ class BenchConfig(_Config):
 
 
 @dataclass(frozen=True)
-class AnalyzeConfig(_Config):
+class AnalyzeConfig(Config):
     """Sharpness and structure diagnostics of a bundle."""
 
     data_root: str | None = None
@@ -493,7 +421,7 @@ STUDY_DEFAULT_GRID = (
 
 
 @dataclass(frozen=True)
-class StudyConfig(_Config):
+class StudyConfig(Config):
     """A grid of fine-tunings x seeds x compression recipes, run as resumable cells (craft_deploy.study).
 
     `optimizers` entries are `name` or `name:rho` (e.g. adam, sam:0.05, asam:1.0, cram); the first is the baseline

@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from craft_deploy import CraftError
-from craft_deploy.compress.bias_bound import CALIBRATION_BOUND
-from craft_deploy.compress.qparams import BIAS_INT32_BOUND
 from craft_deploy.compress.quant import QuantConfig, quantize
 from craft_deploy.export.passes import apply_passes
 from craft_deploy.export.passes.qdq import check_bias_range
 from craft_deploy.export.plan import ExportPlan
 from craft_deploy.export.prepare import export_model
+from craft_deploy.toolkit.bias_bound import CALIBRATION_BOUND
+from craft_deploy.toolkit.qparams import BIAS_INT32_BOUND
 
 PLAN = ExportPlan(precision="int8", opset=17, weights="int8", activations="int8")
 
@@ -57,7 +57,7 @@ def _quantize(net: Net, images: torch.Tensor) -> dict:
 
 def _bias_units(net: Net, name: str) -> torch.Tensor:
     """|folded bias| / (input scale x folded weight scale) per channel of layer `name`, as export will write it."""
-    from craft_deploy.compress.bias_bound import _fold_terms
+    from craft_deploy.toolkit.bias_bound import _fold_terms
 
     mod = net.get_submodule(name)
     folded, k = _fold_terms(mod, net.bn if name == "stem" else None)

@@ -5,11 +5,11 @@ from torch import nn
 from conftest import tiny_model_and_calib
 from craft_deploy import CraftError
 from craft_deploy.compress import METHODS, LowRankConfig, PruneConfig, QuantConfig
-from craft_deploy.compress.primitives import as_input_groups, from_input_groups, nm_mask, unstructured_mask
-from craft_deploy.compress.qmodules import ActQuantizer
-from craft_deploy.compress.qparams import fake_quant, qmax_for, sqnr_db
-from craft_deploy.compress.registry import apply_method
 from craft_deploy.models import load_model
+from craft_deploy.toolkit.primitives import as_input_groups, from_input_groups, nm_mask, unstructured_mask
+from craft_deploy.toolkit.qmodules import ActQuantizer
+from craft_deploy.toolkit.qparams import fake_quant, qmax_for, sqnr_db
+from craft_deploy.toolkit.registry import apply_method
 
 NM = [(2, 4), (4, 8), (16, 32), (1, 4)]
 

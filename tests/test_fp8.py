@@ -15,11 +15,11 @@ from onnx.reference import ReferenceEvaluator
 from craft_deploy import CraftError
 from craft_deploy.compress import from_flags
 from craft_deploy.compress import run as compress
-from craft_deploy.compress.qparams import FP8_E4M3_MAX, fake_quant_fp8, fp8_scale
 from craft_deploy.config import ExportConfig, FinetuneConfig
 from craft_deploy.export import run as export
 from craft_deploy.finetune import run as finetune
 from craft_deploy.models import load_bundle
+from craft_deploy.toolkit.qparams import FP8_E4M3_MAX, fake_quant_fp8, fp8_scale
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ from conftest import tiny_model_and_calib
 from craft_deploy import CraftError
 from craft_deploy.compress import PruneConfig, QuantConfig
 from craft_deploy.compress.gptq import gptq_round, weight_scales_matrix
-from craft_deploy.compress.qmodules import WeightQuantizer, quantized_layers
-from craft_deploy.compress.qparams import qmax_for
-from craft_deploy.compress.registry import apply_method
 from craft_deploy.compress.sparsegpt import DAMPENING, from_weight_matrix, weight_matrix
+from craft_deploy.toolkit.qmodules import WeightQuantizer, quantized_layers
+from craft_deploy.toolkit.qparams import qmax_for
+from craft_deploy.toolkit.registry import apply_method
 
 
 def _direct(w, h, s, bits):
@@ -96,7 +96,7 @@ def test_gptq_after_sparsegpt_keeps_the_masks_exact():
     layers = quantized_layers(model)
     for name in pruned:
         w = layers[name].weight  # the fake-quantized weight
-        from craft_deploy.compress.primitives import as_input_groups
+        from craft_deploy.toolkit.primitives import as_input_groups
 
         assert (as_input_groups(w).reshape(-1, 4).ne(0).sum(1) <= 2).all(), name
 

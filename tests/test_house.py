@@ -19,12 +19,12 @@ from conftest import tiny_model_and_calib
 from craft_deploy import EXIT_INTERRUPTED, EXIT_REGRESSION, EXIT_VERIFICATION
 from craft_deploy.cli.main import main
 from craft_deploy.compress import METHODS, PruneConfig, QuantConfig
-from craft_deploy.compress.calibrators import CALIBRATORS, Calibrator, register_calibrator
 from craft_deploy.compress.prune import PRUNE_SCORES, PruneScore, register_prune_score
-from craft_deploy.compress.registry import apply_method, manifest_entry
-from craft_deploy.config import _Config
+from craft_deploy.toolkit.config_base import Config
 from craft_deploy.models import load_bundle, save_bundle
 from craft_deploy.models.bundle import make_manifest
+from craft_deploy.toolkit.calibrators import CALIBRATORS, Calibrator, register_calibrator
+from craft_deploy.toolkit.registry import apply_method, manifest_entry
 
 
 def _cli(args, env=None):
@@ -85,7 +85,7 @@ def test_plugins_load_from_the_environment_in_a_real_process(tmp_path):
     (tmp_path / "my_calibrators.py").write_text(
         textwrap.dedent(
             """
-            from craft_deploy.compress.calibrators import Calibrator, register_calibrator
+            from craft_deploy.toolkit.calibrators import Calibrator, register_calibrator
 
             @register_calibrator("p99-plugin")
             class P99(Calibrator):
@@ -153,13 +153,15 @@ def test_configs_round_trip_through_json_and_refuse_wrong_types():
         QuantConfig.from_dict({"w_bits": "8"})
     with pytest.raises(Exception, match=r"PruneConfig.ratio must be float \| None, got True"):
         PruneConfig.from_dict({"ratio": True})
-    assert issubclass(QuantConfig, _Config)
+    assert issubclass(QuantConfig, Config)
 
 
 def test_importing_the_config_imports_no_stage():
     code = "import sys, craft_deploy.config; print(sorted(m for m in sys.modules if m.startswith('craft_deploy')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
-    assert out.strip() == "['craft_deploy', 'craft_deploy.config']"
+    # the configs stand on the toolkit's config base alone: no stage, no torch-level module of the toolkit
+    expected = ["craft_deploy", "craft_deploy.config", "craft_deploy.toolkit", "craft_deploy.toolkit.config_base"]
+    assert out.strip() == str(expected)
 
 
 # --- exit codes ------------------------------------------------------------------------------------------------------

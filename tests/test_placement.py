@@ -13,12 +13,12 @@ from conftest import TINY
 from craft_deploy import CraftError
 from craft_deploy.compress import from_flags
 from craft_deploy.compress import run as compress
-from craft_deploy.compress.placement import ort_cpu_tensors
-from craft_deploy.compress.qmodules import activation_quantizers
-from craft_deploy.compress.registry import method_state
 from craft_deploy.config import ExportConfig, FinetuneConfig
 from craft_deploy.export import run as export
 from craft_deploy.models import load_bundle, load_model
+from craft_deploy.toolkit.placement import ort_cpu_tensors
+from craft_deploy.toolkit.qmodules import activation_quantizers
+from craft_deploy.toolkit.registry import method_state
 
 FLOAT_CONVS = ("Conv", "FusedConv", "NhwcFusedConv")
 

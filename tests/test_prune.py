@@ -7,8 +7,8 @@ from torch import nn
 from conftest import tiny_model_and_calib
 from craft_deploy import CraftError
 from craft_deploy.compress import PruneConfig
-from craft_deploy.compress.primitives import as_input_groups, row_mask
 from craft_deploy.compress.prune import _input_feature_norms, prune, recalibrate_batchnorm
+from craft_deploy.toolkit.primitives import as_input_groups, row_mask
 
 PATTERNS = [dict(n=2, m=4), dict(n=4, m=8), dict(n=16, m=32), dict(n=32, m=64), dict(ratio=0.3), dict(ratio=0.7)]
 

@@ -10,12 +10,12 @@ from torch import nn
 from conftest import tiny_model_and_calib
 from craft_deploy import CraftError
 from craft_deploy.compress import from_flags
-from craft_deploy.compress.attention import QuantMatMul
-from craft_deploy.compress.calibrators import CALIBRATORS, RangeObserver, compute_range
-from craft_deploy.compress.qmodules import ActQuantizer, TwinActQuantizer, WeightQuantizer, activation_quantizers
-from craft_deploy.compress.qparams import sqnr_db
 from craft_deploy.compress.quant import QuantConfig
-from craft_deploy.compress.registry import apply_method
+from craft_deploy.toolkit.attention import QuantMatMul
+from craft_deploy.toolkit.calibrators import CALIBRATORS, RangeObserver, compute_range
+from craft_deploy.toolkit.qmodules import ActQuantizer, TwinActQuantizer, WeightQuantizer, activation_quantizers
+from craft_deploy.toolkit.qparams import sqnr_db
+from craft_deploy.toolkit.registry import apply_method
 
 
 def _observe(x: torch.Tensor, symmetric: bool = True, batches: int = 4) -> RangeObserver:

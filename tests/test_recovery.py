@@ -12,12 +12,12 @@ from conftest import TINY
 from craft_deploy import CraftError
 from craft_deploy.compress import from_flags
 from craft_deploy.compress import run as compress
-from craft_deploy.compress.primitives import as_input_groups
 from craft_deploy.config import ExportConfig, FinetuneConfig
 from craft_deploy.export import run as export
 from craft_deploy.finetune import run as finetune
 from craft_deploy.finetune.recovery import DistillationLoss, MaskKeeper, prunable_weight
 from craft_deploy.models import load_bundle
+from craft_deploy.toolkit.primitives import as_input_groups
 
 RECOVER = dict(epochs=1, batch_size=32, threads=2, warmup_steps=5, calib_samples=64)
 
@@ -138,7 +138,7 @@ def test_recovery_refuses_what_it_cannot_do(tiny_bundle, tmp_path):
 
 
 def test_learn_scales_trains_the_activation_scales_and_the_bundle_still_loads(tiny_w8a8, tmp_path):
-    from craft_deploy.compress.qmodules import ActQuantizer
+    from craft_deploy.toolkit.qmodules import ActQuantizer
 
     frozen = load_bundle(tiny_w8a8).model
     learning = load_bundle(tiny_w8a8).model

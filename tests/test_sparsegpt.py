@@ -12,7 +12,6 @@ from conftest import tiny_model_and_calib
 from craft_deploy import CraftError
 from craft_deploy.compress import PruneConfig
 from craft_deploy.compress.prune import PRUNE_SCORES
-from craft_deploy.compress.registry import apply_method
 from craft_deploy.compress.sparsegpt import (
     DAMPENING,
     HessianAccumulator,
@@ -20,6 +19,7 @@ from craft_deploy.compress.sparsegpt import (
     sparsegpt_prune,
     weight_matrix,
 )
+from craft_deploy.toolkit.registry import apply_method
 
 
 def _direct_obs(w: torch.Tensor, h: torch.Tensor, n=None, m=None, ratio=None, block=8):

@@ -24,7 +24,7 @@ __all__ = ["activation_ranges", "analyze_model", "lambda_max", "model_cost", "po
 def analyze_model(model: nn.Module, train_split, cfg: AnalyzeConfig) -> dict[str, Any]:
     """lambda_max on a fixed set of training images, weight rank, activation ranges on calibration images, and the
     model's parameters and multiply-adds per image (model_cost)."""
-    from craft_deploy.compress import calib_loop
+    from craft_deploy.toolkit.registry import calib_loop
 
     t0 = time.perf_counter()
     fixed = list(DataLoader(calibration_subset(train_split, cfg.lambda_images, seed=cfg.seed + 1), batch_size=32))

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from craft_deploy.compress.layers import model_blocks
-from craft_deploy.compress.registry import calibrate_with_hooks
+from craft_deploy.toolkit.layers import model_blocks
+from craft_deploy.toolkit.registry import calibrate_with_hooks
 
 
 @torch.no_grad()

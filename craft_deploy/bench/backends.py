@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from craft_deploy import CraftError
-from craft_deploy.registry import name_registrar
+from craft_deploy.toolkit.registry import name_registrar
 
 BACKENDS: dict[str, type[Backend]] = {}
 

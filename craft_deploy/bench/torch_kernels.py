@@ -28,8 +28,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from craft_deploy import CraftError
-from craft_deploy.compress.layers import replace_module
-from craft_deploy.registry import name_registrar
+from craft_deploy.toolkit.layers import replace_module
+from craft_deploy.toolkit.registry import name_registrar
 
 TORCH_KERNELS: dict[str, type[KernelRecipe]] = {}
 register_torch_kernel = name_registrar(TORCH_KERNELS)
@@ -206,8 +206,8 @@ def is_two_four(w: torch.Tensor) -> bool:
 def strip_quantizers(model: nn.Module) -> int:
     """Remove every fake-quant quantizer of a compressed bundle's model in place, leaving its float weights (the
     parametrizations' originals) and float activations; pruning zeros stay. Returns how many were removed."""
-    from craft_deploy.compress.attention import Attention, QuantAttention
-    from craft_deploy.compress.qmodules import _quantize_input, _quantize_output
+    from craft_deploy.toolkit.attention import Attention, QuantAttention
+    from craft_deploy.toolkit.qmodules import quantize_input, quantize_output
 
     removed = 0
     for mod in list(model.modules()):
@@ -215,8 +215,8 @@ def strip_quantizers(model: nn.Module) -> int:
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
             removed += 1
         for hooks, fn, attr in (
-            (mod._forward_pre_hooks, _quantize_input, "input_quantizer"),
-            (mod._forward_hooks, _quantize_output, "output_quantizer"),
+            (mod._forward_pre_hooks, quantize_input, "input_quantizer"),
+            (mod._forward_hooks, quantize_output, "output_quantizer"),
         ):
             for key in [k for k, h in hooks.items() if h is fn]:
                 del hooks[key]
@@ -288,7 +288,7 @@ def kernel_model(model: nn.Module, kernel: str | None, precision: str, device: s
 
 
 def _has_quantizers(model: nn.Module) -> bool:
-    from craft_deploy.compress.qmodules import activation_quantizers, quantized_layers
+    from craft_deploy.toolkit.qmodules import activation_quantizers, quantized_layers
 
     return bool(quantized_layers(model) or activation_quantizers(model))
 

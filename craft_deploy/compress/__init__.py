@@ -7,31 +7,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from craft_deploy import CraftError
 from craft_deploy.artifacts import check_out_dir, staged_dir
 from craft_deploy.compress.lowrank import LowRankConfig
 from craft_deploy.compress.prune import PruneConfig, sparsity_report
 from craft_deploy.compress.quant import QuantConfig
-from craft_deploy.compress.registry import (
-    METHODS,
-    CalibLoop,
-    Method,
-    MethodConfig,
-    manifest_entry,
-    method_for,
-    method_state,
-    register_method,
-)
 from craft_deploy.config import CompressConfig, parse_quant, parse_sparsity
 from craft_deploy.data import calibration_subset, splits_for_manifest
 from craft_deploy.evaluate import evaluate
 from craft_deploy.models import load_bundle, save_bundle
 from craft_deploy.records import stage_entry, write_record
+from craft_deploy.toolkit.registry import (
+    METHODS,
+    CalibLoop,
+    Method,
+    MethodConfig,
+    calib_loop,
+    manifest_entry,
+    method_for,
+    method_state,
+    register_method,
+)
 
 __all__ = [
     "METHODS",
@@ -111,19 +109,6 @@ def from_flags(
                         number_format="fp8" if fp8 else "int")
         )  # fmt: skip
     return CompressConfig(methods=tuple(methods), **data)
-
-
-def calib_loop(ds: Dataset, batch_size: int = 64) -> CalibLoop:
-    """A CalibLoop that runs every image of `ds` through a model once, without gradients."""
-
-    @torch.no_grad()
-    def loop(model: nn.Module) -> None:
-        for x, _ in tqdm(
-            DataLoader(ds, batch_size=batch_size), desc="calibrate", unit="batch", leave=False, disable=None
-        ):
-            model(x)
-
-    return loop
 
 
 def run(cfg: CompressConfig, bundle_path: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from craft_deploy.compress.qparams import fake_quant_symmetric
 from craft_deploy.compress.sparsegpt import BLOCK_SIZE, DAMPENING, ColumnRule, obs_sweep
+from craft_deploy.toolkit.qparams import fake_quant_symmetric
 
 
 class _RoundRule(ColumnRule):

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from craft_deploy import CraftError
-from craft_deploy.compress.batchnorm import recalibrate_batchnorm
-from craft_deploy.compress.layers import replace_module, select_layers
-from craft_deploy.compress.registry import CalibLoop, Method, MethodConfig, calibrate_with_hooks, register_method
+from craft_deploy.toolkit.batchnorm import recalibrate_batchnorm
+from craft_deploy.toolkit.layers import replace_module, select_layers
+from craft_deploy.toolkit.registry import CalibLoop, Method, MethodConfig, calibrate_with_hooks, register_method
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,18 @@ from torch import nn
 from tqdm import tqdm
 
 from craft_deploy import CraftError
-from craft_deploy.compress.batchnorm import recalibrate_batchnorm
-from craft_deploy.compress.layers import block_groups, select_layers
-from craft_deploy.compress.primitives import as_input_groups, from_input_groups, nm_mask, row_mask, unstructured_mask
-from craft_deploy.compress.registry import CalibLoop, Method, MethodConfig, calibrate_with_hooks, register_method
 from craft_deploy.compress.sparsegpt import input_hessians
-from craft_deploy.registry import name_registrar
+from craft_deploy.toolkit.batchnorm import recalibrate_batchnorm
+from craft_deploy.toolkit.layers import block_groups, select_layers
+from craft_deploy.toolkit.primitives import as_input_groups, from_input_groups, nm_mask, row_mask, unstructured_mask
+from craft_deploy.toolkit.registry import (
+    CalibLoop,
+    Method,
+    MethodConfig,
+    calibrate_with_hooks,
+    name_registrar,
+    register_method,
+)
 
 GRANULARITIES = ("layer", "row", "global")
 

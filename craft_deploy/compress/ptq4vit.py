@@ -22,15 +22,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from craft_deploy.compress.attention import QuantMatMul
-from craft_deploy.compress.qmodules import (
+from craft_deploy.toolkit.attention import QuantMatMul
+from craft_deploy.toolkit.calibrators import Calibrator, RangeObserver, register_calibrator
+from craft_deploy.toolkit.qmodules import (
     ActQuantizer,
     TwinActQuantizer,
     WeightQuantizer,
     activation_quantizers,
     quantized_layers,
 )
-from craft_deploy.compress.registry import CalibLoop
+from craft_deploy.toolkit.registry import CalibLoop
 
 SEARCH_IMAGES = 32
 
@@ -156,3 +157,18 @@ def _op_quantizers(mod: nn.Module) -> list[nn.Module]:
     if hasattr(mod, "input_quantizer"):
         found.append(mod.input_quantizer)
     return found
+
+
+@register_calibrator("ptq4vit")
+class PTQ4ViT(Calibrator):
+    """PTQ4ViT: min-max ranges, twin-uniform softmax/GELU quantizers, then the Hessian-guided scale search."""
+
+    histogram = False
+    symmetric_only = True
+    twin_quantizers = True
+
+    def range(self, obs: RangeObserver, bits: int) -> tuple[float, float]:
+        return min(obs.lo, 0.0), max(obs.hi, 0.0)
+
+    def refine(self, model, calib, cfg) -> list[str]:
+        return [f"hessian-guided search over {len(hessian_guided_search(model, calib, cfg))} ops"]

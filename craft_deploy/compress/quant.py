@@ -17,16 +17,18 @@ from torch import nn
 from tqdm import tqdm
 
 from craft_deploy import CraftError
-from craft_deploy.compress.attention import attention_modules
-from craft_deploy.compress.batchnorm import batchnorms, recalibrate_batchnorm
-from craft_deploy.compress.bias_bound import batchnorm_after, fit_biases_to_int32
-from craft_deploy.compress.calibrators import CALIBRATORS, Calibrator, RangeObserver, calibrator
-from craft_deploy.compress.layers import select_layers
-from craft_deploy.compress.placement import PLACEMENTS, ort_cpu_tensors
-from craft_deploy.compress.qmodules import ActQuantizer, activation_quantizers, attach_quantizers, quantized_layers
-from craft_deploy.compress.qparams import NUMBER_FORMATS
-from craft_deploy.compress.registry import CalibLoop, Method, MethodConfig, register_method
-from craft_deploy.compress.spec import LayerQuantSpec, MatMulQuantSpec, TensorQuantSpec, read_specs
+from craft_deploy.compress import ptq4vit  # noqa: F401  (registers the ptq4vit calibrator)
+from craft_deploy.toolkit.attach import attach_quantizers
+from craft_deploy.toolkit.attention import attention_modules
+from craft_deploy.toolkit.batchnorm import batchnorms, recalibrate_batchnorm
+from craft_deploy.toolkit.bias_bound import batchnorm_after, fit_biases_to_int32
+from craft_deploy.toolkit.calibrators import CALIBRATORS, Calibrator, RangeObserver, calibrator
+from craft_deploy.toolkit.layers import select_layers
+from craft_deploy.toolkit.placement import PLACEMENTS, ort_cpu_tensors
+from craft_deploy.toolkit.qmodules import ActQuantizer, activation_quantizers, quantized_layers
+from craft_deploy.toolkit.qparams import NUMBER_FORMATS
+from craft_deploy.toolkit.registry import CalibLoop, Method, MethodConfig, register_method
+from craft_deploy.toolkit.spec import LayerQuantSpec, MatMulQuantSpec, TensorQuantSpec, quant_specs
 
 WEIGHT_GRANULARITIES = ("channel", "tensor", "group")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")  # gptq: craft_deploy.compress.gptq
@@ -252,8 +254,8 @@ def gptq_layers(model: nn.Module, calib: CalibLoop) -> None:
     gathered on the model whose earlier blocks are already rounded), activations in float. Grouped (depthwise) convs
     are rounded group by group, each with the Hessian of its own input channels."""
     from craft_deploy.compress.gptq import gptq_round, weight_scales_matrix
-    from craft_deploy.compress.layers import block_groups
     from craft_deploy.compress.sparsegpt import from_weight_matrix, input_hessians, weight_matrix
+    from craft_deploy.toolkit.layers import block_groups
 
     layers = quantized_layers(model)
     act = list(activation_quantizers(model).values())
@@ -339,14 +341,3 @@ class Quantize(Method):
     def restore(self, model: nn.Module, state: dict[str, Any]) -> None:
         layers, matmuls, tensors = quant_specs(state)
         attach_quantizers(model, layers, matmuls, tensors)
-
-
-def quant_specs(
-    state: dict[str, Any],
-) -> tuple[dict[str, LayerQuantSpec], dict[str, MatMulQuantSpec], dict[str, TensorQuantSpec]]:
-    """The typed layer, matmul and tensor specs of a quantize state read from a manifest (validated)."""
-    return (
-        read_specs(state.get("layers"), LayerQuantSpec, "layer"),
-        read_specs(state.get("matmuls"), MatMulQuantSpec, "matmul"),
-        read_specs(state.get("tensors"), TensorQuantSpec, "tensor"),
-    )

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from craft_deploy import CraftError
-from craft_deploy.compress.registry import CalibLoop, calibrate_with_hooks
+from craft_deploy.toolkit.registry import CalibLoop, calibrate_with_hooks
 
 DAMPENING = 0.01
 BLOCK_SIZE = 128

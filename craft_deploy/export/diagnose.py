@@ -157,7 +157,7 @@ def _first_quantizer_divergence(
     """The first activation quantizer whose integers in the file part from PyTorch's by more than one step, matched in
     execution order (PyTorch's quantizer modules, the file's QuantizeLinear nodes other than the requantization pairs
     export adds), with the weighted node feeding it."""
-    from craft_deploy.compress.qmodules import ActQuantizer
+    from craft_deploy.toolkit.qmodules import ActQuantizer
 
     seen: list[tuple[str, np.ndarray]] = []  # (quantizer, its output in steps from its zero point)
 

@@ -10,7 +10,7 @@ from typing import Any
 import onnx
 from onnx import helper
 
-from craft_deploy.compress.registry import method_state
+from craft_deploy.toolkit.registry import method_state
 
 META_KEY = "craft_deploy"
 

@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from craft_deploy import CraftError
-from craft_deploy.compress.quant import quant_specs
-from craft_deploy.compress.registry import method_state
-from craft_deploy.compress.spec import FLOAT_BITS
 from craft_deploy.config import EDGE_DEVICES, ExportConfig
+from craft_deploy.toolkit.registry import method_state
+from craft_deploy.toolkit.spec import FLOAT_BITS, quant_specs
 
 INT4_OPSET = 21
 FP8_OPSET = 19  # QuantizeLinear/DequantizeLinear with FLOAT8E4M3FN

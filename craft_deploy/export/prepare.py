@@ -18,7 +18,7 @@ from torch import nn
 @torch.no_grad()
 def pre_clamp_weights(model: nn.Module) -> None:
     """Clip every quantized weight onto its grid in place, so the exported graph is Q/DQ on a constant (foldable)."""
-    from craft_deploy.compress.qmodules import quantized_layers
+    from craft_deploy.toolkit.qmodules import quantized_layers
 
     for mod in quantized_layers(model).values():
         wq = mod.parametrizations.weight[0]

@@ -159,10 +159,10 @@ def _prepare(cfg: FinetuneConfig) -> _Setup:
 def _tunecomp(model: torch.nn.Module, splits, cfg: FinetuneConfig):
     """The pretrained model set up for TuneComp: every factorisable layer a dense branch fading into its
     activation-aware low-rank student over the first `transition` of the run's steps."""
-    from craft_deploy.compress import calib_loop
     from craft_deploy.compress.lowrank import LowRankConfig
     from craft_deploy.data import calibration_subset
     from craft_deploy.finetune.tunecomp import TuneComp
+    from craft_deploy.toolkit.registry import calib_loop
 
     steps = cfg.epochs * (len(splits.train) // cfg.batch_size)
     calib = calib_loop(calibration_subset(splits.train, min(cfg.calib_samples, len(splits.train)), cfg.seed))
@@ -204,11 +204,11 @@ def _prepare_recovery(cfg: FinetuneConfig) -> _Setup:
 def _finish_recovery(cfg: FinetuneConfig, prep: _Setup) -> dict[str, Any]:
     """After recovery: masks removed from the optimizer's hooks and checked exact, BatchNorm re-estimated under the
     compressed forward pass on calibration images; returns what the manifest records of it."""
-    from craft_deploy.compress import calib_loop
-    from craft_deploy.compress.batchnorm import recalibrate_batchnorm
-    from craft_deploy.compress.bias_bound import batchnorm_after, fit_biases_to_int32
-    from craft_deploy.compress.qmodules import quantized_layers
     from craft_deploy.data import calibration_subset
+    from craft_deploy.toolkit.batchnorm import recalibrate_batchnorm
+    from craft_deploy.toolkit.bias_bound import batchnorm_after, fit_biases_to_int32
+    from craft_deploy.toolkit.qmodules import quantized_layers
+    from craft_deploy.toolkit.registry import calib_loop
 
     prep.masks.remove()
     prep.masks.apply()

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from craft_deploy import CraftError
-from craft_deploy.compress.layers import select_layers
-from craft_deploy.compress.primitives import as_input_groups, from_input_groups, nm_mask
 from craft_deploy.config import FinetuneConfig
-from craft_deploy.registry import name_registrar
+from craft_deploy.toolkit.layers import select_layers
+from craft_deploy.toolkit.primitives import as_input_groups, from_input_groups, nm_mask
+from craft_deploy.toolkit.registry import name_registrar
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OPTIMIZERS: dict[str, type[StepMethod]] = {}

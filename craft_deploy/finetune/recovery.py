@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from craft_deploy import CraftError
-from craft_deploy.compress.registry import method_state
 from craft_deploy.models import load_bundle
+from craft_deploy.toolkit.registry import method_state
 
 
 def prunable_weight(mod: nn.Module) -> torch.Tensor:
@@ -94,7 +94,7 @@ class DistillationLoss:
 def learn_activation_scales(model: nn.Module) -> list[nn.Parameter]:
     """Turn every per-tensor activation quantizer's scale into a trainable parameter (LSQ); returns them. They are
     created before the optimizer, so it trains them with the weights; `keep_positive` runs after each step."""
-    from craft_deploy.compress.qmodules import ActQuantizer
+    from craft_deploy.toolkit.qmodules import ActQuantizer
 
     quantizers = [q for q in model.modules() if isinstance(q, ActQuantizer)]
     if any(q.number_format == "fp8" for q in quantizers):

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from craft_deploy.compress.layers import replace_module, select_layers
 from craft_deploy.compress.lowrank import (
     LowRankConfig,
     channel_rms,
@@ -39,7 +38,8 @@ from craft_deploy.compress.lowrank import (
     weight_2d,
 )
 from craft_deploy.compress.prune import PruneConfig
-from craft_deploy.compress.registry import CalibLoop, manifest_entry
+from craft_deploy.toolkit.layers import replace_module, select_layers
+from craft_deploy.toolkit.registry import CalibLoop, manifest_entry
 
 
 class Schedule(nn.Module):

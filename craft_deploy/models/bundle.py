@@ -84,8 +84,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 def _build(manifest: dict[str, Any]) -> nn.Module:
     """The architecture a manifest names, with every recorded method's structure restored (weights not loaded)."""
-    from craft_deploy.compress.registry import restore_methods
     from craft_deploy.models.factory import load_model
+    from craft_deploy.toolkit.registry import restore_methods
 
     model = load_model(
         manifest["architecture"],

@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from craft_deploy import CraftError
+from craft_deploy.toolkit.registry import registered_methods
 
 BUNDLE_SCHEMA = "craft-deploy/bundle/v2"
 LEGACY_SCHEMAS = ("craft-deploy/bundle/v1",)  # v1 kept quantization/sparsity at the top level instead of `methods`
@@ -99,7 +100,7 @@ def validate_manifest(manifest: Any) -> dict[str, Any]:
 
 
 def _validate_methods(methods: Any) -> None:
-    from craft_deploy.compress import METHODS  # registers every built-in method
+    METHODS = registered_methods()
 
     if not isinstance(methods, list):
         _fail("methods", "a list of {method, config, state} objects", methods)

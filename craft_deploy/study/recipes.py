@@ -77,7 +77,7 @@ def _registered(table: str) -> dict[str, Any]:
         from craft_deploy.compress.prune import PRUNE_SCORES
 
         return PRUNE_SCORES
-    from craft_deploy.compress.calibrators import CALIBRATORS
+    from craft_deploy.toolkit.calibrators import CALIBRATORS
 
     return CALIBRATORS
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import onnx
 
-from craft_deploy.compress.qparams import BIAS_INT32_BOUND
 from craft_deploy.export.passes.folding import (
     bypass_constant_identities,
     fold_batchnorm,
@@ -24,6 +23,7 @@ from craft_deploy.export.passes.qdq import (
     to_uint8_activations,
 )
 from craft_deploy.export.plan import ExportPlan
+from craft_deploy.toolkit.qparams import BIAS_INT32_BOUND
 
 __all__ = ["apply_passes"]
 

@@ -30,11 +30,11 @@ import torch
 
 from craft_deploy import __version__
 from craft_deploy.artifacts import atomic_write_json
-from craft_deploy.compress.registry import method_state
 from craft_deploy.config import EDGE_DEVICES
 from craft_deploy.export.plan import ExportPlan
 from craft_deploy.export.targets import onnx_model
 from craft_deploy.export.verify import float64_allowance, float64_logits
+from craft_deploy.toolkit.registry import method_state
 
 PACKAGE_SCHEMA = "craft-deploy/edge/v1"
 FILES_DIR = Path(__file__).with_name("edge_files")

@@ -12,7 +12,6 @@ import onnx
 
 from craft_deploy import CraftError
 from craft_deploy.artifacts import atomic_write_bytes
-from craft_deploy.compress.registry import method_state
 from craft_deploy.export.diagnose import diagnose
 from craft_deploy.export.metadata import export_metadata, set_metadata
 from craft_deploy.export.passes import apply_passes
@@ -27,6 +26,7 @@ from craft_deploy.export.verify import (
     pruned_zeros,
     weight_zero_count,
 )
+from craft_deploy.toolkit.registry import method_state
 
 
 def build_onnx(bundle, plan: ExportPlan) -> tuple[onnx.ModelProto, dict[str, int]]:

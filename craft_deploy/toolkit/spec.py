@@ -145,3 +145,14 @@ def read_specs(table: Any, cls: type[_Spec], what: str) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise CraftError(f"quantization {what} must be an object of module name -> spec, got {type(table).__name__}")
     return {name: cls.from_dict(d, f" of {what} {name!r}") for name, d in table.items()}
+
+
+def quant_specs(
+    state: dict[str, Any],
+) -> tuple[dict[str, LayerQuantSpec], dict[str, MatMulQuantSpec], dict[str, TensorQuantSpec]]:
+    """The typed layer, matmul and tensor specs of a quantize state read from a manifest (validated)."""
+    return (
+        read_specs(state.get("layers"), LayerQuantSpec, "layer"),
+        read_specs(state.get("matmuls"), MatMulQuantSpec, "matmul"),
+        read_specs(state.get("tensors"), TensorQuantSpec, "tensor"),
+    )

@@ -1,4 +1,5 @@
-"""Compression methods as registered descriptors (modelopt's mode pattern, torchao's config + handler).
+"""Registries: name-keyed class tables (calibrators, pruning scores, step methods, backends) and compression methods
+as registered descriptors (modelopt's mode pattern, torchao's config + handler).
 
 A method is one class registered with its frozen config: `apply(model, cfg, calib)` changes the model and returns a
 report whose `state` is everything `restore(model, state)` needs to rebuild, on load, what `apply` changed in the
@@ -8,21 +9,55 @@ the bundle manifest, in the order applied; `load_bundle` replays `restore` for e
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from craft_deploy import CraftError
-from craft_deploy.config import _Config
+from craft_deploy.toolkit.config_base import Config
+
+T = TypeVar("T", bound=type)
+
+
+def name_registrar(table: dict[str, type]) -> Callable[[str], Callable[[T], T]]:
+    """A class decorator factory: `@register("name")` stores the class in `table` and sets its `name`."""
+
+    def register(name: str) -> Callable[[T], T]:
+        def deco(cls: T) -> T:
+            table[name] = cls
+            cls.name = name
+            return cls
+
+        return deco
+
+    return register
+
 
 CalibLoop = Callable[[nn.Module], None]
 """Runs calibration batches through a model; methods never touch datasets themselves."""
 
 
+def calib_loop(ds: Dataset, batch_size: int = 64) -> CalibLoop:
+    """A CalibLoop that runs every image of `ds` through a model once, without gradients."""
+
+    @torch.no_grad()
+    def loop(model: nn.Module) -> None:
+        for x, _ in tqdm(
+            DataLoader(ds, batch_size=batch_size), desc="calibrate", unit="batch", leave=False, disable=None
+        ):
+            model(x)
+
+    return loop
+
+
 @dataclass(frozen=True)
-class MethodConfig(_Config):
+class MethodConfig(Config):
     """Base of every compression method's config."""
 
     include: tuple[str, ...] = ()
@@ -57,6 +92,28 @@ class Method:
 
 
 METHODS: dict[str, type[Method]] = {}
+"""Registered methods by name. Read it through `registered_methods()`, which loads the built-in ones first."""
+
+BUILTIN_MODULES = ("craft_deploy.compress",)
+"""Modules whose import registers the built-in methods, calibrators and pruning scores: loaded by name on the first
+lookup (as plugins are), so that this floor imports no stage."""
+
+_builtins_loaded = False
+
+
+def load_builtins() -> None:
+    """Import the modules that register the built-in methods, calibrators and pruning scores (once)."""
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        for module in BUILTIN_MODULES:
+            importlib.import_module(module)
+
+
+def registered_methods() -> dict[str, type[Method]]:
+    """Every registered method by name, the built-in ones loaded on first use."""
+    load_builtins()
+    return METHODS
 
 
 def register_method(name: str, config_cls: type[MethodConfig]):
@@ -80,9 +137,10 @@ def method_for(cfg: MethodConfig) -> Method:
 
 def method_named(name: str) -> Method:
     """The registered method `name`, or a CraftError listing the registered ones."""
-    if name not in METHODS:
-        raise CraftError(f"compression method {name!r} is unknown; this craft-deploy has {', '.join(METHODS)}")
-    return METHODS[name]()
+    methods = registered_methods()
+    if name not in methods:
+        raise CraftError(f"compression method {name!r} is unknown; this craft-deploy has {', '.join(methods)}")
+    return methods[name]()
 
 
 def apply_method(model: nn.Module, cfg: MethodConfig, calib: CalibLoop | None) -> dict[str, Any]:

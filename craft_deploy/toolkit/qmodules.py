@@ -16,8 +16,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from craft_deploy import CraftError
-from craft_deploy.compress.calibrators import RangeObserver, mse_weight_scale
-from craft_deploy.compress.qparams import (
+from craft_deploy.toolkit.calibrators import RangeObserver, mse_weight_scale
+from craft_deploy.toolkit.qparams import (
     FP8_E4M3_MAX,
     act_grid,
     asymmetric_qparams,
@@ -27,7 +27,6 @@ from craft_deploy.compress.qparams import (
     qmax_for,
     symmetric_act_qparams,
 )
-from craft_deploy.compress.spec import LayerQuantSpec, MatMulQuantSpec, TensorQuantSpec
 
 
 class WeightQuantizer(nn.Module):
@@ -237,56 +236,19 @@ class TwinActQuantizer(_ActivationQuantizer):
         return max(0, math.floor(math.log2(delta2 * levels / -lo)))
 
 
-def _quantize_input(module: nn.Module, args: tuple) -> tuple:
+def quantize_input(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: the module's first input through its `input_quantizer`."""
     return (module.input_quantizer(args[0]), *args[1:])
 
 
-def _quantize_output(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+def quantize_output(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the module's output through its `output_quantizer`."""
     return module.output_quantizer(out)
 
 
 def make_act_quantizer(bits: int, symmetric: bool, twin: str | None = None, number_format: str = "int") -> nn.Module:
+    """An activation quantizer: twin-uniform where `twin` names the tensor kind, uniform otherwise."""
     return TwinActQuantizer(bits, twin) if twin else ActQuantizer(bits, symmetric, number_format)
-
-
-def attach_quantizers(
-    model: nn.Module,
-    layers: dict[str, LayerQuantSpec],
-    matmuls: dict[str, MatMulQuantSpec] | None = None,
-    tensors: dict[str, TensorQuantSpec] | None = None,
-) -> None:
-    """Attach weight/input quantizers to the named layers, to ViT attention matmuls, and to any module's input and/or
-    output (`tensors`, see compress.placement). Names that are not the right kind of module are CraftErrors."""
-    for name, spec in layers.items():
-        mod = _submodule(model, name, (nn.Linear, nn.Conv2d), "a Linear or Conv2d layer")
-        wq = WeightQuantizer(mod.weight.shape, spec.w_bits, spec.w_granularity, spec.group_size, spec.number_format)
-        parametrize.register_parametrization(mod, "weight", wq, unsafe=True)  # shape-preserving; no trial call
-        if spec.quantizes_input:
-            mod.input_quantizer = make_act_quantizer(spec.a_bits, spec.a_symmetric, spec.a_twin, spec.number_format)
-            mod.register_forward_pre_hook(_quantize_input)
-    if matmuls:
-        from craft_deploy.compress.attention import Attention, quantize_attention
-
-        for name, mspec in matmuls.items():
-            quantize_attention(_submodule(model, name, Attention, "a timm Attention block"), mspec)
-    for name, tspec in (tensors or {}).items():
-        mod = _submodule(model, name, nn.Module, "a module")
-        if "input" in tspec.sides:
-            mod.input_quantizer = make_act_quantizer(tspec.a_bits, tspec.a_symmetric)
-            mod.register_forward_pre_hook(_quantize_input)
-        if "output" in tspec.sides:
-            mod.output_quantizer = make_act_quantizer(tspec.a_bits, tspec.a_symmetric)
-            mod.register_forward_hook(_quantize_output)
-
-
-def _submodule(model: nn.Module, name: str, kind: type | tuple[type, ...], what: str) -> nn.Module:
-    try:
-        mod = model.get_submodule(name)
-    except AttributeError:
-        raise CraftError(f"the model has no module {name!r} to quantize") from None
-    if not isinstance(mod, kind):
-        raise CraftError(f"module {name!r} is a {type(mod).__name__}, not {what}; cannot quantize it as one")
-    return mod
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from craft_deploy.config import QUANT_PLACEMENTS as PLACEMENTS
-
-__all__ = ["PLACEMENTS", "ort_cpu_tensors"]
+PLACEMENTS = ("tensorrt", "ort-cpu")
+"""The `--placement` choices: the runtime whose fusions decide where activation quantizers sit."""
 
 
 def _block_types() -> dict[type, tuple[str, ...]]:

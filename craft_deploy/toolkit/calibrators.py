@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from craft_deploy import CraftError
-from craft_deploy.compress.qparams import (
+from craft_deploy.toolkit.qparams import (
     FP8_E4M3_MAX,
     fake_quant_fp8,
     fake_quant_fp8_range_np,
@@ -22,7 +22,7 @@ from craft_deploy.compress.qparams import (
     fake_quant_symmetric,
     qmax_for,
 )
-from craft_deploy.registry import name_registrar
+from craft_deploy.toolkit.registry import load_builtins, name_registrar
 
 HIST_BINS = 2048
 
@@ -78,7 +78,7 @@ class Calibrator:
     name: str = ""
     histogram: bool = True  # needs pass 2 over the calibration data
     symmetric_only: bool = False  # refuses --act-asymmetric and --placement ort-cpu
-    twin_quantizers: bool = False  # PTQ4ViT's twin-uniform quantizers: simulation only, no Q/DQ export
+    twin_quantizers: bool = False  # twin-uniform quantizers (compress.ptq4vit): simulation only, no Q/DQ export
     weight_method: str = "mse"  # weight scales to pair it with unless --weight-calib says otherwise
     fp8: bool = False  # calibrates E4M3 ranges too (--quant fp8)
 
@@ -100,7 +100,7 @@ class Calibrator:
         return (-hi, hi) if obs.symmetric else (lo, hi)
 
     def refine(self, model, calib, cfg) -> list[str]:
-        """A step after every range is set (PTQ4ViT's search); returns notes for the report."""
+        """A model-level step after every range is set (compress.ptq4vit's search); returns notes for the report."""
         return []
 
 
@@ -111,6 +111,8 @@ register_calibrator = name_registrar(CALIBRATORS)
 
 def calibrator(name: str, percentile: float = 99.99) -> Calibrator:
     """An instance of the calibrator registered as `name`, or a CraftError naming the registered ones."""
+    if name not in CALIBRATORS:
+        load_builtins()
     if name not in CALIBRATORS:
         raise CraftError(f"--calib-method {name!r} is unknown; choose one of {', '.join(CALIBRATORS)}")
     return CALIBRATORS[name](percentile)
@@ -164,23 +166,6 @@ class Entropy(Calibrator):
 
     def range(self, obs: RangeObserver, bits: int) -> tuple[float, float]:
         return 0.0, _entropy(obs, bits)
-
-
-@register_calibrator("ptq4vit")
-class PTQ4ViT(Calibrator):
-    """PTQ4ViT: min-max ranges, twin-uniform softmax/GELU quantizers, then the Hessian-guided scale search."""
-
-    histogram = False
-    symmetric_only = True
-    twin_quantizers = True
-
-    def range(self, obs: RangeObserver, bits: int) -> tuple[float, float]:
-        return min(obs.lo, 0.0), max(obs.hi, 0.0)
-
-    def refine(self, model, calib, cfg) -> list[str]:
-        from craft_deploy.compress.ptq4vit import hessian_guided_search
-
-        return [f"hessian-guided search over {len(hessian_guided_search(model, calib, cfg))} ops"]
 
 
 def _percentile(obs: RangeObserver, p: float) -> tuple[float, float]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from craft_deploy.compress.registry import CalibLoop
+from craft_deploy.toolkit.registry import CalibLoop
 
 
 def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

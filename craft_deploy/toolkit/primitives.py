@@ -1,6 +1,6 @@
 """Pure functions behind pruning: the input-group layout of weights, and N:M, unstructured and per-row masks.
 
-Quantization grids and fake-quant live in craft_deploy.compress.qparams.
+Quantization grids and fake-quant live in craft_deploy.toolkit.qparams.
 """
 
 from __future__ import annotations

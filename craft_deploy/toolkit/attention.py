@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from craft_deploy.compress.spec import MatMulQuantSpec
+from craft_deploy.toolkit.qmodules import ActQuantizer, TwinActQuantizer
+from craft_deploy.toolkit.spec import MatMulQuantSpec
 
 try:  # timm >= 1.0: the class behind vit_*, deit_*, eva-style blocks
     from timm.layers.attention import Attention
@@ -57,8 +58,6 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def quantize_attention(mod: nn.Module, spec: MatMulQuantSpec) -> None:
     """Give an Attention block quantized matmuls."""
-    from craft_deploy.compress.qmodules import ActQuantizer, TwinActQuantizer
-
     if not isinstance(mod, Attention):
         raise TypeError(f"expected a timm Attention block, got {type(mod).__name__}")
     bits, sym, fmt = spec.a_bits, spec.a_symmetric, spec.number_format
