@@ -137,9 +137,9 @@ def circles(all_edges: list[Edge]) -> list[list[str]]:
 
 def private_uses(all_edges: list[Edge]) -> list[Edge]:
     """Imports of a private name (`_x`) from a module of another package."""
-    out = []
+    mods, out = modules(), []
     for e in all_edges:
-        pkg_of = e.target if modules()[e.target].name == "__init__.py" else e.target.rsplit(".", 1)[0]
+        pkg_of = e.target if mods[e.target].name == "__init__.py" else e.target.rsplit(".", 1)[0]
         inside = e.source == pkg_of or e.source.startswith(pkg_of + ".")
         if not inside and any(n.startswith("_") and not n.startswith("__") for n in e.names):
             out.append(e)

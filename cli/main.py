@@ -16,7 +16,6 @@ from click._utils import UNSET
 from craft_deploy import EXIT_INTERRUPTED, CraftError, __version__
 from craft_deploy.config import (
     EDGE_DEVICES,
-    EXPORT_FORMATS,
     EXPORT_PRECISIONS,
     EXPORT_TARGETS,
     TUNECOMP_PRUNE_SCHEDULES,
@@ -75,6 +74,20 @@ class RegistryChoice(click.Choice):
     @choices.setter
     def choices(self, value) -> None:  # click.Choice.__init__ assigns it; the registry is the source
         pass
+
+
+class RegistryHelpOption(click.Option):
+    """An option whose help lists the registered entries' own help lines (export targets), read when help is shown."""
+
+    def __init__(self, *args, registry: str, lead: str = "", **kw):
+        self.registry, self.lead = registry, lead  # "module:TABLE" of objects with a `help` line
+        super().__init__(*args, **kw)
+
+    def get_help_record(self, ctx: click.Context):
+        module, table = self.registry.split(":")
+        entries = getattr(importlib.import_module(module), table).values()
+        self.help = self.lead + "; ".join(e.help for e in entries) + "."
+        return super().get_help_record(ctx)
 
 
 class _FieldDefault:
@@ -471,10 +484,9 @@ def sparsity(bundle) -> None:
     "format_",
     default="onnx",
     show_default=True,
-    type=click.Choice(EXPORT_FORMATS),
-    help="onnx; tensorrt (an engine built from the ONNX); torch-tensorrt (a dynamo-compiled program); aoti (an "
-    "AOTInductor package, model.pt2, compiled for this machine's GPU or CPU); edge (a device package: ONNX, test "
-    "data and the scripts that build and verify the TensorRT engine on the device).",
+    type=RegistryChoice("craft_deploy.export.targets:TARGETS"),
+    cls=RegistryHelpOption,
+    registry="craft_deploy.export.targets:TARGETS",
 )
 @click.option(
     "--precision",

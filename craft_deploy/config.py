@@ -219,7 +219,6 @@ class CompressConfig(Config):
         return cls(methods=tuple(methods), **cls._checked({k: v for k, v in d.items() if k != "methods"}))
 
 
-EXPORT_FORMATS = ("onnx", "tensorrt", "torch-tensorrt", "aoti", "edge")
 EXPORT_PRECISIONS = ("auto", "fp32", "fp16", "int8", "fp8")
 EXPORT_TARGETS = ("tensorrt", "ort-cpu")
 # devices a package can be meant for (--format edge --device), with the compute capability (SM) of their GPU
@@ -244,7 +243,7 @@ class ExportConfig(Config):
     `opset` None is 17, or 21 when weights are INT4.
     """
 
-    format: str = "onnx"
+    format: str = "onnx"  # a registered export target (craft_deploy.export.targets), checked by export.run
     precision: str = "auto"
     target: str = "tensorrt"
     opset: int | None = None
@@ -265,7 +264,6 @@ class ExportConfig(Config):
             )
         object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))  # JSON round trips give lists
         for flag, value, choices in (
-            ("--format", self.format, EXPORT_FORMATS),
             ("--precision", self.precision, EXPORT_PRECISIONS),
             ("--target", self.target, EXPORT_TARGETS),
         ):

@@ -145,7 +145,7 @@ def test_folded_biases_sit_on_the_int32_grid(tmp_path):
     # ONNX Runtime rounds each float bias to round(b / (input scale x weight scale)); on the grid, that changes nothing
     from onnx import numpy_helper
 
-    from craft_deploy.export.passes.graph import initializers, producers
+    from craft_deploy.runtimes.onnx_graph import initializers, producers
 
     net, images = _net()
     report = _quantize(net, images)

@@ -14,10 +14,10 @@ from craft_deploy.compress import from_flags
 from craft_deploy.compress import run as compress
 from craft_deploy.config import ExportConfig
 from craft_deploy.export import run as export
-from craft_deploy.export.metadata import read_metadata
 from craft_deploy.export.passes.folding import fold_shape_constants
 from craft_deploy.export.prepare import static_same_padding
 from craft_deploy.models import load_bundle
+from craft_deploy.runtimes.metadata import read_metadata
 
 
 def _check(out, bundle_path, batch=5):
@@ -398,8 +398,10 @@ def test_bad_input_is_refused_before_anything_is_written(tiny_bundle, tiny_w8a8,
         export(ExportConfig(precision="int8"), tiny_bundle, tmp_path / "a")
     with pytest.raises(CraftError, match="--precision int8"):
         export(ExportConfig(precision="fp16"), tiny_w8a8, tmp_path / "b")
-    with pytest.raises(CraftError, match="choose one of onnx, tensorrt, torch-tensorrt"):
-        ExportConfig(format="openvino")
+    with pytest.raises(
+        CraftError, match="--format 'tflite' is not supported; choose one of onnx, tensorrt, torch-tensorrt"
+    ):
+        export(ExportConfig(format="tflite"), tiny_bundle, tmp_path / "c")  # the target registry refuses it
     with pytest.raises(CraftError, match="--format tensorrt"):
         ExportConfig(sparse=True)
     assert not list(tmp_path.iterdir())
@@ -465,7 +467,7 @@ def test_torch_tensorrt_program(tiny_bundle, tmp_path):
 
 
 def test_qdq_judgement_accepts_near_tie_flips_only():
-    from craft_deploy.export.verify import compare_outputs, judge
+    from craft_deploy.runtimes.tolerance import compare_outputs, judge
 
     ref = np.array([[1.00, 0.99, 0.0], [2.0, 0.0, 0.0], [0.0, 3.0, 0.0]] * 4, np.float32)
     got = ref.copy()
@@ -483,7 +485,8 @@ def test_an_ill_conditioned_model_is_judged_against_float64(tmp_path):
     # an EPYC); what holds everywhere: a perfect FP32 implementation (the float64 result rounded once) fails the plain
     # check, passes the float64 one, and the real export passes one of them
     from craft_deploy.export.prepare import export_model
-    from craft_deploy.export.verify import compare_outputs, judge, judge_against_float64, judge_export, onnx_logits
+    from craft_deploy.runtimes.onnx_session import onnx_logits
+    from craft_deploy.runtimes.tolerance import compare_outputs, judge, judge_against_float64, judge_export
 
     torch.manual_seed(0)
     w = torch.randn(64, 192) * 300
@@ -558,7 +561,7 @@ def test_a_broken_weight_scale_is_named_by_the_divergence_report(tiny_w8a8, tmp_
     # (not ONNX Runtime) is wrong, at the first activation quantizer after that layer, fed by that layer
     import craft_deploy.export.targets.onnx_model as onnx_model
     from craft_deploy import VerificationError
-    from craft_deploy.export.passes.graph import initializers, producers
+    from craft_deploy.runtimes.onnx_graph import initializers, producers
 
     passes, broken = onnx_model.apply_passes, {}
 

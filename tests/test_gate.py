@@ -240,7 +240,7 @@ def test_structural_gate_fails_a_layer_that_falls_back_to_float(tiny_w8a8_onnx, 
     import onnx
     from onnx import numpy_helper
 
-    from craft_deploy.export.passes.graph import initializers, producers
+    from craft_deploy.runtimes.onnx_graph import initializers, producers
 
     proto = onnx.load(str(tiny_w8a8_onnx / "model.onnx"))
     inits, writers = initializers(proto.graph), producers(proto.graph)

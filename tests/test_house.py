@@ -20,10 +20,10 @@ from craft_deploy import EXIT_INTERRUPTED, EXIT_REGRESSION, EXIT_VERIFICATION
 from craft_deploy.cli.main import main
 from craft_deploy.compress import METHODS, PruneConfig, QuantConfig
 from craft_deploy.compress.prune import PRUNE_SCORES, PruneScore, register_prune_score
-from craft_deploy.toolkit.config_base import Config
 from craft_deploy.models import load_bundle, save_bundle
 from craft_deploy.models.bundle import make_manifest
 from craft_deploy.toolkit.calibrators import CALIBRATORS, Calibrator, register_calibrator
+from craft_deploy.toolkit.config_base import Config
 from craft_deploy.toolkit.registry import apply_method, manifest_entry
 
 
@@ -79,6 +79,41 @@ def test_a_calibrator_and_a_pruning_score_added_from_outside_work_through_the_cl
     finally:
         del CALIBRATORS["halfmax"], PRUNE_SCORES["largest"]
     assert "halfmax" not in _cli(["compress", "--help"]).output
+
+
+def test_an_export_target_registered_from_outside_is_a_format_with_staging_verification_and_record(
+    tiny_bundle, tmp_path
+):
+    import numpy as np
+
+    from craft_deploy.export.targets import TARGETS, register_target
+    from craft_deploy.export.targets.base import record
+    from craft_deploy.runtimes.tolerance import compare_outputs
+
+    verdict = {"passed": True}
+
+    @register_target("npz-logits", artifact="logits.npz", feeds="npz", help="npz-logits (PyTorch's logits, a test)")
+    def export_npz(job):
+        path = job.stage / "logits.npz"
+        np.savez(path, logits=job.ref)
+        got = np.load(path)["logits"]
+        check = {**compare_outputs(job.ref, got), **verdict}
+        return record(job, path, verification={"npz": check})
+
+    try:
+        assert "npz-logits (PyTorch's logits, a test)" in " ".join(_cli(["export", "--help"]).output.split())
+        res = _cli(["export", tiny_bundle, "--format", "npz-logits", "--verify-samples", 8, "--out", tmp_path / "e"])
+        assert res.exit_code == 0, res.output
+        rec = json.loads((tmp_path / "e" / "export.json").read_text())
+        assert rec["format"] == "npz-logits" and rec["file"] == "logits.npz" and rec["verification"]["npz"]["passed"]
+        assert np.load(tmp_path / "e" / "logits.npz")["logits"].shape[0] == 8
+        verdict["passed"] = False  # the shared wrapper refuses a target's failed verification: exit 4, nothing written
+        res = _cli(["export", tiny_bundle, "--format", "npz-logits", "--verify-samples", 8, "--out", tmp_path / "f"])
+        assert res.exit_code == EXIT_VERIFICATION and not (tmp_path / "f").exists(), res.output
+    finally:
+        del TARGETS["npz-logits"]
+    res = _cli(["export", tiny_bundle, "--format", "npz-logits", "--out", tmp_path / "g"])
+    assert res.exit_code == 2 and "npz-logits" in res.output
 
 
 def test_plugins_load_from_the_environment_in_a_real_process(tmp_path):

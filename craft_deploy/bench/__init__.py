@@ -57,7 +57,7 @@ def resolve_model(path: str | Path, needs: str) -> tuple[Path, dict[str, Any]]:
             raise CraftError(f"{path} holds neither model.onnx nor a model bundle")
     import onnx
 
-    from craft_deploy.export.metadata import read_metadata
+    from craft_deploy.runtimes.metadata import read_metadata
 
     try:
         meta = read_metadata(onnx.load(str(path), load_external_data=False))

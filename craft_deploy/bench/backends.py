@@ -197,51 +197,21 @@ class TensorrtEngine(Backend):
 
     def __init__(self, path: Path, threads: int | None = None, **kw):
         super().__init__(path, threads, **kw)
-        import tensorrt as trt
-        import torch
+        from craft_deploy.runtimes.tensorrt_runner import EngineRunner
 
-        self.torch, self.trt = torch, trt
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine(Path(path).read_bytes())
-        if self.engine is None:
-            raise CraftError(
-                f"{path} could not be deserialized by TensorRT {trt.__version__} (built by another version "
-                "or for another GPU?)"
-            )
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise CraftError(f"{path}: expected one input and one output tensor, got {inputs} and {outputs}")
-        self.input_name, self.output_name = inputs[0], outputs[0]
-        self.input_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
-        self.stream = torch.cuda.Stream()
+        self.runner = EngineRunner(path, self.include_transfer)
 
     def prepare(self, batch: np.ndarray):
-        x = self.torch.from_numpy(np.ascontiguousarray(batch, dtype=self.input_dtype))
-        return x if self.include_transfer else x.cuda()
+        return self.runner.prepare(batch)
 
     def run(self, prepared) -> np.ndarray:
-        torch = self.torch
-        with torch.cuda.stream(self.stream):
-            x = prepared.cuda(non_blocking=True)
-            self.context.set_input_shape(self.input_name, tuple(x.shape))
-            out_shape = tuple(self.context.get_tensor_shape(self.output_name))
-            out_dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
-            y = torch.empty(out_shape, dtype=torch.from_numpy(np.zeros(0, out_dtype)).dtype, device="cuda")
-            self.context.set_tensor_address(self.input_name, x.data_ptr())
-            self.context.set_tensor_address(self.output_name, y.data_ptr())
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise CraftError(f"TensorRT failed to run {self.path} on a batch of shape {tuple(x.shape)}")
-            y = y.float().cpu()  # waits for the stream
-        return y.numpy()
+        return self.runner.run(prepared)
 
     def synchronize(self) -> None:
-        self.stream.synchronize()
+        self.runner.synchronize()
 
     def info(self) -> dict[str, Any]:
-        return {"tensorrt": self.trt.__version__, "gpu": self.torch.cuda.get_device_name(0)}
+        return self.runner.info()
 
 
 @register_backend("torch-tensorrt")
@@ -336,7 +306,7 @@ class PyTorchEager(Backend):
     def reference_check(self, images: np.ndarray) -> dict[str, Any] | None:
         if self.reference is None:
             return None
-        from craft_deploy.export.verify import compare_outputs, judge
+        from craft_deploy.runtimes.tolerance import compare_outputs, judge
 
         with self.torch.no_grad():
             ref = self.reference(self.torch.from_numpy(images).to(self.device)).float().cpu().numpy()
@@ -368,7 +338,7 @@ class AotiPackage(Backend):
         import torch
 
         from craft_deploy.artifacts import read_json
-        from craft_deploy.export.targets.aoti_package import load_package
+        from craft_deploy.runtimes.aoti import load_package
 
         info = read_json(Path(path).with_name("metadata.json"), "AOTI metadata").get("aoti") or {}
         self.device = info.get("device", "cpu")
@@ -488,7 +458,8 @@ class OpenVino(Backend):
     def reference_check(self, images: np.ndarray) -> dict[str, Any] | None:
         import torch
 
-        from craft_deploy.export.verify import compare_outputs, judge, onnx_logits
+        from craft_deploy.runtimes.onnx_session import onnx_logits
+        from craft_deploy.runtimes.tolerance import compare_outputs, judge
 
         ref = onnx_logits(self.path, torch.from_numpy(images))
         check = compare_outputs(

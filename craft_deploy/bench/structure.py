@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from craft_deploy.export.passes.graph import initializers, producers
+from craft_deploy.runtimes.onnx_graph import initializers, producers
 
 WEIGHTED = ("Conv", "Gemm", "MatMul")
 THROUGH = ("Reshape", "Transpose", "Cast", "Identity")  # ops between a weight and its layer that keep its values

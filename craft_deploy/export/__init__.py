@@ -19,38 +19,31 @@ from craft_deploy.artifacts import check_out_dir, staged_dir
 from craft_deploy.config import ExportConfig
 from craft_deploy.data import splits_for_manifest
 from craft_deploy.export.plan import ExportPlan, plan_export
-from craft_deploy.export.targets import aoti_package, edge_package, onnx_model, torch_tensorrt_program
-from craft_deploy.export.verify import compare_outputs, verify_onnx
+from craft_deploy.export.targets import ExportJob, target_named
+from craft_deploy.export.verify import verify_onnx
 from craft_deploy.models import load_bundle
+from craft_deploy.runtimes.tolerance import compare_outputs
 
 __all__ = ["ExportPlan", "compare_outputs", "plan_export", "run", "verify_onnx"]
 
 
 def run(cfg: ExportConfig, bundle_path: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
-    """Export the bundle at `bundle_path` into `out` (model.onnx, model.engine, model.ep or model.pt2), verify,
-    export.json."""
+    """Export the bundle at `bundle_path` into `out` with the target `cfg.format` names: every target is staged, gets
+    the same reference logits, is timed and verified alike, and leaves its artifact and export.json."""
     check_out_dir(out, overwrite, inputs=[bundle_path])
     bundle = load_bundle(bundle_path)
     manifest = bundle.manifest
+    target = target_named(cfg.format)
     plan = plan_export(cfg, manifest, bundle_path)
-    if cfg.format == "tensorrt":
-        from craft_deploy.export.targets.tensorrt_engine import import_tensorrt
-
-        import_tensorrt()  # the install hint before any file is written
+    if target.precheck is not None:
+        target.precheck()  # an install hint before any file is written
     with staged_dir(out, overwrite) as stage:
         t0 = time.perf_counter()
         splits = splits_for_manifest(manifest, cfg.data_root, eval_subset=cfg.verify_samples)
         images, labels = next(iter(DataLoader(splits.test, batch_size=cfg.verify_samples)))[:2]
         with torch.no_grad():  # PyTorch's logits, once: every check compares against them
             ref = bundle.model.eval()(images).numpy()
-        if cfg.format == "torch-tensorrt":
-            record = torch_tensorrt_program.export(cfg, bundle, bundle_path, stage, plan, images, ref, t0)
-        elif cfg.format == "aoti":
-            record = aoti_package.export(cfg, bundle, bundle_path, stage, plan, images, ref, t0)
-        elif cfg.format == "edge":
-            record = edge_package.export(cfg, bundle, bundle_path, stage, plan, images, ref, t0, labels=labels)
-        else:
-            record = onnx_model.export(cfg, bundle, bundle_path, stage, plan, images, ref, t0)
+        record = target.export(ExportJob(cfg, bundle, Path(bundle_path), stage, plan, images, labels, ref, t0))
         failed = [k for k, v in record["verification"].items() if isinstance(v, dict) and v.get("passed") is False]
         if failed:
             found = [record["verification"][k].get("diagnosis", {}).get("summary") for k in failed]

@@ -19,7 +19,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from craft_deploy.export.passes.graph import initializers, producers
+from craft_deploy.runtimes.onnx_graph import initializers, producers
 
 IMAGES = 4  # the reference evaluator runs convolutions in numpy: a few images say enough
 REFERENCE_OPSET = 19  # the reference evaluator implements Q/DQ from opset 19 on
@@ -35,7 +35,7 @@ def diagnose(path: Path, model: torch.nn.Module, images: torch.Tensor, fused: bo
 
 
 def _diagnose(path: Path, model: torch.nn.Module, images: torch.Tensor, fused: bool) -> dict[str, Any]:
-    from craft_deploy.export.verify import compare_outputs, judge_export
+    from craft_deploy.runtimes.tolerance import compare_outputs, judge_export
 
     proto = onnx.load(str(path))
     precision = "int8" if any(n.op_type == "QuantizeLinear" for n in proto.graph.node) else "fp32"

@@ -20,8 +20,15 @@ from craft_deploy.artifacts import atomic_write_json, partial_dir, read_json
 
 CELL_SCHEMA = 1
 CELL_RECORD = "cell.json"
-# the file a backend needs -> the export format that writes it (bench.resolve_model)
-EXPORT_FOR = {"onnx": "onnx", "engine": "tensorrt", "ep": "torch-tensorrt", "pt2": "aoti", "bundle": None}
+
+
+def export_format_for(backend: str) -> str | None:
+    """The export target that writes what `backend` runs (None: it runs the bundle itself)."""
+    from craft_deploy.bench.backends import get_backend
+    from craft_deploy.export.targets import target_for
+
+    target = target_for(get_backend(backend).needs)
+    return target.name if target else None
 
 
 def cell_dir(root: str | Path, cell_id: str) -> Path:
@@ -125,11 +132,10 @@ def _train(spec: dict[str, Any], root: Path, d: Path, threads: int) -> dict[str,
 def _deploy(spec: dict[str, Any], root: Path, d: Path, threads: int) -> dict[str, Any]:
     """Export the cell's bundle for the backend (when it needs an exported file), then bench accuracy and latency."""
     from craft_deploy import bench, export
-    from craft_deploy.bench.backends import get_backend
     from craft_deploy.config import BenchConfig, ExportConfig
 
     source = root / spec["source"]
-    fmt = EXPORT_FOR[get_backend(spec["config"]["bench"]["backend"]).needs]
+    fmt = export_format_for(spec["config"]["bench"]["backend"])
     model = source
     if fmt is not None:
         export.run(ExportConfig.from_dict({**spec["config"]["export"], "format": fmt}), source, d / "export", True)

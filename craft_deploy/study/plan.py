@@ -169,7 +169,7 @@ def bench_config(cfg: StudyConfig, backend: str, **extra: Any) -> dict[str, Any]
 
 def deploy_cell(cfg: StudyConfig, ft: FineTuning, backend: str, source_id: str, name: str, target: str):
     export = ExportConfig(target=target, batch_sizes=cfg.batch_sizes, data_root=cfg.data_root).to_dict()
-    export.pop("format")  # chosen by what the backend needs (cells.EXPORT_FOR)
+    export.pop("format")  # chosen by what the backend needs (cells.export_format_for)
     bench = bench_config(cfg, backend)
     return _spec(f"{ft.id}/deploy/{backend}/{name}", "deploy", ft, {"export": export, "bench": bench},
                  source=bundle_of(source_id), recipe=name, backend=backend)  # fmt: skip
@@ -206,8 +206,7 @@ def speed_cells(cfg: StudyConfig, finished: dict[str, dict[str, Any]]) -> list[d
     that deployed it (the optimizer changes the weights, not the graph), else the first optimizer's that did."""
     if cfg.speed_rounds < 1:
         return []
-    from craft_deploy.bench.backends import get_backend
-    from craft_deploy.study.cells import EXPORT_FOR
+    from craft_deploy.study.cells import export_format_for
 
     runs = fine_tunings(cfg)
     baseline = runs[0].label
@@ -224,7 +223,7 @@ def speed_cells(cfg: StudyConfig, finished: dict[str, dict[str, Any]]) -> list[d
                 chosen[s["recipe"]] = (rank, cell_id, s)
         if len(chosen) < 2:
             continue  # nothing to compare side by side
-        exported = EXPORT_FOR[get_backend(backend).needs] is not None
+        exported = export_format_for(backend) is not None
         models = [[row, f"cells/{cell_id}/export" if exported else s["source"]]
                   for row, (_, cell_id, s) in sorted(chosen.items())]  # fmt: skip
         bench = bench_config(cfg, backend, rounds=cfg.speed_rounds)

@@ -274,10 +274,9 @@ def commands(res: Results, pick: dict[str, Any], backend: str, specs: dict[str, 
             model = "recovered"
     ex, be = deploy["config"]["export"], deploy["config"]["bench"]
     sizes = ",".join(str(b) for b in be["batch_sizes"])
-    from craft_deploy.bench.backends import BACKENDS
-    from craft_deploy.study.cells import EXPORT_FOR
+    from craft_deploy.study.cells import export_format_for
 
-    fmt = EXPORT_FOR[BACKENDS[backend].needs]
+    fmt = export_format_for(backend)
     if fmt is not None:
         cmds.append(f"craft-deploy export {model} --format {fmt} --target {ex['target']} --batch-sizes {sizes} "
                     "--out exported")  # fmt: skip

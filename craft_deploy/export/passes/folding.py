@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from craft_deploy.export.passes.graph import (
+from craft_deploy.runtimes.onnx_graph import (
     consumers,
     drop_unused_initializers,
     initializers,

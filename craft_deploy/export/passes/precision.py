@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from craft_deploy.export.passes.graph import (
+from craft_deploy.runtimes.onnx_graph import (
     consumers,
     topological_sort,
 )

@@ -1,51 +1,14 @@
-"""Deployment targets: an exported artifact of one format, verified against PyTorch, and export.json."""
+"""Deployment targets: one registered `--format` each (see base.py); importing this package registers the built-in
+ones, in the order `--format` lists them."""
 
+# ruff: noqa: I001  (the order of registration is the order --format lists)
 from __future__ import annotations
 
-import time
-from pathlib import Path
-from typing import Any
+from craft_deploy.export.targets import onnx_model  # noqa: F401  (each registers its target)
+from craft_deploy.export.targets import tensorrt_engine  # noqa: F401
+from craft_deploy.export.targets import torch_tensorrt_program  # noqa: F401
+from craft_deploy.export.targets import aoti_package  # noqa: F401
+from craft_deploy.export.targets import edge_package  # noqa: F401
+from craft_deploy.export.targets.base import TARGETS, ExportJob, Target, register_target, target_for, target_named
 
-import numpy as np
-
-from craft_deploy.config import ExportConfig
-from craft_deploy.export.plan import ExportPlan
-from craft_deploy.records import write_record
-
-
-def record(stage: Path, cfg: ExportConfig, bundle_path, plan: ExportPlan, artifact: Path, **fields) -> dict[str, Any]:
-    """export.json: the fields every format shares, then the format's own."""
-    return write_record(
-        stage,
-        "export",
-        cfg.to_dict(),
-        source=str(bundle_path),
-        format=cfg.format,
-        target=cfg.target,
-        precision=plan.precision,
-        file=artifact.name,
-        size_bytes=artifact.stat().st_size,
-        **fields,
-    )
-
-
-def compiled_record(
-    stage: Path, cfg: ExportConfig, bundle_path, plan: ExportPlan, artifact: Path, runtime: str, info: dict[str, Any],
-    ref: np.ndarray, got: np.ndarray, compile_seconds: float, t0: float, *, model, images,
-) -> dict[str, Any]:  # fmt: skip
-    """export.json of a compiled artifact (a torch-tensorrt program, an AOTI package): its outputs `got` on the
-    verification `images` judged against PyTorch's `ref` by the tolerance policy (`model` for its float64 check)."""
-    from craft_deploy.export.verify import compare_outputs, judge_export
-
-    check = compare_outputs(ref[: len(got)], got)
-    check["passed"] = judge_export(check, plan.precision, cfg.atol, model, images, ref, got)
-    return record(
-        stage,
-        cfg,
-        bundle_path,
-        plan,
-        artifact,
-        compile=info,
-        verification={runtime: check},
-        timings={"compile_seconds": compile_seconds, "total_seconds": time.perf_counter() - t0},
-    )
+__all__ = ["TARGETS", "ExportJob", "Target", "register_target", "target_for", "target_named"]

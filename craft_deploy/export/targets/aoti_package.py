@@ -16,9 +16,9 @@ import torch
 
 from craft_deploy import CraftError
 from craft_deploy.artifacts import atomic_write_json
-from craft_deploy.export.metadata import export_metadata
-from craft_deploy.export.plan import ExportPlan
-from craft_deploy.export.targets import compiled_record
+from craft_deploy.export.targets.base import ExportJob, compiled_record, register_target
+from craft_deploy.runtimes.aoti import load_package
+from craft_deploy.runtimes.metadata import export_metadata
 
 FILE = "model.pt2"
 
@@ -50,12 +50,15 @@ def compile_package(
     }
 
 
-def load_package(path: Path):
-    """The compiled model of a package, callable on tensors of the device and dtype it was compiled for."""
-    return torch._inductor.aoti_load_package(str(path))
-
-
-def export(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images, ref, t0) -> dict[str, Any]:
+@register_target(
+    "aoti",
+    artifact=FILE,
+    feeds="pt2",
+    help="aoti (an AOTInductor package, model.pt2, compiled for this machine's GPU or CPU)",
+)
+def export(job: ExportJob) -> dict[str, Any]:
+    """model.pt2 compiled for this machine, loaded back and verified."""
+    cfg, bundle, stage, plan, images = job.cfg, job.bundle, job.stage, job.plan, job.images
     if plan.precision == "fp16" and not torch.cuda.is_available():
         raise CraftError("--format aoti --precision fp16 compiles for a GPU; on a CPU export fp32")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,13 +67,11 @@ def export(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images, ref,
         bundle.model, bundle.manifest["input_size"], cfg.batch_sizes, plan.precision == "fp16", device, path
     )
     atomic_write_json(stage / "metadata.json", {**export_metadata(bundle.manifest), "aoti": info})
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - job.t0
     program = load_package(path)
     dtype = torch.float16 if plan.precision == "fp16" else torch.float32
     with torch.no_grad():
         got = np.concatenate(
             [program(c.to(device, dtype)).float().cpu().numpy() for c in images.split(max(cfg.batch_sizes))]
         )
-    return compiled_record(
-        stage, cfg, bundle_path, plan, path, "aoti", info, ref, got, seconds, t0, model=bundle.model, images=images
-    )
+    return compiled_record(job, path, "aoti", info, got, seconds)

@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from craft_deploy import __version__
 from craft_deploy.artifacts import atomic_write_json
 from craft_deploy.config import EDGE_DEVICES
-from craft_deploy.export.plan import ExportPlan
 from craft_deploy.export.targets import onnx_model
-from craft_deploy.export.verify import float64_allowance, float64_logits
+from craft_deploy.export.targets.base import ExportJob, register_target
+from craft_deploy.runtimes.tolerance import float64_allowance, float64_logits
 from craft_deploy.toolkit.registry import method_state
 
 PACKAGE_SCHEMA = "craft-deploy/edge/v1"
@@ -84,10 +83,19 @@ def _reference_accuracy(bundle_path: Path) -> dict[str, Any] | None:
     return None
 
 
-def export(
-    cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images, ref, t0, labels: torch.Tensor
-) -> dict[str, Any]:
-    record = onnx_model.export(cfg, bundle, bundle_path, stage, plan, images, ref, t0)
+@register_target(
+    "edge",
+    artifact="model.onnx",
+    feeds="onnx",
+    help="edge (a device package: ONNX, test data and the scripts that build and verify the TensorRT engine on the "
+    "device)",
+)
+def export(job: ExportJob) -> dict[str, Any]:
+    """The verified model.onnx plus everything the device needs to build, verify and time its engine."""
+    cfg, bundle, stage, plan = job.cfg, job.bundle, job.stage, job.plan
+    images, labels, ref = job.images, job.labels, job.ref
+    bundle_path = job.bundle_path
+    record = onnx_model.export(job)
     manifest = bundle.manifest
     size = list(manifest["input_size"])
     lo, hi = min(cfg.batch_sizes), max(cfg.batch_sizes)

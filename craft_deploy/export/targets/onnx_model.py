@@ -1,10 +1,11 @@
 """The ONNX target: trace, apply the plan's passes, check with onnx.checker, and verify in ONNX Runtime against PyTorch
-(basic optimisations, and this host's fused integer kernels for Q/DQ models); `--format tensorrt` then builds an engine
-from the verified file."""
+(basic optimisations, and this host's fused integer kernels for Q/DQ models). The TensorRT and edge targets start
+from the verified file this target writes (`verified_onnx`)."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +14,14 @@ import onnx
 from craft_deploy import CraftError
 from craft_deploy.artifacts import atomic_write_bytes
 from craft_deploy.export.diagnose import diagnose
-from craft_deploy.export.metadata import export_metadata, set_metadata
 from craft_deploy.export.passes import apply_passes
 from craft_deploy.export.plan import ExportPlan
 from craft_deploy.export.prepare import export_model
-from craft_deploy.export.targets import record, tensorrt_engine
-from craft_deploy.export.verify import (
-    SATURATION_HINT,
-    compare_outputs,
-    judge_export,
-    onnx_logits,
-    pruned_zeros,
-    weight_zero_count,
-)
+from craft_deploy.export.targets.base import ExportJob, record, register_target
+from craft_deploy.export.verify import pruned_zeros, weight_zero_count
+from craft_deploy.runtimes.metadata import export_metadata, set_metadata
+from craft_deploy.runtimes.onnx_session import onnx_logits
+from craft_deploy.runtimes.tolerance import SATURATION_HINT, compare_outputs, judge_export
 from craft_deploy.toolkit.registry import method_state
 
 
@@ -39,7 +35,21 @@ def build_onnx(bundle, plan: ExportPlan) -> tuple[onnx.ModelProto, dict[str, int
     return proto, counts
 
 
-def export(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images, ref, t0: float) -> dict[str, Any]:
+@dataclass
+class VerifiedOnnx:
+    """model.onnx in the staging directory, checked; what its record says about it."""
+
+    path: Path
+    fields: dict[str, Any]
+    verification: dict[str, Any]
+    extra: dict[str, Any]
+    timings: dict[str, float]
+
+
+def verified_onnx(job: ExportJob) -> VerifiedOnnx:
+    """Trace, rewrite, write and check model.onnx; run it in ONNX Runtime against PyTorch (and in this host's fused
+    integer kernels for a Q/DQ model, recorded, not gated)."""
+    cfg, bundle, stage, plan, images, ref, t0 = job.cfg, job.bundle, job.stage, job.plan, job.images, job.ref, job.t0
     manifest = bundle.manifest
     proto, counts = build_onnx(bundle, plan)
     path = stage / "model.onnx"
@@ -77,28 +87,38 @@ def export(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images, ref,
             if "summary" in fused["diagnosis"]:
                 extra["warning"] += f" Measured: {fused['diagnosis']['summary']}."
         verification["onnxruntime_fused_kernels"] = fused
-    timings = {"export_seconds": export_seconds}
-    if cfg.format == "tensorrt":
-        engine, verification["tensorrt"], timings["engine_build_seconds"] = tensorrt_engine.build_and_verify(
-            cfg, bundle, stage, plan, images, ref
-        )
-        extra.update(engine)
     quant = method_state(manifest, "quantize") or {}
-    artifact = stage / ("model.engine" if cfg.format == "tensorrt" else "model.onnx")
+    fields = {
+        "quantization": quant.get("config"),
+        "weights": plan.weights,
+        "activations": plan.activations,
+        "opset": plan.opset,
+        "onnx_size_bytes": path.stat().st_size,
+        "rewrites": counts,
+        "ops": ops,
+    }
+    return VerifiedOnnx(path, fields, verification, extra, {"export_seconds": export_seconds})
+
+
+def onnx_record(job: ExportJob, onnx_file: VerifiedOnnx, artifact: Path) -> dict[str, Any]:
+    """export.json of a target built on the verified ONNX (`artifact`: the file it leaves in --out)."""
     return record(
-        stage,
-        cfg,
-        bundle_path,
-        plan,
+        job,
         artifact,
-        quantization=quant.get("config"),
-        weights=plan.weights,
-        activations=plan.activations,
-        opset=plan.opset,
-        onnx_size_bytes=path.stat().st_size,
-        rewrites=counts,
-        ops=ops,
-        verification=verification,
-        **extra,
-        timings={**timings, "total_seconds": time.perf_counter() - t0},
+        **onnx_file.fields,
+        verification=onnx_file.verification,
+        **onnx_file.extra,
+        timings={**onnx_file.timings, "total_seconds": time.perf_counter() - job.t0},
     )
+
+
+@register_target(
+    "onnx",
+    artifact="model.onnx",
+    feeds="onnx",
+    help="onnx (FP32/FP16, Q/DQ INT8/FP8, INT4 weights; verified in ONNX Runtime)",
+)
+def export(job: ExportJob) -> dict[str, Any]:
+    """model.onnx, verified, and its record."""
+    onnx_file = verified_onnx(job)
+    return onnx_record(job, onnx_file, onnx_file.path)

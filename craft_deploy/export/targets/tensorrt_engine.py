@@ -20,23 +20,12 @@ import torch
 
 from craft_deploy import CraftError
 from craft_deploy.artifacts import atomic_write_bytes, atomic_write_json
-from craft_deploy.export.metadata import export_metadata
 from craft_deploy.export.plan import ExportPlan
-from craft_deploy.export.verify import compare_outputs, judge_export
-
-INSTALL_HINT = "pip install 'craft-deploy[tensorrt]' (TensorRT 10 or 11) on a machine with an NVIDIA GPU"
-
-
-def import_tensorrt():
-    """The tensorrt module, or a CraftError with the install hint."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise CraftError(f"--format tensorrt needs TensorRT, which is not installed: {INSTALL_HINT}") from e
-    major = int(trt.__version__.split(".")[0])
-    if major < 10:
-        raise CraftError(f"TensorRT {trt.__version__} is too old: craft-deploy builds with TensorRT 10.x or 11.x")
-    return trt
+from craft_deploy.export.targets.base import ExportJob, register_target
+from craft_deploy.export.targets.onnx_model import onnx_record, verified_onnx
+from craft_deploy.runtimes.metadata import export_metadata
+from craft_deploy.runtimes.tensorrt_runner import EngineRunner, import_tensorrt
+from craft_deploy.runtimes.tolerance import compare_outputs, judge_export
 
 
 def _logger(trt, lines: list[str]):
@@ -164,8 +153,6 @@ def sparse_log_report(lines: list[str]) -> dict[str, list[str]]:
 
 def build_and_verify(cfg, bundle, stage: Path, plan: ExportPlan, images, ref) -> tuple[dict, dict, float]:
     """Build model.engine from the verified model.onnx, keep the log and metadata, and verify the engine."""
-    from craft_deploy.bench.backends import TensorrtEngine
-
     t0 = time.perf_counter()
     engine, info, log = build_engine(
         stage / "model.onnx",
@@ -181,7 +168,7 @@ def build_and_verify(cfg, bundle, stage: Path, plan: ExportPlan, images, ref) ->
     meta = {**export_metadata(bundle.manifest), "engine": {k: v for k, v in info.items() if k != "layers"}}
     meta["engine"]["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     atomic_write_json(stage / "metadata.json", meta)
-    runner = TensorrtEngine(stage / "model.engine")
+    runner = EngineRunner(stage / "model.engine")
     lo, hi = min(cfg.batch_sizes), max(cfg.batch_sizes)
     got = np.concatenate([runner.run(runner.prepare(c.numpy())) for c in images.split(hi) if len(c) >= lo])
     check = compare_outputs(ref[: len(got)], got)
@@ -202,3 +189,20 @@ def build_and_verify(cfg, bundle, stage: Path, plan: ExportPlan, images, ref) ->
         )
     atomic_write_json(stage / "engine_layers.json", layers)
     return extra, check, seconds
+
+
+@register_target(
+    "tensorrt",
+    artifact="model.engine",
+    feeds="engine",
+    help="tensorrt (an engine built from the verified ONNX)",
+    precheck=import_tensorrt,
+)
+def export(job: ExportJob) -> dict[str, Any]:
+    """The verified model.onnx, then model.engine built from it and verified on this GPU."""
+    onnx_file = verified_onnx(job)
+    engine, onnx_file.verification["tensorrt"], onnx_file.timings["engine_build_seconds"] = build_and_verify(
+        job.cfg, job.bundle, job.stage, job.plan, job.images, job.ref
+    )
+    onnx_file.extra.update(engine)
+    return onnx_record(job, onnx_file, job.stage / "model.engine")

@@ -13,10 +13,9 @@ from torch import nn
 
 from craft_deploy import CraftError
 from craft_deploy.artifacts import atomic_write_json
-from craft_deploy.export.metadata import export_metadata
-from craft_deploy.export.plan import ExportPlan
-from craft_deploy.export.targets import compiled_record
-from craft_deploy.export.targets.tensorrt_engine import INSTALL_HINT
+from craft_deploy.export.targets.base import ExportJob, compiled_record, register_target
+from craft_deploy.runtimes.metadata import export_metadata
+from craft_deploy.runtimes.tensorrt_runner import INSTALL_HINT
 
 
 def compile_and_save(
@@ -46,29 +45,23 @@ def compile_and_save(
     }
 
 
-def export(cfg, bundle, bundle_path, stage: Path, plan: ExportPlan, images, ref, t0) -> dict[str, Any]:
+@register_target(
+    "torch-tensorrt",
+    artifact="model.ep",
+    feeds="ep",
+    help="torch-tensorrt (a dynamo-compiled program)",
+)
+def export(job: ExportJob) -> dict[str, Any]:
+    """model.ep compiled by torch-tensorrt on this GPU, loaded back and verified."""
+    cfg, bundle, stage, plan, images = job.cfg, job.bundle, job.stage, job.plan, job.images
     path = stage / "model.ep"
     info = compile_and_save(
         bundle.model, bundle.manifest["input_size"], cfg.batch_sizes, plan.precision == "fp16", path
     )
     atomic_write_json(stage / "metadata.json", {**export_metadata(bundle.manifest), "torch_tensorrt": info})
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - job.t0
     program = torch.export.load(str(path)).module()
     lo, hi = min(cfg.batch_sizes), max(cfg.batch_sizes)
     with torch.no_grad():
         got = np.concatenate([program(c.cuda()).float().cpu().numpy() for c in images.split(hi) if len(c) >= lo])
-    return compiled_record(
-        stage,
-        cfg,
-        bundle_path,
-        plan,
-        path,
-        "torch_tensorrt",
-        info,
-        ref,
-        got,
-        seconds,
-        t0,
-        model=bundle.model,
-        images=images,
-    )
+    return compiled_record(job, path, "torch_tensorrt", info, got, seconds)
