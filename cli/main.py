@@ -25,7 +25,6 @@ from craft_deploy.config import (
     ExportConfig,
     FinetuneConfig,
 )
-from craft_deploy.toolkit.placement import PLACEMENTS
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success (a paired gate left undecided included); 2 bad usage or bad input (a flag value, a bundle "
@@ -88,6 +87,40 @@ class RegistryHelpOption(click.Option):
         entries = getattr(importlib.import_module(module), table).values()
         self.help = self.lead + "; ".join(e.help for e in entries) + "."
         return super().get_help_record(ctx)
+
+
+def _method_option(flag, default: Any) -> click.Option:
+    """The click option of one method flag (craft_deploy.toolkit.flags.Flag)."""
+    kw: dict[str, Any] = {"help": flag.help}
+    if flag.kind == "flag":
+        return click.Option([flag.option], is_flag=True, **kw)
+    if flag.kind == "switch":
+        return click.Option([f"{flag.option}/--no-{flag.name}"], default=default, show_default=True, **kw)
+    if isinstance(flag.choices, str):
+        kw["type"] = RegistryChoice(flag.choices)
+    elif flag.choices:
+        kw["type"] = click.Choice(flag.choices)
+    elif flag.kind in (int, float):
+        kw["type"] = flag.kind
+    if default is not None:
+        kw.update(default=default, show_default=True)
+    return click.Option([flag.option], **kw)
+
+
+class MethodsCommand(click.Command):
+    """A command whose options include every registered compression method's flags, read from the registry when
+    the command line is parsed or its help is shown: a method registered by a plugin brings its own options."""
+
+    _generated: dict[tuple, list[click.Option]] = {}
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        from craft_deploy.toolkit.registry import method_flags
+
+        flags = method_flags()
+        key = tuple((k, id(f)) for k, (f, _) in flags.items())
+        if key not in self._generated:
+            self._generated[key] = [_method_option(f, cls.flag_default(f)) for f, cls in flags.values()]
+        return [*self._generated[key], *super().get_params(ctx)]
 
 
 class _FieldDefault:
@@ -322,100 +355,9 @@ def finetune(out, overwrite, resume, **kw) -> None:
     )
 
 
-@defaults_from(
-    CompressConfig,
-    "craft_deploy.compress.prune:PruneConfig",
-    "craft_deploy.compress.quant:QuantConfig",
-    "craft_deploy.compress.lowrank:LowRankConfig",
-    prune_method="score",
-    weight_granularity="w_granularity",
-)
-@main.command()
+@defaults_from(CompressConfig)
+@main.command(cls=MethodsCommand)
 @click.argument("bundle", type=click.Path())
-@click.option(
-    "--rank-ratio",
-    type=float,
-    help="Low-rank: factorise Linear layers and 1x1 convs into two of rank R x min(in, out), e.g. 0.25 (applied "
-    "before pruning and quantization).",
-)
-@click.option("--rank-energy", type=float, help="Low-rank: the smallest rank keeping this share of spectral energy.")
-@click.option(
-    "--rank-multiple",
-    show_default=True,
-    type=int,
-    help="Low-rank: round each rank up to a multiple of this; 16 suits ONNX Runtime CPU on AVX-512, 8 AVX2 and GPUs.",
-)
-@click.option(
-    "--activation-aware/--no-activation-aware",
-    show_default=True,
-    help="Low-rank: SVD of the weights scaled by the calibration inputs' channel RMS (else plain SVD).",
-)
-@click.option("--sparsity", help="Pruning: a ratio in (0, 1) such as 0.5, or N:M such as 2:4.")
-@click.option(
-    "--prune-method",
-    show_default=True,
-    type=RegistryChoice("craft_deploy.compress.prune:PRUNE_SCORES"),
-    help="Weight score: |W|, Wanda's |W| * ||X_j|| from calibration activations, SparseGPT (OBS saliency, kept weights "
-    "updated to reconstruct each layer's outputs), or a plugin's.",
-)
-@click.option(
-    "--granularity",
-    show_default=True,
-    type=click.Choice(["layer", "row", "global"]),
-    help="Where an unstructured ratio is applied: each layer, each output row, or all layers at once.",
-)
-@click.option(
-    "--sequential/--no-sequential",
-    show_default=True,
-    help="Wanda: gather statistics block by block on the partly pruned model.",
-)
-@click.option(
-    "--bn-recalibrate",
-    is_flag=True,
-    help="Re-estimate BatchNorm statistics on calibration data after factorisation, pruning and/or quantization.",
-)
-@click.option(
-    "--quant",
-    help="Post-training quantization wXaY: w8a8, w6a6, w6a16, w4a16 (a16 = float activations); or fp8 (E4M3 "
-    "weights and activations, for TensorRT on Hopper/Ada).",
-)
-@click.option(
-    "--calib-method",
-    show_default=True,
-    type=RegistryChoice("craft_deploy.toolkit.calibrators:CALIBRATORS"),
-    help="Activation ranges: min-max, a percentile of |x|, the MSE-optimal clip, TensorRT's entropy (KL) threshold, "
-    "PTQ4ViT (twin-uniform softmax/GELU quantizers, Hessian-guided scale search; ViTs, else mse), or a plugin's.",
-)
-@click.option("--percentile", show_default=True, type=float, help="For --calib-method percentile.")
-@click.option(
-    "--weight-calib",
-    type=click.Choice(["minmax", "mse"]),
-    help="Weight scales: min-max, or the MSE-optimal clip per channel/group. [default: minmax for --calib-method "
-    "minmax, else mse]",
-)
-@click.option(
-    "--weight-granularity",
-    show_default=True,
-    type=click.Choice(["channel", "tensor"]),
-    help="One weight scale per output channel or per tensor.",
-)
-@click.option(
-    "--weight-rounding",
-    show_default=True,
-    type=RegistryChoice("craft_deploy.compress.quant:WEIGHT_ROUNDINGS"),
-    help="Weights to the nearest grid point, or GPTQ (each column's rounding error moved onto the columns not yet "
-    "rounded, from the layer's input Hessian on the calibration images; keeps pruned zeros).",
-)
-@click.option("--group-size", type=int, help="Weight-only (wXa16): one scale per this many weights of a channel.")
-@click.option("--act-asymmetric", is_flag=True, help="Asymmetric activation ranges (zero point), e.g. post-ReLU.")
-@click.option("--quant-attention", is_flag=True, help="ViTs: also quantize the Q K^T and softmax x V matmul inputs.")
-@click.option(
-    "--placement",
-    show_default=True,
-    type=click.Choice(PLACEMENTS),
-    help="Where activation quantizers go: tensorrt = inputs of Conv/Linear only (TensorRT fuses the rest); ort-cpu = "
-    "also residual adds and pooling, asymmetric (ONNX Runtime's CPU integer kernels; export with --target ort-cpu).",
-)
 @click.option(
     "--calib-samples",
     show_default=True,

@@ -96,3 +96,12 @@ def test_reading_a_manifest_loads_no_stage_before_a_method_is_looked_up():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "compress" not in out.stdout and "toolkit" in out.stdout
+
+
+def test_every_package_is_installed():
+    """A package missing from pyproject's explicit list works in this checkout and is absent from a wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {m for m, p in graph.modules().items() if p.name == "__init__.py"}
+    assert found == listed

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from test_compress import METHOD_EXAMPLES
 
 from conftest import tiny_model_and_calib
-from craft_deploy import EXIT_INTERRUPTED, EXIT_REGRESSION, EXIT_VERIFICATION
+from craft_deploy import EXIT_INTERRUPTED, EXIT_REGRESSION, EXIT_VERIFICATION, CraftError
 from craft_deploy.cli.main import main
 from craft_deploy.compress import METHODS, PruneConfig, QuantConfig
 from craft_deploy.compress.prune import PRUNE_SCORES, PruneScore, register_prune_score
@@ -114,6 +114,78 @@ def test_an_export_target_registered_from_outside_is_a_format_with_staging_verif
         del TARGETS["npz-logits"]
     res = _cli(["export", tiny_bundle, "--format", "npz-logits", "--out", tmp_path / "g"])
     assert res.exit_code == 2 and "npz-logits" in res.output
+
+
+def test_a_method_registered_from_outside_brings_its_options_its_from_flags_and_its_recipe_token(tiny_bundle, tmp_path):
+    """One registration, no other edit: the method is an option of `compress`, a config of `from_flags` and a study
+    recipe token."""
+    from dataclasses import dataclass
+
+    from craft_deploy.compress import from_flags
+    from craft_deploy.study.recipes import parse_recipe
+    from craft_deploy.toolkit.flags import Flag, Token
+    from craft_deploy.toolkit.layers import select_layers
+    from craft_deploy.toolkit.registry import Method, MethodConfig, register_method
+
+    @dataclass(frozen=True)
+    class ScaleConfig(MethodConfig):
+        factor: float | None = None
+
+        flags = (
+            Flag(
+                "scale-weights",
+                "Multiply every selected weight by F (a test method).",
+                field="factor",
+                kind=float,
+                tokens=(
+                    Token(
+                        "scaleF",
+                        pattern=r"scale(\d+(\.\d+)?)",
+                        value=lambda m, t: float(m.group(1)),
+                        word=lambda v: f"scale{v:g}",
+                        position=5,
+                    ),
+                ),  # fmt: skip
+                example="2",
+                what="a scale",
+            ),
+        )
+        trigger = ("scale_weights",)
+        verb = "scales"
+
+    @register_method("scale", ScaleConfig)
+    class Scale(Method):
+        def apply(self, model, cfg, calib):
+            layers, _ = select_layers(model, cfg.include, cfg.exclude)
+            with torch.no_grad():
+                for mod in layers.values():
+                    mod.weight.mul_(cfg.factor)
+            return {"layers": list(layers), "state": {}, "summary": f"scaled {len(layers)} layers by {cfg.factor:g}"}
+
+    try:
+        assert "--scale-weights" in _cli(["compress", "--help"]).output
+        assert from_flags(scale_weights=2.0).methods == (ScaleConfig(factor=2.0),)
+        assert [type(m) for m in from_flags(scale_weights=2.0, quant="w8a8").methods] == [QuantConfig, ScaleConfig]
+        (recipe,) = parse_recipe("w8a8+scale2")
+        assert recipe.name == "scale2+w8a8+mse" and recipe.kwargs == {
+            "scale_weights": 2.0,
+            "quant": "w8a8",
+            "calib_method": "mse",
+        }
+        assert [type(m) for m in from_flags(**recipe.kwargs).methods] == [QuantConfig, ScaleConfig]
+        res = _cli(["compress", tiny_bundle, "--scale-weights", "2", "--calib-samples", 8, "--out", tmp_path / "s"])
+        assert res.exit_code == 0, res.output
+        assert "scaled" in res.output
+        rec = json.loads((tmp_path / "s" / "compress.json").read_text())
+        assert rec["methods"][0]["method"] == "scale"
+        dense, scaled = load_bundle(tiny_bundle).model, load_bundle(tmp_path / "s").model
+        name = rec["methods"][0]["layers"][0]
+        assert torch.equal(scaled.get_submodule(name).weight, 2 * dense.get_submodule(name).weight)
+    finally:
+        del METHODS["scale"]
+    assert "--scale-weights" not in _cli(["compress", "--help"]).output
+    with pytest.raises(CraftError, match="unknown token 'scale2'"):
+        parse_recipe("w8a8+scale2")
 
 
 def test_plugins_load_from_the_environment_in_a_real_process(tmp_path):

@@ -14,11 +14,12 @@ from craft_deploy.artifacts import check_out_dir, staged_dir
 from craft_deploy.compress.lowrank import LowRankConfig
 from craft_deploy.compress.prune import PruneConfig, sparsity_report
 from craft_deploy.compress.quant import QuantConfig
-from craft_deploy.config import CompressConfig, parse_quant, parse_sparsity
+from craft_deploy.config import CompressConfig, parse_sparsity
 from craft_deploy.data import calibration_subset, splits_for_manifest
 from craft_deploy.evaluate import evaluate
 from craft_deploy.models import load_bundle, save_bundle
 from craft_deploy.records import stage_entry, write_record
+from craft_deploy.toolkit.flags import nonempty
 from craft_deploy.toolkit.registry import (
     METHODS,
     CalibLoop,
@@ -26,6 +27,8 @@ from craft_deploy.toolkit.registry import (
     MethodConfig,
     calib_loop,
     manifest_entry,
+    method_configs,
+    method_flags,
     method_for,
     method_state,
     register_method,
@@ -47,67 +50,31 @@ __all__ = [
 ]
 
 
-def from_flags(
-    sparsity: str | None = None,
-    prune_method: str = PruneConfig.score,
-    granularity: str = PruneConfig.granularity,
-    sequential: bool = PruneConfig.sequential,
-    bn_recalibrate: bool = False,
-    quant: str | None = None,
-    calib_method: str = QuantConfig.calib_method,
-    percentile: float = QuantConfig.percentile,
-    weight_calib: str | None = QuantConfig.weight_calib,
-    weight_granularity: str = QuantConfig.w_granularity,
-    group_size: int | None = None,
-    act_asymmetric: bool = QuantConfig.act_asymmetric,
-    quant_attention: bool = QuantConfig.quant_attention,
-    placement: str = QuantConfig.placement,
-    weight_rounding: str = QuantConfig.weight_rounding,
-    rank_ratio: float | None = None,
-    rank_energy: float | None = None,
-    rank_multiple: int = LowRankConfig.rank_multiple,
-    activation_aware: bool = LowRankConfig.activation_aware,
-    include: tuple[str, ...] = (),
-    exclude: tuple[str, ...] = (),
-    **data: Any,
-) -> CompressConfig:
-    """The CompressConfig the `compress` flags describe: `--sparsity` (N:M or a ratio) becomes a PruneConfig, `--quant
-    wXaY` a QuantConfig, `--rank-ratio`/`--rank-energy` a LowRankConfig (applied first), each validating its own
-    values; `data` holds calib_samples, eval_subset, data_root, seed."""
-    methods: list[MethodConfig] = []
-    if rank_ratio is not None or rank_energy is not None:
-        methods.append(
-            LowRankConfig(include=include, exclude=exclude, rank_ratio=rank_ratio, rank_energy=rank_energy,
-                          rank_multiple=rank_multiple, activation_aware=activation_aware,
-                          bn_recalibrate=bn_recalibrate and sparsity is None and quant is None)
-        )  # fmt: skip
-    parsed = parse_sparsity(sparsity)
-    if parsed is not None:
-        kind, value = parsed
-        pattern = {"n": value[0], "m": value[1]} if kind == "nm" else {"ratio": value}
-        methods.append(
-            PruneConfig(include=include, exclude=exclude, score=prune_method, granularity=granularity,
-                        sequential=sequential, bn_recalibrate=bn_recalibrate, **pattern)
-        )  # fmt: skip
-    fp8 = str(quant).strip().lower() == "fp8"
-    bits = (8, 8) if fp8 else parse_quant(quant)
-    if bits is None:
-        defaults = (QuantConfig.calib_method, False, QuantConfig.act_asymmetric, QuantConfig.placement)
-        if (calib_method, bool(group_size), act_asymmetric, placement) != defaults:
-            raise CraftError(
-                "--calib-method, --group-size, --act-asymmetric and --placement need --quant (e.g. --quant w8a8)"
-            )
-    else:
-        if group_size and weight_granularity not in ("channel", "group"):
-            raise CraftError(f"--group-size sets group granularity; drop --weight-granularity {weight_granularity}")
-        methods.append(
-            QuantConfig(include=include, exclude=exclude, w_bits=bits[0], a_bits=bits[1], calib_method=calib_method,
-                        percentile=percentile, weight_calib=weight_calib,
-                        w_granularity="group" if group_size else weight_granularity,
-                        group_size=group_size or 0, act_asymmetric=act_asymmetric, quant_attention=quant_attention,
-                        bn_recalibrate=bn_recalibrate, placement=placement, weight_rounding=weight_rounding,
-                        number_format="fp8" if fp8 else "int")
-        )  # fmt: skip
+DATA_FLAGS = ("calib_samples", "eval_subset", "data_root", "seed")
+"""The keywords of `from_flags` that are CompressConfig's own (the calibration and evaluation data)."""
+
+
+def from_flags(include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), **flags: Any) -> CompressConfig:
+    """The CompressConfig the `compress` flags describe, built by the registered methods themselves: every method
+    whose trigger flag is set (`--rank-ratio`, `--sparsity`, `--quant`, a plugin's) builds its config from the flag
+    values, in the methods' order, each validating its own values. `flags` are keyword names of the methods' flags
+    (`method_flags()`) plus calib_samples, eval_subset, data_root and seed."""
+    data = {k: flags.pop(k) for k in DATA_FLAGS if k in flags}
+    registered = method_flags()
+    unknown = sorted(set(flags) - set(registered))
+    if unknown:
+        raise TypeError(f"from_flags() got unknown flag(s) {unknown}; the registered methods take {sorted(registered)}")
+    values = {key: cls.flag_default(flag) for key, (flag, cls) in registered.items()}
+    values.update(flags)
+    stray: dict[str, list[str]] = {}
+    for key, (flag, cls) in registered.items():
+        if flag.needs and values[key] != cls.flag_default(flag) and not nonempty(values.get(flag.needs)):
+            stray.setdefault(flag.needs, []).append(flag.option)
+    for needs, options in stray.items():
+        need = registered[needs][0]
+        example = need.example.split(" or ")[0] if need.example else "VALUE"
+        raise CraftError(f"{', '.join(options)}: options that need {need.option} (e.g. {need.option} {example})")
+    methods = [cls.from_flags(values, include, exclude) for cls in method_configs() if cls.asked_for(values)]
     return CompressConfig(methods=tuple(methods), **data)
 
 
@@ -157,7 +124,6 @@ def run(cfg: CompressConfig, bundle_path: str | Path, out: str | Path, overwrite
 
 def bundle_sparsity(bundle_path: str | Path) -> dict[str, Any]:
     """Sparsity report of any bundle: every Linear/Conv layer's zeros, its recorded target and N:M validity."""
-    from craft_deploy.config import parse_sparsity
 
     bundle = load_bundle(bundle_path)
     recorded = method_state(bundle.manifest, "prune") or {}

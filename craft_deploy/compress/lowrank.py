@@ -32,8 +32,25 @@ from torch import nn
 
 from craft_deploy import CraftError
 from craft_deploy.toolkit.batchnorm import recalibrate_batchnorm
+from craft_deploy.toolkit.flags import Flag, Token
 from craft_deploy.toolkit.layers import replace_module, select_layers
-from craft_deploy.toolkit.registry import CalibLoop, Method, MethodConfig, calibrate_with_hooks, register_method
+from craft_deploy.toolkit.registry import (
+    CalibLoop,
+    Method,
+    MethodConfig,
+    calibrate_with_hooks,
+    method_configs,
+    register_method,
+)
+
+BN_RECALIBRATE = Flag(
+    "bn-recalibrate",
+    "Re-estimate BatchNorm statistics on calibration data after factorisation, pruning and/or quantization.",
+    field="bn_recalibrate",
+    kind="flag",
+    tokens=(Token("bn", pattern="bn", value=lambda m, t: True, position=90, word=lambda v: "bn"),),
+)
+"""--bn-recalibrate, which every built-in method takes."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +62,59 @@ class LowRankConfig(MethodConfig):
     activation_aware: bool = True
     rank_multiple: int = 1  # round each rank up to a multiple of this (e.g. 16: ORT's NCHWc block on AVX-512)
     bn_recalibrate: bool = False  # re-estimate BatchNorm statistics under the factorised layers
+
+    flags = (
+        Flag(
+            "rank-ratio",
+            "Low-rank: factorise Linear layers and 1x1 convs into two of rank R x min(in, out), e.g. 0.25 (applied "
+            "before pruning and quantization).",
+            field="rank_ratio",
+            kind=float,
+            tokens=(
+                Token(
+                    "rankR (e.g. rank0.25)",
+                    pattern=r"rank(0?\.\d+|1(\.0*)?)",
+                    value=lambda m, t: float(m.group(1)),
+                    position=0,
+                    word=lambda v: f"rank{v:g}",
+                ),
+            ),
+            example="0.25",
+            what="a rank",
+        ),
+        Flag(
+            "rank-energy",
+            "Low-rank: the smallest rank keeping this share of spectral energy.",
+            field="rank_energy",
+            kind=float,
+        ),
+        Flag(
+            "rank-multiple",
+            "Low-rank: round each rank up to a multiple of this; 16 suits ONNX Runtime CPU on AVX-512, 8 AVX2 and "
+            "GPUs.",
+            field="rank_multiple",
+            kind=int,
+        ),
+        Flag(
+            "activation-aware",
+            "Low-rank: SVD of the weights scaled by the calibration inputs' channel RMS (else plain SVD).",
+            field="activation_aware",
+            kind="switch",
+        ),
+        BN_RECALIBRATE,
+    )
+    trigger = ("rank_ratio", "rank_energy")
+    order = 10
+    verb = "factorises"
+
+    @classmethod
+    def from_flags(cls, values: dict[str, Any], include: tuple[str, ...], exclude: tuple[str, ...]) -> LowRankConfig:
+        """Factorised first; BatchNorm is re-estimated here only when no other method follows (the last one does)."""
+        alone = not any(c.asked_for(values) for c in method_configs() if c is not cls)
+        kw = {f.field: values[f.key] for f in cls.flags if f.field and f.key in values}
+        return cls(
+            include=include, exclude=exclude, **{**kw, "bn_recalibrate": kw.get("bn_recalibrate", False) and alone}
+        )
 
     def __post_init__(self) -> None:
         if (self.rank_ratio is None) == (self.rank_energy is None):

@@ -17,8 +17,11 @@ from torch import nn
 from tqdm import tqdm
 
 from craft_deploy import CraftError
+from craft_deploy.compress.lowrank import BN_RECALIBRATE
 from craft_deploy.compress.sparsegpt import input_hessians
+from craft_deploy.config import parse_sparsity
 from craft_deploy.toolkit.batchnorm import recalibrate_batchnorm
+from craft_deploy.toolkit.flags import Flag, Token
 from craft_deploy.toolkit.layers import block_groups, select_layers
 from craft_deploy.toolkit.primitives import as_input_groups, from_input_groups, nm_mask, row_mask, unstructured_mask
 from craft_deploy.toolkit.registry import (
@@ -110,6 +113,58 @@ class PruneConfig(MethodConfig):
     granularity: Literal["layer", "row", "global"] = "layer"
     sequential: bool = True
     bn_recalibrate: bool = False
+
+    flags = (
+        Flag(
+            "sparsity",
+            "Pruning: a ratio in (0, 1) such as 0.5, or N:M such as 2:4.",
+            tokens=(
+                Token(
+                    "N:M or a ratio such as 0.5",
+                    pattern=r"\d+:\d+|0?\.\d+",
+                    value=lambda m, t: _checked(t),
+                    position=10,
+                ),
+            ),
+            example="2:4 or 0.5",
+            what="a sparsity",
+        ),
+        Flag(
+            "prune-method",
+            "Weight score: |W|, Wanda's |W| * ||X_j|| from calibration activations, SparseGPT (OBS saliency, kept "
+            "weights updated to reconstruct each layer's outputs), or a plugin's.",
+            field="score",
+            choices="craft_deploy.compress.prune:PRUNE_SCORES",
+            needs="sparsity",
+            tokens=(
+                Token("a pruning score ({names})", registry="craft_deploy.compress.prune:PRUNE_SCORES", position=11),
+            ),
+        ),
+        Flag(
+            "granularity",
+            "Where an unstructured ratio is applied: each layer, each output row, or all layers at once.",
+            field="granularity",
+            choices=GRANULARITIES,
+        ),
+        Flag(
+            "sequential",
+            "Wanda: gather statistics block by block on the partly pruned model.",
+            field="sequential",
+            kind="switch",
+        ),
+        BN_RECALIBRATE,
+    )
+    trigger = ("sparsity",)
+    order = 20
+    verb = "prunes"
+
+    @classmethod
+    def from_flags(cls, values: dict[str, Any], include: tuple[str, ...], exclude: tuple[str, ...]) -> PruneConfig:
+        """`--sparsity 2:4` sets n and m, `--sparsity 0.5` the ratio; the rest are fields."""
+        kind, value = parse_sparsity(values["sparsity"])
+        pattern = {"n": value[0], "m": value[1]} if kind == "nm" else {"ratio": value}
+        kw = {f.field: values[f.key] for f in cls.flags if f.field and f.key in values}
+        return cls(include=include, exclude=exclude, **kw, **pattern)
 
     def __post_init__(self) -> None:
         if (self.ratio is None) == (self.n is None):
@@ -303,3 +358,8 @@ def sparsity_report(model: nn.Module, layers: dict[str, Any], n: int | None, m: 
             row["nm_valid"] = bool((zero_per_group >= m - n).all())
         out["layers"][name] = row
     return out
+
+
+def _checked(token: str) -> str:
+    parse_sparsity(token)  # refuses 4:2, 1.5, ...
+    return token

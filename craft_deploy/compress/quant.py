@@ -18,11 +18,14 @@ from tqdm import tqdm
 
 from craft_deploy import CraftError
 from craft_deploy.compress import ptq4vit  # noqa: F401  (registers the ptq4vit calibrator)
+from craft_deploy.compress.lowrank import BN_RECALIBRATE
+from craft_deploy.config import parse_quant
 from craft_deploy.toolkit.attach import attach_quantizers
 from craft_deploy.toolkit.attention import attention_modules
 from craft_deploy.toolkit.batchnorm import batchnorms, recalibrate_batchnorm
 from craft_deploy.toolkit.bias_bound import batchnorm_after, fit_biases_to_int32
 from craft_deploy.toolkit.calibrators import CALIBRATORS, Calibrator, RangeObserver, calibrator
+from craft_deploy.toolkit.flags import Flag, Token
 from craft_deploy.toolkit.layers import select_layers
 from craft_deploy.toolkit.placement import PLACEMENTS, ort_cpu_tensors
 from craft_deploy.toolkit.qmodules import ActQuantizer, activation_quantizers, quantized_layers
@@ -53,6 +56,100 @@ class QuantConfig(MethodConfig):
     placement: str = "tensorrt"
     weight_rounding: str = "nearest"
     number_format: str = "int"  # fp8: E4M3 weights and activations (--quant fp8)
+
+    flags = (
+        Flag(
+            "quant",
+            "Post-training quantization wXaY: w8a8, w6a6, w6a16, w4a16 (a16 = float activations); or fp8 (E4M3 "
+            "weights and activations, for TensorRT on Hopper/Ada).",
+            tokens=(Token("wXaY or fp8", pattern=r"w\d+a\d+|fp8", value=lambda m, t: _checked_quant(t), position=20),),
+            example="w8a8",
+            what="quantizing",
+        ),
+        Flag(
+            "calib-method",
+            "Activation ranges: min-max, a percentile of |x|, the MSE-optimal clip, TensorRT's entropy (KL) threshold, "
+            "PTQ4ViT (twin-uniform softmax/GELU quantizers, Hessian-guided scale search; ViTs, else mse), or a "
+            "plugin's.",
+            field="calib_method",
+            choices="craft_deploy.toolkit.calibrators:CALIBRATORS",
+            needs="quant",
+            tokens=(
+                Token("a calibrator ({names})", registry="craft_deploy.toolkit.calibrators:CALIBRATORS", position=21),
+            ),
+        ),
+        Flag("percentile", "For --calib-method percentile.", field="percentile", kind=float, needs="quant"),
+        Flag(
+            "weight-calib",
+            "Weight scales: min-max, or the MSE-optimal clip per channel/group. [default: minmax for --calib-method "
+            "minmax, else mse]",
+            field="weight_calib",
+            choices=("minmax", "mse"),
+            needs="quant",
+        ),
+        Flag(
+            "weight-granularity",
+            "One weight scale per output channel or per tensor.",
+            field="w_granularity",
+            choices=("channel", "tensor"),
+            needs="quant",
+            tokens=(Token("tensor", pattern="tensor", position=22),),
+        ),
+        Flag(
+            "weight-rounding",
+            "Weights to the nearest grid point, or GPTQ (each column's rounding error moved onto the columns not yet "
+            "rounded, from the layer's input Hessian on the calibration images; keeps pruned zeros).",
+            field="weight_rounding",
+            choices="craft_deploy.compress.quant:WEIGHT_ROUNDINGS",
+            needs="quant",
+            tokens=(Token("gptq", pattern="gptq", position=23),),
+        ),
+        Flag(
+            "group-size", "Weight-only (wXa16): one scale per this many weights of a channel.", kind=int, needs="quant"
+        ),
+        Flag(
+            "act-asymmetric",
+            "Asymmetric activation ranges (zero point), e.g. post-ReLU.",
+            field="act_asymmetric",
+            kind="flag",
+            needs="quant",
+        ),
+        Flag(
+            "quant-attention",
+            "ViTs: also quantize the Q K^T and softmax x V matmul inputs.",
+            field="quant_attention",
+            kind="flag",
+            needs="quant",
+        ),
+        Flag(
+            "placement",
+            "Where activation quantizers go: tensorrt = inputs of Conv/Linear only (TensorRT fuses the rest); ort-cpu "
+            "= also residual adds and pooling, asymmetric (ONNX Runtime's CPU integer kernels; export with --target "
+            "ort-cpu).",
+            field="placement",
+            choices=PLACEMENTS,
+            needs="quant",
+            tokens=(Token("ort-cpu", pattern="ort-cpu", position=24),),
+        ),
+        BN_RECALIBRATE,
+    )
+    trigger = ("quant",)
+    order = 30
+    verb = "quantizes"
+
+    @classmethod
+    def from_flags(cls, values: dict[str, Any], include: tuple[str, ...], exclude: tuple[str, ...]) -> QuantConfig:
+        """`--quant w8a8` sets the bits (`fp8` the number format too); `--group-size` sets group granularity."""
+        fp8 = str(values["quant"]).strip().lower() == "fp8"
+        w_bits, a_bits = (8, 8) if fp8 else parse_quant(values["quant"])
+        kw = {f.field: values[f.key] for f in cls.flags if f.field and f.key in values}
+        group_size = values.get("group_size")
+        if group_size and kw.get("w_granularity", "channel") not in ("channel", "group"):
+            raise CraftError(f"--group-size sets group granularity; drop --weight-granularity {kw['w_granularity']}")
+        if group_size:
+            kw["w_granularity"] = "group"
+        return cls(include=include, exclude=exclude, w_bits=w_bits, a_bits=a_bits, group_size=group_size or 0,
+                   number_format="fp8" if fp8 else "int", **kw)  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.number_format not in NUMBER_FORMATS:
@@ -341,3 +438,9 @@ class Quantize(Method):
     def restore(self, model: nn.Module, state: dict[str, Any]) -> None:
         layers, matmuls, tensors = quant_specs(state)
         attach_quantizers(model, layers, matmuls, tensors)
+
+
+def _checked_quant(token: str) -> str:
+    if token != "fp8":
+        parse_quant(token)  # refuses w9a8, ...
+    return token

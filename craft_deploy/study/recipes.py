@@ -7,27 +7,24 @@
     w8a8+minmax+tensor     --quant w8a8 --calib-method minmax --weight-granularity tensor (the CrAFT paper's BasePTQ)
     rank0.25               --rank-ratio 0.25
 
-Tokens: `wXaY` or `fp8` (quantization), `N:M` or a ratio in (0, 1) (pruning), any registered pruning score
-(magnitude, wanda, sparsegpt, ...), any registered calibrator (mse, minmax, ...), `bn` (BatchNorm re-estimation),
-`gptq` (GPTQ weight rounding), `tensor` (one weight scale per tensor instead of per channel), `ort-cpu` (the ONNX
-Runtime CPU placement), `rankR` (low-rank factorisation). A recipe is turned into flags once, here: the study runs
+Tokens are declared by the registered methods with their flags (craft_deploy.toolkit.flags): `wXaY` or `fp8`
+(quantization), `N:M` or a ratio in (0, 1) (pruning), any registered pruning score (magnitude, wanda, sparsegpt, ...),
+any registered calibrator (mse, minmax, ...), `bn` (BatchNorm re-estimation), `gptq` (GPTQ weight rounding), `tensor`
+(one weight scale per tensor instead of per channel), `ort-cpu` (the ONNX Runtime CPU placement), `rankR` (low-rank
+factorisation), and whatever a plugin's method declares. A recipe is turned into flags once, here: the study runs
 `compress.from_flags(**flags)` and prints the same flags as the command that reproduces a cell, so the two cannot
 drift apart.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from craft_deploy import CraftError
-from craft_deploy.config import parse_quant, parse_sparsity
-
-_TOKEN_HELP = (
-    "wXaY or fp8, N:M or a ratio such as 0.5, a pruning score ({scores}), a calibrator ({calibrators}), bn, gptq, "
-    "tensor, ort-cpu, rankR (e.g. rank0.25)"
-)
+from craft_deploy.config import parse_quant
+from craft_deploy.toolkit.flags import Flag, Token
+from craft_deploy.toolkit.registry import method_configs, method_flags
 
 
 @dataclass(frozen=True)
@@ -72,19 +69,14 @@ class Recipe:
         return q is None or (q[1] == 8 and q[0] >= 7)
 
 
-def _registered(table: str) -> dict[str, Any]:
-    if table == "scores":
-        from craft_deploy.compress.prune import PRUNE_SCORES
-
-        return PRUNE_SCORES
-    from craft_deploy.toolkit.calibrators import CALIBRATORS
-
-    return CALIBRATORS
+def _tokens() -> list[tuple[Token, Flag]]:
+    """Every registered method's recipe tokens with the flag each sets, in the methods' order."""
+    return [(tok, flag) for flag, _ in method_flags().values() for tok in flag.tokens]
 
 
 def parse_recipe(text: str, calibrators: tuple[str, ...] = ("mse",)) -> list[Recipe]:
     """The recipes one grid entry stands for: one per calibrator when it quantizes and names none, else one."""
-    scores, calibs = _registered("scores"), _registered("calibrators")
+    tokens, registered = _tokens(), method_flags()
     flags: dict[str, Any] = {}
 
     def put(key: str, value: Any, token: str) -> None:
@@ -92,66 +84,53 @@ def parse_recipe(text: str, calibrators: tuple[str, ...] = ("mse",)) -> list[Rec
             raise CraftError(f"recipe {text!r}: {token!r} sets {key} a second time (already {flags[key]!r})")
         flags[key] = value
 
-    tokens = [t.strip().lower() for t in str(text).split("+")]
-    for token in tokens:
+    for token in (t.strip().lower() for t in str(text).split("+")):
         if not token:
             raise CraftError(f"recipe {text!r} has an empty token; join tokens with single '+', e.g. w8a8+mse+bn")
-        if token == "fp8" or re.fullmatch(r"w\d+a\d+", token):
-            parse_quant(token) if token != "fp8" else None  # validates the bits
-            put("quant", token, token)
-        elif re.fullmatch(r"\d+:\d+", token) or re.fullmatch(r"0?\.\d+", token):
-            parse_sparsity(token)
-            put("sparsity", token, token)
-        elif token in scores:
-            put("prune_method", token, token)
-        elif token in calibs:
-            put("calib_method", token, token)
-        elif token == "bn":
-            put("bn_recalibrate", True, token)
-        elif token == "gptq":
-            put("weight_rounding", "gptq", token)
-        elif token == "tensor":
-            put("weight_granularity", "tensor", token)
-        elif token == "ort-cpu":
-            put("placement", "ort-cpu", token)
-        elif m := re.fullmatch(r"rank(0?\.\d+|1(\.0*)?)", token):
-            put("rank_ratio", float(m.group(1)), token)
+        for tok, flag in tokens:
+            matched, value = tok.match(token)
+            if matched:
+                put(flag.key, value, token)
+                break
         else:
             raise CraftError(
-                f"recipe {text!r}: unknown token {token!r}; accepted: "
-                + _TOKEN_HELP.format(scores=", ".join(scores), calibrators=", ".join(calibs))
+                f"recipe {text!r}: unknown token {token!r}; accepted: " + ", ".join(t.describe() for t, _ in tokens)
             )
-    if not {"quant", "sparsity", "rank_ratio"} & set(flags):
-        raise CraftError(f"recipe {text!r} neither quantizes, prunes nor factorises; add e.g. w8a8, 2:4 or rank0.25")
-    if "prune_method" in flags and "sparsity" not in flags:
-        raise CraftError(f"recipe {text!r} names a pruning score without a sparsity; add e.g. 2:4 or 0.5")
-    if "quant" not in flags and {"calib_method", "weight_rounding", "placement", "weight_granularity"} & set(flags):
+    configs = method_configs()
+    if not any(cls.asked_for(flags) for cls in configs):
+        verbs = [c.verb for c in configs if c.verb]
+        examples = [f.example.split(" or ")[0] for c in configs for f in c.flags if f.key in c.trigger and f.example]
         raise CraftError(
-            f"recipe {text!r} names a calibrator, gptq, tensor or ort-cpu without quantizing; add e.g. w8a8"
+            f"recipe {text!r} neither {', '.join(verbs[:-1])} nor {verbs[-1]}; add e.g. {', '.join(examples)}"
         )
-    if "quant" in flags and "calib_method" not in flags:
+    stray: dict[str, list[str]] = {}
+    for key in flags:
+        needs = registered[key][0].needs
+        if needs and needs not in flags:
+            stray.setdefault(needs, []).append(_word(key, flags[key]))
+    for needs, words in stray.items():
+        need = registered[needs][0]
+        raise CraftError(f"recipe {text!r} names {', '.join(words)} without {need.what}; add e.g. {need.example}")
+    if "quant" in flags and "calib_method" not in flags:  # the study's --calibrators fill in the calibrator
         variants = [{**flags, "calib_method": c} for c in calibrators]
     else:
         variants = [flags]
     return [_recipe(v) for v in variants]
 
 
-_ORDER = ("rank_ratio", "sparsity", "prune_method", "quant", "calib_method", "weight_granularity", "weight_rounding",
-          "placement", "bn_recalibrate")  # fmt: skip
+def _token_of(key: str) -> Token:
+    return method_flags()[key][0].tokens[0]
+
+
+def _word(key: str, value: Any) -> str:
+    tok = _token_of(key)
+    return tok.word(value) if tok.word else str(value)
 
 
 def _recipe(flags: dict[str, Any]) -> Recipe:
     """Canonical token order, so that `bn+w8a8+mse` and `w8a8+mse+bn` are the same cell."""
-    ordered = tuple((k, flags[k]) for k in _ORDER if k in flags)
-    words = {
-        "rank_ratio": lambda v: f"rank{v:g}",
-        "bn_recalibrate": lambda v: "bn",
-        "weight_rounding": lambda v: v,
-        "weight_granularity": lambda v: v,
-        "placement": lambda v: v,
-    }
-    name = "+".join(words.get(k, str)(v) for k, v in ordered)
-    return Recipe(name=name, flags=ordered)
+    ordered = tuple(sorted(flags.items(), key=lambda kv: _token_of(kv[0]).position))
+    return Recipe(name="+".join(_word(k, v) for k, v in ordered), flags=ordered)
 
 
 def expand_grid(grid: tuple[str, ...], calibrators: tuple[str, ...]) -> list[Recipe]:

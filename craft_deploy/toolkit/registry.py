@@ -9,6 +9,7 @@ the bundle manifest, in the order applied; `load_bundle` replays `restore` for e
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from craft_deploy import CraftError
 from craft_deploy.toolkit.config_base import Config
+from craft_deploy.toolkit.flags import Flag, nonempty
 
 T = TypeVar("T", bound=type)
 
@@ -58,10 +60,39 @@ def calib_loop(ds: Dataset, batch_size: int = 64) -> CalibLoop:
 
 @dataclass(frozen=True)
 class MethodConfig(Config):
-    """Base of every compression method's config."""
+    """Base of every compression method's config, and of its command-line surface: `flags` are the options the method
+    takes (compress's --help, `from_flags` and the study's recipe tokens are generated from them), `trigger` the keys of
+    the flags that ask for the method, `order` its place in a chain built from flags, `verb` what it does to a model
+    (recipe errors: "neither factorises, prunes nor quantizes")."""
 
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+
+    flags = ()  # tuple[Flag, ...]; class attributes, not config fields
+    trigger = ()  # tuple[str, ...]
+    order = 50
+    verb = ""
+
+    @classmethod
+    def flag_default(cls, flag: Flag) -> Any:
+        """The default of a flag: its config field's, or None for a flag `from_flags` parses itself."""
+        for f in dataclasses.fields(cls):
+            if f.name == flag.field:
+                return None if f.default is dataclasses.MISSING else f.default
+        return None
+
+    @classmethod
+    def asked_for(cls, values: dict[str, Any]) -> bool:
+        """Whether the flag values ask for this method (a trigger flag is set)."""
+        return any(nonempty(values.get(k)) for k in cls.trigger)
+
+    @classmethod
+    def from_flags(cls, values: dict[str, Any], include: tuple[str, ...], exclude: tuple[str, ...]) -> MethodConfig:
+        """The config the flag values (every registered flag's, defaults filled in) describe; called only when
+        `asked_for`. The default copies each flag bound to a field; a method whose flags parse into several fields
+        overrides it."""
+        kw = {f.field: values[f.key] for f in cls.flags if f.field and f.key in values}
+        return cls(include=include, exclude=exclude, **kw)
 
 
 def calibrate_with_hooks(model: nn.Module, calib: CalibLoop, handles: list) -> None:
@@ -128,6 +159,21 @@ def register_method(name: str, config_cls: type[MethodConfig]):
         return cls
 
     return deco
+
+
+def method_configs() -> list[type[MethodConfig]]:
+    """The registered methods' configs in the order a chain built from flags applies them."""
+    return sorted((m.config_cls for m in registered_methods().values()), key=lambda c: c.order)
+
+
+def method_flags() -> dict[str, tuple[Flag, type[MethodConfig]]]:
+    """Every registered method's flags by keyword, each once (a flag several methods take, such as
+    --bn-recalibrate, is declared by each and kept from the first), with the config whose default it shows."""
+    out: dict[str, tuple[Flag, type[MethodConfig]]] = {}
+    for cls in method_configs():
+        for flag in cls.flags:
+            out.setdefault(flag.key, (flag, cls))
+    return out
 
 
 def method_for(cfg: MethodConfig) -> Method:
