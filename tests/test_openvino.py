@@ -82,3 +82,33 @@ def test_precision_is_for_backends_that_set_it():
     with pytest.raises(CraftError, match="--precision applies to --backend pytorch .* and openvino"):
         BenchConfig(backend="ort-cpu", precision="bf16")
     assert BenchConfig(backend="openvino", precision="fp16").precision == "fp16"
+
+
+@pytest.mark.parametrize("which", ["fp32", "int8"])
+def test_export_format_openvino_writes_a_verified_ir_that_bench_runs(which, tiny_bundle, tiny_w8a8, tmp_path):
+    bundle = tiny_bundle if which == "fp32" else tiny_w8a8
+    rec = export(ExportConfig(format="openvino", verify_samples=32), bundle, tmp_path / "ir")
+    d = tmp_path / "ir"
+    assert {"model.xml", "model.bin", "model.onnx", "metadata.json", "export.json"} <= {p.name for p in d.iterdir()}
+    assert rec["format"] == "openvino" and rec["file"] == "model.xml"
+    check = rec["verification"]["openvino"]
+    assert check["passed"] and check["samples"] == 32 and check["inference_precision"] == "f32"
+    assert rec["verification"]["onnxruntime"]["passed"]  # the ONNX it was converted from, verified first
+    if which == "int8":  # the IR holds OpenVINO's quantization ops, and is judged by the INT8 policy
+        import openvino as ov
+
+        types = {op.get_type_name() for op in ov.Core().read_model(str(d / "model.xml")).get_ops()}
+        assert "FakeQuantize" in types and "min_top1_agreement" in check["tolerance"]
+    out = bench(BenchConfig(**FAST), d / "model.xml", tmp_path / "b")
+    info = next(iter(out["models"].values()))
+    assert info["verification"]["passed"] and info["file"].endswith("model.xml")
+    assert all(r["p50_ms"] > 0 for r in out["results"])
+    with pytest.raises(CraftError, match="is an OpenVINO IR; bench it with --backend openvino"):
+        bench(BenchConfig(**{**FAST, "backend": "ort-cpu"}), d / "model.xml", tmp_path / "c")
+
+
+def test_export_format_openvino_without_openvino_names_the_extra(tiny_bundle, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(CraftError, match=r"--format openvino needs OpenVINO.*craft-deploy\[openvino\]"):
+        export(ExportConfig(format="openvino"), tiny_bundle, tmp_path / "x")
+    assert not (tmp_path / "x").exists()

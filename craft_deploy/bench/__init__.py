@@ -28,8 +28,9 @@ REFERENCE_IMAGES = 256
 __all__ = ["BACKENDS", "EXIT_REGRESSION", "Backend", "register_backend", "resolve_model", "run"]
 
 
-def resolve_model(path: str | Path, needs: str) -> tuple[Path, dict[str, Any]]:
-    """Find the artifact a backend needs at `path` and the model's metadata (input size, mean/std, dataset)."""
+def resolve_model(path: str | Path, needs: str, reads_ir: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Find the artifact a backend needs at `path` and the model's metadata (input size, mean/std, dataset); an
+    OpenVINO IR (`model.xml` from `export --format openvino`) where the backend `reads_ir`."""
     from craft_deploy.models.bundle import MANIFEST, read_manifest
 
     path = Path(path)
@@ -37,6 +38,16 @@ def resolve_model(path: str | Path, needs: str) -> tuple[Path, dict[str, Any]]:
         raise CraftError(f"{path} does not exist")
     if needs == "bundle":
         return path, read_manifest(path)
+    if path.suffix == ".xml":
+        if not reads_ir:
+            raise CraftError(
+                f"{path} is an OpenVINO IR; bench it with --backend openvino, or bench the model.onnx beside it"
+            )
+        if not path.with_name("metadata.json").is_file():
+            raise CraftError(
+                f"{path} has no metadata.json beside it; export it with craft-deploy export --format openvino"
+            )
+        return path, read_json(path.with_name("metadata.json"), "OpenVINO IR metadata")
     if needs in ("engine", "ep", "pt2"):
         meta = path / "metadata.json" if path.is_dir() else path.with_name("metadata.json")
         artifact = path / f"model.{needs}" if path.is_dir() else path
@@ -141,7 +152,9 @@ def run(
     if cfg.against:
         return run_paired(cfg, model_paths, out, overwrite)
     backend_cls = get_backend(cfg.backend)
-    resolved = [(os.path.normpath(str(p)), *resolve_model(p, backend_cls.needs)) for p in model_paths]
+    resolved = [
+        (os.path.normpath(str(p)), *resolve_model(p, backend_cls.needs, backend_cls.reads_ir)) for p in model_paths
+    ]
     baseline = read_baseline(cfg.baseline) if cfg.baseline and not cfg.update_baseline else None
     with staged_dir(out, overwrite) as stage:
         t0 = time.perf_counter()
@@ -271,7 +284,7 @@ def run_paired(cfg: BenchConfig, model_paths: list, out: str | Path, overwrite: 
         raise CraftError(f"--against compares one candidate with its baseline; got {len(model_paths)} models")
     backend_cls = get_backend(cfg.backend)
     names = {"candidate": os.path.normpath(str(model_paths[0])), "baseline": os.path.normpath(str(cfg.against))}
-    resolved = {role: resolve_model(path, backend_cls.needs) for role, path in names.items()}
+    resolved = {role: resolve_model(path, backend_cls.needs, backend_cls.reads_ir) for role, path in names.items()}
     datasets = {role: meta.get("dataset") for role, (_, meta) in resolved.items()}
     if datasets["candidate"] != datasets["baseline"] and not cfg.data:
         raise CraftError(f"candidate and --against model were tuned on other data ({datasets}); give --data to choose")

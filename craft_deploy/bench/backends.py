@@ -27,6 +27,8 @@ class Backend:
     needs = "onnx"
     # the largest batch the artifact takes (None: any); an AOTI package's shapes are fixed when it is compiled
     max_batch: int | None = None
+    # also runs an OpenVINO IR (model.xml + metadata.json from export --format openvino)
+    reads_ir = False
 
     def __init__(
         self,
@@ -392,13 +394,22 @@ def import_openvino():
     return openvino
 
 
+def _has_qdq(path: Path) -> bool:
+    import onnx
+
+    return any(n.op_type == "QuantizeLinear" for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
 @register_backend("openvino")
 class OpenVino(Backend):
     """OpenVINO on this CPU, running an exported ONNX file (FP32, FP16, or our Q/DQ INT8, which it runs with its own
     low-precision kernels) with `--precision` fp32|bf16|fp16 as its inference precision hint and `--threads` as its
     thread count; one model compiled per batch size (static shapes). OpenVINO is another runtime than the one export
     verified, so before timing its logits are checked against the same file in ONNX Runtime on real images, under the
-    tolerance policy of what it computes (Q/DQ: INT8's; bf16 and fp16 hints: theirs)."""
+    tolerance policy of what it computes (Q/DQ: INT8's; bf16 and fp16 hints: theirs). It also runs the IR `export
+    --format openvino` writes (model.xml), checked against the model.onnx beside it."""
+
+    reads_ir = True
 
     def __init__(self, path: Path, threads: int | None = None, **kw):
         super().__init__(path, threads, **kw)
@@ -412,10 +423,12 @@ class OpenVino(Backend):
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
         self.requests: dict[int, Any] = {}
-        import onnx
-
-        proto = onnx.load(str(path), load_external_data=False)
-        self.quantized = any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
+        # an IR's reference is the verified model.onnx export leaves beside it
+        self.onnx_path = Path(path).with_name("model.onnx") if Path(path).suffix == ".xml" else Path(path)
+        types = {op.get_type_name() for op in self.model.get_ops()}
+        self.quantized = bool(types & {"FakeQuantize", "FakeConvert"}) or (
+            Path(path).suffix != ".xml" and _has_qdq(self.onnx_path)
+        )
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -461,7 +474,9 @@ class OpenVino(Backend):
         from craft_deploy.runtimes.onnx_session import onnx_logits
         from craft_deploy.runtimes.tolerance import compare_outputs, judge
 
-        ref = onnx_logits(self.path, torch.from_numpy(images))
+        if not self.onnx_path.is_file():
+            raise CraftError(f"{self.path}: the model.onnx it was converted from is missing beside it (its reference)")
+        ref = onnx_logits(self.onnx_path, torch.from_numpy(images))
         check = compare_outputs(
             ref, np.concatenate([self.run(c) for c in np.array_split(images, -(-len(images) // 32))])
         )

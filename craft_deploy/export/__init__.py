@@ -34,7 +34,7 @@ def run(cfg: ExportConfig, bundle_path: str | Path, out: str | Path, overwrite: 
     bundle = load_bundle(bundle_path)
     manifest = bundle.manifest
     target = target_named(cfg.format)
-    plan = plan_export(cfg, manifest, bundle_path)
+    plan = plan_export(cfg, manifest, bundle_path, target.flavours)
     if target.precheck is not None:
         target.precheck()  # an install hint before any file is written
     with staged_dir(out, overwrite) as stage:

@@ -35,8 +35,11 @@ class ExportPlan:
         return self.activations == "uint8"
 
 
-def plan_export(cfg: ExportConfig, manifest: dict[str, Any], bundle_path: str | Path) -> ExportPlan:
-    """Resolve --precision auto and the opset, and refuse combinations that cannot be exported, naming what can."""
+def plan_export(
+    cfg: ExportConfig, manifest: dict[str, Any], bundle_path: str | Path, flavours: tuple[str, ...] = ("tensorrt",)
+) -> ExportPlan:
+    """Resolve --precision auto and the opset, and refuse combinations that cannot be exported, naming what can;
+    `flavours` are the Q/DQ flavours (--target) the format's runtime takes (its registered target's)."""
     quant = method_state(manifest, "quantize") or {}
     name = quant.get("config", "")
     fp8 = quant.get("number_format") == "fp8"
@@ -95,8 +98,11 @@ def plan_export(cfg: ExportConfig, manifest: dict[str, Any], bundle_path: str | 
             "(zero point 0): export it with --target ort-cpu, or quantize again with the default --placement tensorrt "
             "and without --act-asymmetric for TensorRT"
         )
-    if cfg.format != "onnx" and cfg.target != "tensorrt":
-        raise CraftError(f"--format {cfg.format} runs on TensorRT: use --target tensorrt (got --target {cfg.target})")
+    if cfg.target not in flavours:
+        raise CraftError(
+            f"--format {cfg.format} takes --target {' or '.join(flavours)} Q/DQ, not --target {cfg.target}"
+            + (" (it runs on TensorRT)" if flavours == ("tensorrt",) else "")
+        )
     opset = cfg.opset or (INT4_OPSET if int4 else 17)
     if not quant:
         return ExportPlan(precision, opset, precision, precision)

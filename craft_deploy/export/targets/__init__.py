@@ -9,6 +9,7 @@ from craft_deploy.export.targets import tensorrt_engine  # noqa: F401
 from craft_deploy.export.targets import torch_tensorrt_program  # noqa: F401
 from craft_deploy.export.targets import aoti_package  # noqa: F401
 from craft_deploy.export.targets import edge_package  # noqa: F401
+from craft_deploy.export.targets import openvino_ir  # noqa: F401
 from craft_deploy.export.targets.base import TARGETS, ExportJob, Target, register_target, target_for, target_named
 
 __all__ = ["TARGETS", "ExportJob", "Target", "register_target", "target_for", "target_named"]

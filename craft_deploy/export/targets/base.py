@@ -50,20 +50,27 @@ class Target:
     help: str
     export: ExportFn
     precheck: Callable[[], None] | None = None
+    flavours: tuple[str, ...] = ("tensorrt",)  # the Q/DQ flavours (--target) its runtime takes
 
 
 TARGETS: dict[str, Target] = {}
 
 
 def register_target(
-    name: str, *, artifact: str, feeds: str, help: str, precheck: Callable[[], None] | None = None
+    name: str,
+    *,
+    artifact: str,
+    feeds: str,
+    help: str,
+    precheck: Callable[[], None] | None = None,
+    flavours: tuple[str, ...] = ("tensorrt",),
 ) -> Callable[[ExportFn], ExportFn]:
     """Function decorator: register `export(job) -> export.json record` as the target of `--format name`."""
 
     def deco(fn: ExportFn) -> ExportFn:
         if name in TARGETS and TARGETS[name].export is not fn:
             raise ValueError(f"export target {name!r} is registered twice")
-        TARGETS[name] = Target(name, artifact, feeds, help, fn, precheck)
+        TARGETS[name] = Target(name, artifact, feeds, help, fn, precheck, flavours)
         return fn
 
     return deco
