@@ -754,6 +754,9 @@ def study(config, out, overwrite, retry_failed, ray_address, epochs, train_subse
     for backend, pick in rec["report"]["recommendation"].items():
         click.echo(f"  {backend}: {pick['optimizer']} + {pick['recipe']}, {pick['latency_ms']:.2f} ms "
                    f"({pick['latency_source']}), top-1 {pick['backend_top1']:.2f}")  # fmt: skip
+    across = rec["report"].get("across_backends")
+    if across:
+        click.echo(f"  fastest across backends: {across['backend']} + {across['recipe']} (timed in separate cells)")
 
 
 @main.command()

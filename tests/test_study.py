@@ -343,3 +343,18 @@ def test_bad_study_files_and_changed_cells_are_refused(tmp_path, killed_and_resu
     changed = _write(tmp_path, {**SMALL, "calib_samples": 32})
     result = runner.invoke(main, ["study", str(changed), "--out", str(out)])
     assert result.exit_code == 2 and "was computed with other settings (config differ)" in result.output
+
+
+def test_the_fastest_pick_across_backends_is_named_with_its_caveat():
+    from craft_deploy.study.report import across_backends
+
+    picks = {
+        "ort-cpu": {"recipe": "w7a8+mse+ort-cpu+bn", "optimizer": "adam", "batch": 1, "latency_ms": 0.70},
+        "openvino": {"recipe": "w8a8+mse+bn", "optimizer": "sam:0.05", "batch": 1, "latency_ms": 0.55},
+    }
+    lines, across = across_backends(picks)
+    assert across["backend"] == "openvino" and across["recipe"] == "w8a8+mse+bn"
+    assert across["slower_by"] == {"ort-cpu": pytest.approx(0.70 / 0.55)}
+    assert "**openvino**" in lines[0] and "1.27x slower" in lines[0] and "side by side" in lines[0]
+    assert across_backends({"ort-cpu": picks["ort-cpu"]}) == ([], None)  # one backend: nothing to compare
+    assert across_backends({**picks, "ort-cpu": {**picks["ort-cpu"], "batch": 16}}) == ([], None)  # unlike batches
