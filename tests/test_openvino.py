@@ -91,6 +91,7 @@ def test_export_format_openvino_writes_a_verified_ir_that_bench_runs(which, tiny
     d = tmp_path / "ir"
     assert {"model.xml", "model.bin", "model.onnx", "metadata.json", "export.json"} <= {p.name for p in d.iterdir()}
     assert rec["format"] == "openvino" and rec["file"] == "model.xml"
+    assert rec["size_bytes"] == (d / "model.xml").stat().st_size + (d / "model.bin").stat().st_size
     check = rec["verification"]["openvino"]
     assert check["passed"] and check["samples"] == 32 and check["inference_precision"] == "f32"
     assert rec["verification"]["onnxruntime"]["passed"]  # the ONNX it was converted from, verified first

@@ -99,7 +99,7 @@ def record(job: ExportJob, artifact: Path, **fields) -> dict[str, Any]:
         target=job.cfg.target,
         precision=job.plan.precision,
         file=artifact.name,
-        size_bytes=artifact.stat().st_size,
+        size_bytes=fields.pop("size_bytes", None) or artifact.stat().st_size,  # a target may count its other files
         **fields,
     )
 

@@ -67,4 +67,5 @@ def export(job: ExportJob) -> dict[str, Any]:
     onnx_file.verification["openvino"] = check
     onnx_file.timings["openvino_convert_seconds"] = convert_seconds
     onnx_file.extra["openvino"] = {"version": ov.__version__, "ir_bin_bytes": xml.with_suffix(".bin").stat().st_size}
+    onnx_file.extra["size_bytes"] = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size  # the IR: both files
     return onnx_record(job, onnx_file, xml)
