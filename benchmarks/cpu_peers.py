@@ -28,15 +28,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from harness import add_common, batch_sizes, round_robin, write_results
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from craft_deploy.bench import REFERENCE_IMAGES, resolve_model
 from craft_deploy.bench.backends import OpenVino, OrtCpu
-from craft_deploy.bench.measure import measure_accuracy, measure_latency
+from craft_deploy.bench.measure import measure_accuracy
 from craft_deploy.config import CompressConfig
 from craft_deploy.data import calibration_subset, splits_for_manifest
-from craft_deploy.records import environment
 from craft_deploy.runtimes.metadata import read_metadata
 
 
@@ -93,16 +93,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("fp32", type=Path, help="The FP32 ONNX file craft-deploy exported (the peers quantize it).")
     ap.add_argument("ours", nargs="*", type=Path, help="Our Q/DQ ONNX files of the same model.")
+    add_common(ap)
     ap.add_argument("--calib-samples", type=int, default=512)
-    ap.add_argument("--images", type=int, default=2000, help="Test images for top-1.")
     ap.add_argument("--max-drop", type=float, default=0.5, help="quantize_with_accuracy_control's budget, points.")
-    ap.add_argument("--batch-sizes", default="1,16")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--precisions", default="fp32,bf16", help="OpenVINO precision hints for our files.")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--precisions", default="fp32,bf16", help="OpenVINO precision hints to run.")
     args = ap.parse_args()
-    batches = [int(b) for b in args.batch_sizes.split(",")]
+    batches = batch_sizes(args)
     fp32, meta = resolve_model(args.fp32, "onnx")
     if any(n.op_type == "QuantizeLinear" for n in onnx.load(str(fp32), load_external_data=False).graph.node):
         sys.exit(f"error: {fp32} holds Q/DQ nodes; the peers need the FP32 file craft-deploy exported")
@@ -127,23 +123,19 @@ def main() -> None:
                      "peer": not ours, "quantize_seconds": seconds})  # fmt: skip
         for bs in batches:
             runners[(len(rows) - 1, bs)] = (backend, np.ascontiguousarray(images[:bs]))
-    passes: dict = {k: [] for k in runners}
-    for _ in tqdm(range(args.rounds), desc="round-robin passes", unit="pass"):
-        for key, (backend, batch) in runners.items():
-            passes[key].append(measure_latency(backend, batch, warmup=5, iters=30, min_seconds=0.3)["p50_ms"])
-    for (i, bs), p50s in passes.items():
+    for (i, bs), p50s in round_robin(runners, args.rounds).items():
         rows[i][f"p50_ms_b{bs}"] = float(np.median(p50s))
         rows[i][f"round_p50_ms_b{bs}"] = p50s
-    table = _table(rows, batches, args.images, args.calib_samples)
-    args.out.mkdir(parents=True, exist_ok=True)
     import nncf
 
-    record = {"command": " ".join(sys.argv), "environment": {**environment(), "nncf": nncf.__version__},
-              "fp32_metadata": read_metadata(onnx.load(str(fp32), load_external_data=False)), "rows": rows,
-              "table": table}  # fmt: skip
-    (args.out / "cpu-peers.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
-    (args.out / "cpu-peers.md").write_text(table + "\n")
-    print(table)
+    write_results(
+        args.out,
+        "cpu-peers",
+        _table(rows, batches, args.images, args.calib_samples),
+        environment_extra={"nncf": nncf.__version__},
+        fp32_metadata=read_metadata(onnx.load(str(fp32), load_external_data=False)),
+        rows=rows,
+    )
 
 
 def _table(rows: list[dict], batches: list[int], images: int, calib: int) -> str:

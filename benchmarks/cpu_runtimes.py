@@ -9,34 +9,25 @@ python benchmarks/cpu_runtimes.py runs/demo/adam-fp32-onnx/model.onnx runs/demo/
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
+from harness import add_common, batch_sizes, round_robin, write_results
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from craft_deploy.bench import REFERENCE_IMAGES, resolve_model
 from craft_deploy.bench.backends import OpenVino, OrtCpu
-from craft_deploy.bench.measure import measure_accuracy, measure_latency
+from craft_deploy.bench.measure import measure_accuracy
 from craft_deploy.data import splits_for_manifest
-from craft_deploy.records import environment
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", type=Path, help="Exported ONNX files.")
-    ap.add_argument(
-        "--images", type=int, default=2000, help="Test images for top-1 (the first of a seeded permutation)."
-    )
-    ap.add_argument("--batch-sizes", default="1,16")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=7, help="Round-robin passes; each row's p50 is the median pass's.")
+    add_common(ap)
     ap.add_argument("--precisions", default="fp32,bf16", help="OpenVINO precision hints to run.")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
-    batches = [int(b) for b in args.batch_sizes.split(",")]
+    batches = batch_sizes(args)
     runners, rows = {}, []
     for path in args.models:
         path, meta = resolve_model(path, "onnx")
@@ -52,19 +43,10 @@ def main() -> None:
             rows.append(row)
             for bs in batches:
                 runners[(len(rows) - 1, bs)] = (backend, np.ascontiguousarray(images[:bs]))
-    passes: dict = {k: [] for k in runners}
-    for _ in tqdm(range(args.rounds), desc="round-robin passes", unit="pass"):
-        for key, (backend, batch) in runners.items():
-            passes[key].append(measure_latency(backend, batch, warmup=5, iters=30, min_seconds=0.3)["p50_ms"])
-    for (i, bs), p50s in passes.items():
+    for (i, bs), p50s in round_robin(runners, args.rounds).items():
         rows[i][f"p50_ms_b{bs}"] = float(np.median(p50s))
         rows[i][f"round_p50_ms_b{bs}"] = p50s
-    table = _table(rows, batches, args.images)
-    args.out.mkdir(parents=True, exist_ok=True)
-    record = {"command": " ".join(sys.argv), "environment": environment(), "rows": rows, "table": table}
-    (args.out / "cpu-runtimes.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
-    (args.out / "cpu-runtimes.md").write_text(table + "\n")
-    print(table)
+    write_results(args.out, "cpu-runtimes", _table(rows, batches, args.images), rows=rows)
 
 
 def _table(rows: list[dict], batches: list[int], images: int) -> str:
