@@ -111,7 +111,7 @@ class LowRankConfig(MethodConfig):
     def from_flags(cls, values: dict[str, Any], include: tuple[str, ...], exclude: tuple[str, ...]) -> LowRankConfig:
         """Factorised first; BatchNorm is re-estimated here only when no other method follows (the last one does)."""
         alone = not any(c.asked_for(values) for c in method_configs() if c is not cls)
-        kw = {f.field: values[f.key] for f in cls.flags if f.field and f.key in values}
+        kw = cls.field_values(values)
         return cls(
             include=include, exclude=exclude, **{**kw, "bn_recalibrate": kw.get("bn_recalibrate", False) and alone}
         )

@@ -163,7 +163,7 @@ class PruneConfig(MethodConfig):
         """`--sparsity 2:4` sets n and m, `--sparsity 0.5` the ratio; the rest are fields."""
         kind, value = parse_sparsity(values["sparsity"])
         pattern = {"n": value[0], "m": value[1]} if kind == "nm" else {"ratio": value}
-        kw = {f.field: values[f.key] for f in cls.flags if f.field and f.key in values}
+        kw = cls.field_values(values)
         return cls(include=include, exclude=exclude, **kw, **pattern)
 
     def __post_init__(self) -> None:

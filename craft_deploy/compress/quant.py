@@ -142,7 +142,7 @@ class QuantConfig(MethodConfig):
         """`--quant w8a8` sets the bits (`fp8` the number format too); `--group-size` sets group granularity."""
         fp8 = str(values["quant"]).strip().lower() == "fp8"
         w_bits, a_bits = (8, 8) if fp8 else parse_quant(values["quant"])
-        kw = {f.field: values[f.key] for f in cls.flags if f.field and f.key in values}
+        kw = cls.field_values(values)
         group_size = values.get("group_size")
         if group_size and kw.get("w_granularity", "channel") not in ("channel", "group"):
             raise CraftError(f"--group-size sets group granularity; drop --weight-granularity {kw['w_granularity']}")

@@ -87,11 +87,16 @@ class MethodConfig(Config):
         return any(nonempty(values.get(k)) for k in cls.trigger)
 
     @classmethod
+    def field_values(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """The config fields the flag values set directly (each flag bound to a field)."""
+        return {f.field: values[f.key] for f in cls.flags if f.field and f.key in values}
+
+    @classmethod
     def from_flags(cls, values: dict[str, Any], include: tuple[str, ...], exclude: tuple[str, ...]) -> MethodConfig:
         """The config the flag values (every registered flag's, defaults filled in) describe; called only when
         `asked_for`. The default copies each flag bound to a field; a method whose flags parse into several fields
         overrides it."""
-        kw = {f.field: values[f.key] for f in cls.flags if f.field and f.key in values}
+        kw = cls.field_values(values)
         return cls(include=include, exclude=exclude, **kw)
 
 
