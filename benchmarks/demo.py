@@ -6,6 +6,10 @@ naive 2:4 (magnitude, min-max, no BatchNorm re-estimation) beside it as the cont
 runs fast and exactly: W7A8 with ONNX Runtime's quantizer placement, exported U8S8 (7-bit weights cannot overflow the
 16-bit pair sums of x86 CPUs without VNNI), benchmarked against the FP32 ONNX.
 
+Where OpenVINO is installed (the test extra has it), the deployed CPU model and its FP32 file are then run in ONNX
+Runtime and OpenVINO side by side, round-robin (benchmarks/cpu_runtimes.py), and the demo says which runtime is faster
+on this host.
+
 Runs the real `craft-deploy` commands one after another (as a user would) and reads their JSON records.
     python benchmarks/demo.py --out runs/demo [--overwrite] [--train-subset 6000] [--epochs 2]
 """
@@ -113,6 +117,42 @@ def run_pipeline(out: Path, args: argparse.Namespace) -> None:
         )
 
 
+def compare_runtimes(out: Path, args: argparse.Namespace) -> None:
+    """The first fine-tune's FP32 and deployed CPU files in ONNX Runtime and OpenVINO, round-robin (if installed)."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        print("\nOpenVINO is not installed (pip install 'craft-deploy[openvino]'): runtimes not compared", flush=True)
+        return
+    opt = OPTIMIZERS[0]
+    files = [str(out / f"{opt}{s}" / "model.onnx") for s in ("-fp32-onnx", "-w7a8-cpu-onnx")]
+    cmd = [sys.executable, str(Path(__file__).with_name("cpu_runtimes.py")), *files, "--images", str(args.eval_subset),
+           "--rounds", "5", "--threads", str(args.threads), "--out", str(out / "cpu-runtimes")]  # fmt: skip
+    print("\n$ python benchmarks/cpu_runtimes.py " + " ".join(cmd[2:]), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def runtimes_summary(out: Path) -> list[str]:
+    """The side-by-side table and which runtime runs the deployed CPU model fastest, from cpu-runtimes.json."""
+    path = out / "cpu-runtimes" / "cpu-runtimes.json"
+    if not path.is_file():
+        return []
+    rec = load(path)
+    cpu = [r for r in rec["rows"] if "w7a8" in Path(r["file"]).parent.name]
+    best = min(cpu, key=lambda r: r["p50_ms_b16"])
+    ort = next(r for r in cpu if r["runtime"] == "onnxruntime")
+    return [
+        "",
+        f"{OPTIMIZERS[0]}'s files in ONNX Runtime and OpenVINO side by side (round-robin, 5 passes, p50 ms):",
+        "",
+        rec["table"],
+        "",
+        f"fastest runtime for the deployed CPU model on this host: {best['runtime']} ({best['p50_ms_b1']:.2f} / "
+        f"{best['p50_ms_b16']:.2f} ms at batch 1 / 16, {ort['p50_ms_b16'] / best['p50_ms_b16']:.2f}x ONNX Runtime at "
+        f"batch 16, top-1 {best['top1']:.2f})",
+    ]
+
+
 OPTIMIZERS = ("adam", "sam")
 SUFFIXES = ("", "-w8a8", "-2of4-w8a8", "-w7a8-cpu", "-fp32-onnx", "-w7a8-cpu-onnx", "-2of4-sparsegpt-w8a8",
             "-2of4-sparsegpt-w8a8-rec")  # fmt: skip
@@ -169,6 +209,7 @@ def summarize(out: Path, args: argparse.Namespace, seconds: float | None) -> str
             f"| {r['cpu_int8_onnx_top1']:.2f} | {r['fp32_ms'][1]:.2f} / {r['fp32_ms'][16]:.2f} "
             f"| {r['cpu_int8_ms'][1]:.2f} / {r['cpu_int8_ms'][16]:.2f} |"
         )
+    lines += runtimes_summary(out)
     if seconds is not None:
         lines.append(f"\ndemo wall time: {seconds:.0f} s")
     table = "\n".join(lines)
@@ -196,6 +237,7 @@ def main() -> None:
             shutil.rmtree(out)
         t0 = time.perf_counter()
         run_pipeline(out, args)
+        compare_runtimes(out, args)
         seconds = time.perf_counter() - t0
     print("\n" + summarize(out, args, seconds))
 
