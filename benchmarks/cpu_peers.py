@@ -54,7 +54,7 @@ def nncf_peers(fp32: Path, meta: dict, args: argparse.Namespace) -> dict[str, tu
     out: dict[str, tuple[Path, float]] = {}
 
     def save(name: str, model, seconds: float) -> None:
-        d = args.out / "peers" / name
+        d = args.work / name
         d.mkdir(parents=True, exist_ok=True)
         ov.save_model(model, str(d / "model.xml"), compress_to_fp16=False)
         (d / "metadata.json").write_text(json.dumps(meta))
@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("ours", nargs="*", type=Path, help="Our Q/DQ ONNX files of the same model.")
     add_common(ap)
     ap.add_argument("--calib-samples", type=int, default=512)
+    ap.add_argument("--work", type=Path, default=Path("runs/cpu-peers"), help="Where the peers' IR files are saved.")
     ap.add_argument("--max-drop", type=float, default=0.5, help="quantize_with_accuracy_control's budget, points.")
     ap.add_argument("--precisions", default="fp32,bf16", help="OpenVINO precision hints to run.")
     args = ap.parse_args()
