@@ -77,6 +77,7 @@ class LowRankConfig(MethodConfig):
                     value=lambda m, t: float(m.group(1)),
                     position=0,
                     word=lambda v: f"rank{v:g}",
+                    example="rank0.25",
                 ),
             ),
             example="0.25",

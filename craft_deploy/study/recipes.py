@@ -99,7 +99,7 @@ def parse_recipe(text: str, calibrators: tuple[str, ...] = ("mse",)) -> list[Rec
     configs = method_configs()
     if not any(cls.asked_for(flags) for cls in configs):
         verbs = [c.verb for c in configs if c.verb]
-        examples = [f.example.split(" or ")[0] for c in configs for f in c.flags if f.key in c.trigger and f.example]
+        examples = [_example(f) for c in configs for f in c.flags if f.key in c.trigger and f.tokens]
         raise CraftError(
             f"recipe {text!r} neither {', '.join(verbs[:-1])} nor {verbs[-1]}; add e.g. {', '.join(examples)}"
         )
@@ -110,12 +110,17 @@ def parse_recipe(text: str, calibrators: tuple[str, ...] = ("mse",)) -> list[Rec
             stray.setdefault(needs, []).append(_word(key, flags[key]))
     for needs, words in stray.items():
         need = registered[needs][0]
-        raise CraftError(f"recipe {text!r} names {', '.join(words)} without {need.what}; add e.g. {need.example}")
+        raise CraftError(f"recipe {text!r} names {', '.join(words)} without {need.what}; add e.g. {_example(need)}")
     if "quant" in flags and "calib_method" not in flags:  # the study's --calibrators fill in the calibrator
         variants = [{**flags, "calib_method": c} for c in calibrators]
     else:
         variants = [flags]
     return [_recipe(v) for v in variants]
+
+
+def _example(flag: Flag) -> str:
+    """A recipe word for `flag` to suggest in an error."""
+    return flag.tokens[0].example or (flag.example or flag.key).split(" or ")[0]
 
 
 def _token_of(key: str) -> Token:

@@ -34,6 +34,7 @@ class Token:
     value: Callable[[re.Match | None, str], Any] | None = None
     position: int = 50
     word: Callable[[Any], str] | None = None  # the flag's value written back as a word (default: str(value))
+    example: str | None = None  # a word to suggest in errors (default: the flag's example)
 
     def match(self, token: str) -> tuple[bool, Any]:
         """(whether `token` is this word, the flag value it sets)."""
