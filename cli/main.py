@@ -689,6 +689,61 @@ def analyze(bundle, out, overwrite, **kw) -> None:
     click.echo(f"  activations: largest outlier ratio {worst[1]['outlier_ratio']:.1f} in {worst[0]}; report: {out}")
 
 
+@defaults_from("craft_deploy.config:TuneConfig")
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option(
+    "--analyze-only",
+    is_flag=True,
+    help="Write the per-layer sensitivity table (the search that will read it is not built yet: issue 28).",
+)
+@click.option(
+    "--treatments",
+    default="int8,w4,2:4",
+    show_default=True,
+    help="Comma-separated treatments, each applied to one layer at a time: int8 (W8A8, MSE), w4 (4-bit weights), "
+    "2:4 (with --prune-method).",
+)
+@click.option("--calib-samples", show_default=True, type=int, help="Training images: calibration and the KL score.")
+@click.option("--eval-subset", show_default=True, type=int, help="Held-out test images for the validation.")
+@click.option("--validate", show_default=True, type=int, help="(layer, treatment) pairs checked on held-out images.")
+@click.option(
+    "--prune-method",
+    show_default=True,
+    type=RegistryChoice("craft_deploy.compress.prune:PRUNE_SCORES"),
+    help="The score of the 2:4 treatment.",
+)
+@data_root_option
+@click.option("--seed", show_default=True, type=int)
+@out_option
+@overwrite_option
+@_guard
+def tune(bundle, out, overwrite, treatments, **kw) -> None:
+    """Per-layer sensitivity of a bundle: each treatment on each layer alone, its KL from the dense model on
+    calibration images, a sample validated as top-1 drop on held-out test images; tune.json and sensitivity.png.
+
+    \b
+    Example:
+      craft-deploy tune runs/adam --analyze-only --out runs/adam-tune
+    """
+    from craft_deploy.config import TuneConfig
+    from craft_deploy.tune import run
+
+    names = tuple(t.strip() for t in treatments.split(",") if t.strip())
+    rec = run(TuneConfig(treatments=names, **kw), bundle, out, overwrite)
+    scored = sorted((r for r in rec["sensitivity"] if "kl" in r), key=lambda r: -r["kl"])
+    v = rec["validation"]
+    click.echo(f"\ntune {bundle}: {len(scored)} (layer, treatment) pairs scored")
+    for r in scored[:5]:
+        drop = f", test top-1 drop {r['test_top1_drop']:.2f}" if "test_top1_drop" in r else ""
+        click.echo(f"  {r['treatment']:>5} on {r['layer']}: KL {r['kl']:.4f}{drop}")
+    if v.get("pairs"):
+        rho = v["spearman_kl_vs_drop"]
+        click.echo(f"  validated {v['pairs']} pairs on held-out images; Spearman(KL, drop) "
+                   f"{'n/a' if rho is None else f'{rho:.2f}'}")  # fmt: skip
+    click.echo(f"report: {out}/tune.json, {out}/sensitivity.png")
+
+
 def _list(cast):
     """A click callback: a comma-separated option value as a tuple (None when the option is not given)."""
 

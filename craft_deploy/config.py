@@ -388,6 +388,29 @@ class AnalyzeConfig(Config):
             raise CraftError(f"--calib-samples must be positive, got {self.calib_samples}")
 
 
+@dataclass(frozen=True)
+class TuneConfig(Config):
+    """Per-layer sensitivity of a bundle (craft_deploy.tune): each treatment applied to one layer at a time."""
+
+    treatments: tuple[str, ...] = ("int8", "w4", "2:4")  # names in craft_deploy.tune.sensitivity.TREATMENTS
+    calib_samples: int = 128  # training images: calibration of the treated layer and the KL score
+    eval_subset: int | None = 1000  # held-out test images for the validation of a sample of layers
+    validate: int = 6  # (layer, treatment) pairs whose top-1 drop is measured: the highest scores and a few random
+    prune_method: str = "magnitude"  # the score of the 2:4 treatment
+    analyze_only: bool = False
+    data_root: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "treatments", tuple(self.treatments))
+        if not self.treatments:
+            raise CraftError("--treatments needs at least one treatment, e.g. int8,w4,2:4")
+        if self.calib_samples < 1:
+            raise CraftError(f"--calib-samples must be positive, got {self.calib_samples}")
+        if self.validate < 0:
+            raise CraftError(f"--validate must be >= 0 (pairs checked on held-out images), got {self.validate}")
+
+
 STUDY_EXECUTORS = ("local", "ray")
 STUDY_DEFAULT_GRID = (
     "w8a8",

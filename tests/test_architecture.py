@@ -32,6 +32,7 @@ FLOORS = {
     "analyze": 5,
     "compress": 5,
     "finetune": 6,
+    "tune": 6,
     "export": 7,
     "bench": 7,
     "study": 8,
