@@ -470,7 +470,7 @@ class StudyConfig(Config):
     recover_epochs: int = 1
     tunecomp: tuple[float, ...] = (0.25,)
     tunecomp_prune: float = 0.0
-    backends: tuple[str, ...] = ("ort-cpu",)
+    backends: tuple[str, ...] = ("ort-cpu",)  # registered backends, or name@precision (openvino@bf16)
     batch_sizes: tuple[int, ...] = (1, 16)
     bench_seconds: float = 0.5  # minimum timing per batch size of each deployed cell (BenchConfig.min_seconds)
     speed_rounds: int = 5  # round-robin passes over one deployed model per recipe (0: none; latency from the cells)

@@ -113,3 +113,37 @@ def test_export_format_openvino_without_openvino_names_the_extra(tiny_bundle, tm
     with pytest.raises(CraftError, match=r"--format openvino needs OpenVINO.*craft-deploy\[openvino\]"):
         export(ExportConfig(format="openvino"), tiny_bundle, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_study_takes_a_runtime_at_a_precision_hint_as_a_backend(tmp_path):
+    """`openvino@bf16`: the same exported files benched with the bf16 hint, a backend of its own in the report; its
+    rows are judged against PyTorch's FP32 (its own FP32 row is bf16), and its commands carry --precision."""
+    import json
+
+    from click.testing import CliRunner
+
+    from craft_deploy.cli.main import main
+    from craft_deploy.config import StudyConfig
+    from craft_deploy.study import plan
+
+    cfg = StudyConfig(backends=("ort-cpu@bf16",))
+    with pytest.raises(CraftError, match="--precision applies to --backend pytorch .* and openvino"):
+        plan.bench_config(cfg, "ort-cpu@bf16")
+    assert plan.bench_config(cfg, "openvino@bf16")["precision"] == "bf16"
+    config = tmp_path / "s.json"
+    config.write_text(json.dumps({
+        "model": "test_efficientnet", "data": "digits", "pretrained": False, "optimizers": ["adam"], "seeds": [0],
+        "finetune": {"epochs": 1, "img_size": 32, "warmup_steps": 5}, "calib_samples": 64, "eval_subset": None,
+        "grid": ["w8a8+minmax"], "analyze": False, "recover_worst": 0, "tunecomp": [],
+        "backends": ["openvino", "openvino@bf16"], "batch_sizes": [1], "bench_seconds": 0.05, "speed_rounds": 2,
+    }))  # fmt: skip
+    res = CliRunner().invoke(main, ["study", str(config), "--threads", "2", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((tmp_path / "out" / "study.json").read_text())
+    deployed = {c["id"]: c for c in rec["cells"] if c["kind"] == "deploy"}
+    assert deployed["adam-s0/deploy/openvino@bf16/fp32"]["spec"]["config"]["bench"]["precision"] == "bf16"
+    assert deployed["adam-s0/deploy/openvino/fp32"]["spec"]["config"]["bench"]["precision"] == "fp32"
+    picks = rec["report"]["recommendation"]
+    assert set(picks) == {"openvino", "openvino@bf16"}
+    assert any("--backend openvino --precision bf16" in c for c in picks["openvino@bf16"]["commands"])
+    assert rec["report"]["across_backends"]["backend"] in picks

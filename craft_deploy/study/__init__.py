@@ -152,12 +152,14 @@ def run(
 ) -> dict[str, Any]:
     """Run (or resume) the study into `out`; write study.json and report.md; return the study record."""
     from craft_deploy.bench.backends import get_backend
+    from craft_deploy.study.cells import backend_parts
     from craft_deploy.study.report import write_report
 
     plan.fine_tunings(cfg)  # bad optimizer names, recipes and backends fail before any work
     grid = [r.name for r in plan.recipes(cfg)]
-    for backend in cfg.backends:
-        get_backend(backend)
+    for backend in cfg.backends:  # `name` or `name@precision` (openvino@bf16): both checked before any work
+        get_backend(backend_parts(backend)[0])
+        plan.bench_config(cfg, backend)
     names = set(grid)
     for entry in cfg.recover:
         if any(r.name not in names for r in parse_recipe(entry, cfg.calibrators)):

@@ -22,12 +22,19 @@ CELL_SCHEMA = 1
 CELL_RECORD = "cell.json"
 
 
+def backend_parts(spelling: str) -> tuple[str, str | None]:
+    """A study backend `name` or `name@precision` (e.g. openvino@bf16, the runtime at another precision hint) as
+    (registered backend name, precision or None). `@`, not `:`: the spelling names cell directories and plot files."""
+    name, _, precision = spelling.partition("@")
+    return name, precision or None
+
+
 def export_format_for(backend: str) -> str | None:
     """The export target that writes what `backend` runs (None: it runs the bundle itself)."""
     from craft_deploy.bench.backends import get_backend
     from craft_deploy.export.targets import target_for
 
-    target = target_for(get_backend(backend).needs)
+    target = target_for(get_backend(backend_parts(backend)[0]).needs)
     return target.name if target else None
 
 

@@ -161,7 +161,12 @@ def training_cells(cfg: StudyConfig, worst: list[str], ready: set[str] | None = 
 def bench_config(cfg: StudyConfig, backend: str, **extra: Any) -> dict[str, Any]:
     """The BenchConfig of a study's bench on `backend` (less threads: the executor sets them; less the fields of
     ADDED_LATER at their default)."""
-    conf = BenchConfig(backend=backend, batch_sizes=cfg.batch_sizes, eval_subset=cfg.eval_subset,
+    from craft_deploy.study.cells import backend_parts
+
+    name, precision = backend_parts(backend)
+    if precision is not None:
+        extra["precision"] = precision
+    conf = BenchConfig(backend=name, batch_sizes=cfg.batch_sizes, eval_subset=cfg.eval_subset,
                        data_root=cfg.data_root, min_seconds=cfg.bench_seconds, **extra).to_dict()  # fmt: skip
     conf.pop("threads")
     return _without_later_defaults(conf, "bench")

@@ -172,8 +172,10 @@ def recommendation(res: Results, max_drop: float, specs: dict[str, dict[str, Any
                 continue
             batch = min(int(k) for k in next(iter(by_seed.values()))["latency_ms"])
             latency.setdefault(row, []).extend(m["latency_ms"][str(batch)] for m in by_seed.values())
-            base = res.deployed.get((b, o, "fp32"), {})
-            back_drops = [base[s]["top1"] - m["top1"] for s, m in by_seed.items() if s in base]
+            base = {s: m["top1"] for s, m in res.deployed.get((b, o, "fp32"), {}).items()}
+            if "@" in backend:  # a precision hint (openvino@bf16): its FP32 row is not FP32, PyTorch's is the reference
+                base = res.top1.get((o, FP32), {})
+            back_drops = [base[s] - m["top1"] for s, m in by_seed.items() if s in base]
             torch_row = _torch_row(row)
             torch_drops = [0.0] * len(res.top1.get((o, FP32), {})) if torch_row == FP32 else list(
                 res.drops(o, torch_row).values())  # fmt: skip
@@ -306,7 +308,9 @@ def commands(res: Results, pick: dict[str, Any], backend: str, specs: dict[str, 
                     "--out exported")  # fmt: skip
         model = "exported"
     subset = f" --eval-subset {be['eval_subset']}" if be["eval_subset"] else ""
-    cmds.append(f"craft-deploy bench {model} --backend {backend} --batch-sizes {sizes}{subset} --out bench")
+    precision = f" --precision {be['precision']}" if be.get("precision", "fp32") != "fp32" else ""
+    cmds.append(f"craft-deploy bench {model} --backend {be['backend']}{precision} --batch-sizes {sizes}{subset} "
+                "--out bench")  # fmt: skip
     return cmds
 
 
