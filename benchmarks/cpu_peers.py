@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -58,7 +57,6 @@ def nncf_peers(fp32: Path, meta: dict, args: argparse.Namespace) -> dict[str, tu
         d.mkdir(parents=True, exist_ok=True)
         ov.save_model(model, str(d / "model.xml"), compress_to_fp16=False)
         (d / "metadata.json").write_text(json.dumps(meta))
-        shutil.copy(fp32, d / "model.onnx")  # what the backend would check an IR against (not used for peers)
         out[name] = (d / "model.xml", seconds)
 
     t0 = time.perf_counter()

@@ -689,6 +689,21 @@ def analyze(bundle, out, overwrite, **kw) -> None:
     click.echo(f"  activations: largest outlier ratio {worst[1]['outlier_ratio']:.1f} in {worst[0]}; report: {out}")
 
 
+def _list(cast):
+    """A click callback: a comma-separated option value as a tuple (None when the option is not given)."""
+
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        try:
+            return tuple(cast(v) for v in items)
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: expected comma-separated {cast.__name__} values") from None
+
+    return parse
+
+
 @defaults_from("craft_deploy.config:TuneConfig")
 @main.command()
 @click.argument("bundle", type=click.Path())
@@ -701,6 +716,7 @@ def analyze(bundle, out, overwrite, **kw) -> None:
     "--treatments",
     default="int8,w4,2:4",
     show_default=True,
+    callback=_list(str),
     help="Comma-separated treatments, each applied to one layer at a time: int8 (W8A8, MSE), w4 (4-bit weights), "
     "2:4 (with --prune-method).",
 )
@@ -718,7 +734,7 @@ def analyze(bundle, out, overwrite, **kw) -> None:
 @out_option
 @overwrite_option
 @_guard
-def tune(bundle, out, overwrite, treatments, **kw) -> None:
+def tune(bundle, out, overwrite, **kw) -> None:
     """Per-layer sensitivity of a bundle: each treatment on each layer alone, its KL from the dense model on
     calibration images, a sample validated as top-1 drop on held-out test images; tune.json and sensitivity.png.
 
@@ -729,8 +745,7 @@ def tune(bundle, out, overwrite, treatments, **kw) -> None:
     from craft_deploy.config import TuneConfig
     from craft_deploy.tune import run
 
-    names = tuple(t.strip() for t in treatments.split(",") if t.strip())
-    rec = run(TuneConfig(treatments=names, **kw), bundle, out, overwrite)
+    rec = run(TuneConfig(**kw), bundle, out, overwrite)
     scored = sorted((r for r in rec["sensitivity"] if "kl" in r), key=lambda r: -r["kl"])
     v = rec["validation"]
     click.echo(f"\ntune {bundle}: {len(scored)} (layer, treatment) pairs scored")
@@ -742,21 +757,6 @@ def tune(bundle, out, overwrite, treatments, **kw) -> None:
         click.echo(f"  validated {v['pairs']} pairs on held-out images; Spearman(KL, drop) "
                    f"{'n/a' if rho is None else f'{rho:.2f}'}")  # fmt: skip
     click.echo(f"report: {out}/tune.json, {out}/sensitivity.png")
-
-
-def _list(cast):
-    """A click callback: a comma-separated option value as a tuple (None when the option is not given)."""
-
-    def parse(ctx, param, value):
-        if value is None:
-            return None
-        items = [v.strip() for v in value.split(",") if v.strip()]
-        try:
-            return tuple(cast(v) for v in items)
-        except ValueError:
-            raise click.BadParameter(f"{value!r}: expected comma-separated {cast.__name__} values") from None
-
-    return parse
 
 
 @main.command()

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from craft_deploy import CraftError
+from craft_deploy.runtimes.openvino_runtime import import_openvino
 from craft_deploy.toolkit.registry import name_registrar
 
 BACKENDS: dict[str, type[Backend]] = {}
@@ -383,23 +384,6 @@ def get_backend(name: str) -> type[Backend]:
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}  # --precision -> INFERENCE_PRECISION_HINT
 
 
-def import_openvino():
-    """The openvino module, or a CraftError naming the extra that installs it."""
-    try:
-        import openvino
-    except ImportError:
-        raise CraftError(
-            "--backend openvino needs OpenVINO: pip install 'craft-deploy[openvino]' (or pip install openvino)"
-        ) from None
-    return openvino
-
-
-def _has_qdq(path: Path) -> bool:
-    import onnx
-
-    return any(n.op_type == "QuantizeLinear" for n in onnx.load(str(path), load_external_data=False).graph.node)
-
-
 @register_backend("openvino")
 class OpenVino(Backend):
     """OpenVINO on this CPU, running an exported ONNX file (FP32, FP16, or our Q/DQ INT8, which it runs with its own
@@ -425,10 +409,8 @@ class OpenVino(Backend):
         self.requests: dict[int, Any] = {}
         # an IR's reference is the verified model.onnx export leaves beside it
         self.onnx_path = Path(path).with_name("model.onnx") if Path(path).suffix == ".xml" else Path(path)
-        types = {op.get_type_name() for op in self.model.get_ops()}
-        self.quantized = bool(types & {"FakeQuantize", "FakeConvert"}) or (
-            Path(path).suffix != ".xml" and _has_qdq(self.onnx_path)
-        )
+        # OpenVINO reads Q/DQ pairs (ONNX) and quantized IRs alike as FakeQuantize (INT8) / FakeConvert (FP8)
+        self.quantized = bool({op.get_type_name() for op in self.model.get_ops()} & {"FakeQuantize", "FakeConvert"})
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:

@@ -73,8 +73,9 @@ def from_flags(include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), **f
             stray.setdefault(flag.needs, []).append(flag.option if value is True else f"{flag.option} {value}")
     for needs, options in stray.items():
         need = registered[needs][0]
-        example = need.example.split(" or ")[0] if need.example else "VALUE"
-        raise CraftError(f"{', '.join(options)} given alone: they need {need.option} (e.g. {need.option} {example})")
+        raise CraftError(
+            f"{', '.join(options)} given alone: they need {need.option} (e.g. {need.option} {need.first_example()})"
+        )
     methods = [cls.from_flags(values, include, exclude) for cls in method_configs() if cls.asked_for(values)]
     return CompressConfig(methods=tuple(methods), **data)
 

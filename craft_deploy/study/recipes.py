@@ -120,7 +120,7 @@ def parse_recipe(text: str, calibrators: tuple[str, ...] = ("mse",)) -> list[Rec
 
 def _example(flag: Flag) -> str:
     """A recipe word for `flag` to suggest in an error."""
-    return flag.tokens[0].example or (flag.example or flag.key).split(" or ")[0]
+    return flag.tokens[0].example or flag.first_example()
 
 
 def _token_of(key: str) -> Token:

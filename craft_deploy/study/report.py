@@ -163,6 +163,8 @@ def recommendation(res: Results, max_drop: float, specs: dict[str, dict[str, Any
     side by side) when there is one; else the median over all its deployed cells, every optimizer and seed together
     (the optimizer changes weights, not the graph). Recipes within ROUND_ROBIN_NOISE (LATENCY_NOISE for pooled cells)
     of the fastest count as equally fast, and the most accurate of them is recommended."""
+    from craft_deploy.study.cells import backend_parts
+
     lines: list[str] = []
     picks: dict[str, Any] = {}
     for backend in sorted({k[0] for k in res.deployed}):
@@ -173,7 +175,7 @@ def recommendation(res: Results, max_drop: float, specs: dict[str, dict[str, Any
             batch = min(int(k) for k in next(iter(by_seed.values()))["latency_ms"])
             latency.setdefault(row, []).extend(m["latency_ms"][str(batch)] for m in by_seed.values())
             base = {s: m["top1"] for s, m in res.deployed.get((b, o, "fp32"), {}).items()}
-            if "@" in backend:  # a precision hint (openvino@bf16): its FP32 row is not FP32, PyTorch's is the reference
+            if backend_parts(backend)[1]:  # a precision hint (openvino@bf16): its FP32 row is not FP32; PyTorch's is
                 base = res.top1.get((o, FP32), {})
             back_drops = [base[s] - m["top1"] for s, m in by_seed.items() if s in base]
             torch_row = _torch_row(row)

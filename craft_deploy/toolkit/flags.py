@@ -81,10 +81,9 @@ class Flag:
     def option(self) -> str:
         return "--" + self.name
 
-    def choice_names(self) -> tuple[str, ...] | None:
-        if isinstance(self.choices, str):
-            return registry_names(self.choices)
-        return self.choices
+    def first_example(self) -> str:
+        """The first value of `example` (\"2:4 or 0.5\" -> \"2:4\"), or the flag's keyword when it has none."""
+        return (self.example or self.key).split(" or ")[0]
 
 
 def nonempty(value: Any) -> bool:

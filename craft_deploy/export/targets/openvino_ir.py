@@ -10,29 +10,18 @@ from typing import Any
 
 import numpy as np
 
-from craft_deploy import CraftError
 from craft_deploy.artifacts import atomic_write_json
 from craft_deploy.export.targets.base import ExportJob, register_target
 from craft_deploy.export.targets.onnx_model import onnx_record, verified_onnx
 from craft_deploy.runtimes.metadata import export_metadata
+from craft_deploy.runtimes.openvino_runtime import import_openvino
 from craft_deploy.runtimes.tolerance import compare_outputs, judge_export
 
 FILE = "model.xml"
 
 
-def import_openvino():
-    """The openvino module, or a CraftError naming the extra to install."""
-    try:
-        import openvino
-    except ImportError as e:
-        raise CraftError(
-            "--format openvino needs OpenVINO, which is not installed: pip install 'craft-deploy[openvino]'"
-        ) from e
-    return openvino
-
-
 def _check_openvino() -> None:
-    import_openvino()
+    import_openvino("--format openvino")
 
 
 @register_target(
@@ -45,7 +34,7 @@ def _check_openvino() -> None:
 )
 def export(job: ExportJob) -> dict[str, Any]:
     """The verified model.onnx, its IR (weights kept at their precision: no FP16 compression), verified."""
-    ov = import_openvino()
+    ov = import_openvino("--format openvino")
     onnx_file = verified_onnx(job)
     t0 = time.perf_counter()
     model = ov.convert_model(str(onnx_file.path))
