@@ -78,6 +78,12 @@ def to_uint8_activations(proto: onnx.ModelProto) -> int:
         zp = numpy_helper.to_array(t).astype(np.int16) + 128
         t.CopyFrom(numpy_helper.from_array(zp.astype(np.uint8), name))
         moved += 1
+    # a QuantizeLinear's output takes its zero point's type: shape information recorded before (upgrade_opset's
+    # inference, for one) still says int8 and would contradict the uint8 zero point its DequantizeLinear now reads
+    quantized = {n.output[0] for n in graph.node if n.op_type == "QuantizeLinear" and n.input[2] in zero_points}
+    for info in graph.value_info:
+        if info.name in quantized and info.type.tensor_type.elem_type == TensorProto.INT8:
+            info.type.tensor_type.elem_type = TensorProto.UINT8
     return moved
 
 
