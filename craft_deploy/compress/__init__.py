@@ -89,6 +89,7 @@ def run(cfg: CompressConfig, bundle_path: str | Path, out: str | Path, overwrite
         splits = splits_for_manifest(bundle.manifest, cfg.data_root, cfg.eval_subset)
         calib = calibration_subset(splits.train, cfg.calib_samples, cfg.seed)
         model = bundle.model
+        check_includes(cfg, model, bundle_path)
         before = evaluate(model, splits.test, desc="test (before)")
         manifest = copy.deepcopy(bundle.manifest)
         reports: list[dict[str, Any]] = []
@@ -122,6 +123,20 @@ def run(cfg: CompressConfig, bundle_path: str | Path, out: str | Path, overwrite
             timings={**timings, "total_seconds": time.perf_counter() - t_start},
         )
     return record
+
+
+def check_includes(cfg: CompressConfig, model: nn.Module, bundle_path: str | Path) -> None:
+    """CraftError for an include entry without glob characters (an exact layer name, as a per-layer recipe writes)
+    that names no Linear/Conv layer of the model: a typo would otherwise compress nothing."""
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    missing = sorted(
+        {p for mcfg in cfg.methods for p in mcfg.include if not any(c in p for c in "*?[") and p not in layers}
+    )
+    if missing:
+        raise CraftError(
+            f"layer(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} named for compression are not "
+            f"Linear/Conv layers of {bundle_path}; it has e.g. {', '.join(layers[1:4])}"
+        )
 
 
 def bundle_sparsity(bundle_path: str | Path) -> dict[str, Any]:

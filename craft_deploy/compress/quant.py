@@ -56,6 +56,7 @@ class QuantConfig(MethodConfig):
     placement: str = "tensorrt"
     weight_rounding: str = "nearest"
     number_format: str = "int"  # fp8: E4M3 weights and activations (--quant fp8)
+    layer_quant: tuple[str, ...] = ()  # per-layer bit widths "LAYER=wXaY" over the base w_bits/a_bits (tune recipes)
 
     flags = (
         Flag(
@@ -195,6 +196,32 @@ class QuantConfig(MethodConfig):
             )
         if self.search_points < 2 or self.search_rounds < 1:
             raise CraftError(f"search needs >= 2 points and >= 1 round, got {self.search_points}, {self.search_rounds}")
+        if self.layer_quant:
+            self._check_layer_quant()
+
+    def _check_layer_quant(self) -> None:
+        if self.number_format != "int" or self.group_size or self.placement != "tensorrt" or self.quant_attention:
+            raise CraftError(
+                "per-layer bit widths take integer formats with per-channel or per-tensor weight scales, the tensorrt "
+                "placement and no --quant-attention"
+            )
+        for entry in self.layer_quant:
+            layer, sep, bits = entry.partition("=")
+            if not sep or not layer:
+                raise CraftError(f"per-layer quantization {entry!r} must be LAYER=wXaY, e.g. blocks.1.0.conv_pwl=w4a16")
+            parse_quant(bits)
+        layers = [e.partition("=")[0] for e in self.layer_quant]
+        twice = sorted({n for n in layers if layers.count(n) > 1})
+        if twice:
+            raise CraftError(f"per-layer quantization names {', '.join(twice)} more than once")
+
+    def bits_of(self, layer: str) -> tuple[int, int]:
+        """(weight bits, activation bits) of one layer: its per-layer entry, else the config's."""
+        for entry in self.layer_quant:
+            name, _, bits = entry.partition("=")
+            if name == layer:
+                return parse_quant(bits)
+        return self.w_bits, self.a_bits
 
     def _check_fp8(self) -> None:
         fp8_calibrators = [n for n, c in CALIBRATORS.items() if c.fp8]
@@ -219,7 +246,8 @@ class QuantConfig(MethodConfig):
     def name(self) -> str:
         if self.number_format == "fp8":
             return "fp8" if self.a_bits == 8 else "fp8-weights"
-        return f"w{self.w_bits}a{self.a_bits}"
+        base = f"w{self.w_bits}a{self.a_bits}"
+        return f"{base}+{len(self.layer_quant)} per-layer" if self.layer_quant else base
 
     @property
     def act_symmetric(self) -> bool:
@@ -250,13 +278,20 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dic
             f"{cfg.calib_method} needs a ViT (timm Attention blocks) and quantized activations; calibrated with mse"
         )
     layers, skipped = select_layers(model, cfg.include, cfg.exclude, skip_stem=False, skip_depthwise=False)
+    missing = [e.partition("=")[0] for e in cfg.layer_quant if e.partition("=")[0] not in layers]
+    if missing:
+        raise CraftError(
+            f"per-layer quantization names {', '.join(missing)}, which this model does not have among the layers it "
+            f"quantizes ({len(layers)}, e.g. {', '.join(list(layers)[:3])})"
+        )
     if cfg.group_size:
         _check_group_size(layers, cfg.group_size)
     spec: dict[str, LayerQuantSpec] = {}
     for name in layers:
+        w_bits, a_bits = cfg.bits_of(name)
         spec[name] = LayerQuantSpec(
-            w_bits=cfg.w_bits,
-            a_bits=cfg.a_bits,
+            w_bits=w_bits,
+            a_bits=a_bits,
             w_granularity=cfg.w_granularity,
             group_size=cfg.group_size,
             a_symmetric=cfg.act_symmetric,
