@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 from click._utils import UNSET
+from click.core import ParameterSource
 
 from craft_deploy import EXIT_INTERRUPTED, CraftError, __version__
 from craft_deploy.config import (
@@ -367,12 +368,18 @@ def finetune(out, overwrite, resume, **kw) -> None:
 @click.option("--eval-subset", type=int, help="Evaluate on the first N test images of a seeded permutation.")
 @click.option("--include", multiple=True, help="Glob(s) over module names to compress (default: Linear/Conv).")
 @click.option("--exclude", multiple=True, help="Glob(s) over module names to leave alone.")
+@click.option(
+    "--recipe",
+    type=click.Path(dir_okay=False),
+    help="A per-layer recipe (tune.yaml from craft-deploy tune): a treatment per layer, instead of the method options; "
+    "its calibration images and seed unless --calib-samples/--seed are given.",
+)
 @data_root_option
 @click.option("--seed", show_default=True, type=int)
 @out_option
 @overwrite_option
 @_guard
-def compress(bundle, out, overwrite, include, exclude, **kw) -> None:
+def compress(bundle, out, overwrite, include, exclude, recipe, **kw) -> None:
     """Factorise, prune and/or quantize a bundle in one shot; writes a bundle and compress.json.
 
     \b
@@ -383,7 +390,10 @@ def compress(bundle, out, overwrite, include, exclude, **kw) -> None:
     """
     from craft_deploy.compress import from_flags, run
 
-    cfg = from_flags(include=_split(include), exclude=_split(exclude), **kw)
+    if recipe:
+        cfg = _recipe_config(recipe, include, exclude, kw)
+    else:
+        cfg = from_flags(include=_split(include), exclude=_split(exclude), **kw)
     rec = run(cfg, bundle, out, overwrite)
     m = rec["metrics"]
     click.echo(
@@ -393,6 +403,27 @@ def compress(bundle, out, overwrite, include, exclude, **kw) -> None:
     for meth in rec["methods"]:
         click.echo(f"  {meth['summary']}")
     click.echo(f"bundle: {out}")
+
+
+def _recipe_config(recipe: str, include: tuple[str, ...], exclude: tuple[str, ...], kw: dict[str, Any]) -> Any:
+    """compress --recipe: the recipe's method configs; method options, --include and --exclude are refused beside it."""
+    from craft_deploy.compress.recipe import read_recipe
+    from craft_deploy.toolkit.registry import method_flags
+
+    ctx = click.get_current_context()
+    given = [
+        f.option
+        for key, (f, _) in method_flags().items()
+        if ctx.get_parameter_source(key) == ParameterSource.COMMANDLINE
+    ]
+    given += [o for o, v in (("--include", include), ("--exclude", exclude)) if v]
+    if given:
+        raise CraftError(f"--recipe gives every layer its treatment; drop {', '.join(given)} (or drop --recipe)")
+    parsed = read_recipe(recipe)
+    explicit = {
+        k: kw[k] for k in ("calib_samples", "seed") if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE
+    }
+    return dataclasses.replace(parsed.compress_config(kw["eval_subset"], kw["data_root"]), **explicit)
 
 
 @main.command()
@@ -708,20 +739,40 @@ def _list(cast):
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.option(
-    "--analyze-only",
-    is_flag=True,
-    help="Write the per-layer sensitivity table (the search that will read it is not built yet: issue 28).",
+    "--objective",
+    show_default=True,
+    type=click.Choice(["size", "sparse-share"]),
+    help="What the recipe maximises within --max-drop: weight storage saved, or the share of weights in 2:4.",
+)
+@click.option("--max-drop", show_default=True, type=float, help="Top-1 points the recipe may lose on held-out images.")
+@click.option(
+    "--margin", show_default=True, type=float, help="The search aims at --max-drop minus this on validation images."
+)
+@click.option(
+    "--searches",
+    default="fallback,budgeted",
+    show_default=True,
+    callback=_list(str),
+    help="fallback (revert whole layers to float, worst first), budgeted (Lagrangian over the table: layers step "
+    "down their own options); the best finalist within budget wins.",
+)
+@click.option(
+    "--analyze-only", is_flag=True, help="Write the per-layer sensitivity table and its validation only, no search."
 )
 @click.option(
     "--treatments",
-    default="int8,w4,2:4",
-    show_default=True,
     callback=_list(str),
-    help="Comma-separated treatments, each applied to one layer at a time: int8 (W8A8, MSE), w4 (4-bit weights), "
-    "2:4 (with --prune-method).",
+    help="Comma-separated treatments, each applied to one layer at a time: int8 (W8A8, MSE), w4 (4-bit weights, "
+    "float activations), any wXaY, N:M such as 2:4 (with --prune-method), or N:M+bits (2:4+int8). [default: the "
+    "objective's (size: int8,w4,w3; sparse-share: 2:4); int8,w4,2:4 with --analyze-only]",
 )
-@click.option("--calib-samples", show_default=True, type=int, help="Training images: calibration and the KL score.")
-@click.option("--eval-subset", show_default=True, type=int, help="Held-out test images for the validation.")
+@click.option(
+    "--calib-samples",
+    show_default=True,
+    type=int,
+    help="Training images: calibration, KL score, BatchNorm re-estimation.",
+)
+@click.option("--eval-subset", show_default=True, type=int, help="Validation (search) and test (check) images.")
 @click.option("--validate", show_default=True, type=int, help="(layer, treatment) pairs checked on held-out images.")
 @click.option(
     "--prune-method",
@@ -729,18 +780,27 @@ def _list(cast):
     type=RegistryChoice("craft_deploy.compress.prune:PRUNE_SCORES"),
     help="The score of the 2:4 treatment.",
 )
+@click.option(
+    "--bn-recalibrate/--no-bn-recalibrate",
+    show_default=True,
+    help="Re-estimate BatchNorm statistics in every recipe (once, after all its layers are treated).",
+)
 @data_root_option
 @click.option("--seed", show_default=True, type=int)
 @out_option
 @overwrite_option
 @_guard
 def tune(bundle, out, overwrite, **kw) -> None:
-    """Per-layer sensitivity of a bundle: each treatment on each layer alone, its KL from the dense model on
-    calibration images, a sample validated as top-1 drop on held-out test images; tune.json and sensitivity.png.
+    """A per-layer recipe: each treatment on each layer alone (KL on calibration images), then the most aggressive
+    per-layer recipe whose top-1 drop stays within --max-drop, searched on validation images and checked on held-out
+    test images; tune.yaml (for compress --recipe), the tuned bundle, tune.json and plots.
 
     \b
-    Example:
-      craft-deploy tune runs/adam --analyze-only --out runs/adam-tune
+    Examples:
+      craft-deploy tune runs/adam --objective size --max-drop 1.0 --out runs/adam-tune
+      craft-deploy tune runs/adam --objective sparse-share --out runs/adam-tune-24
+      craft-deploy compress runs/adam --recipe runs/adam-tune/tune.yaml --out runs/adam-tuned
+      craft-deploy tune runs/adam --analyze-only --out runs/adam-sens
     """
     from craft_deploy.config import TuneConfig
     from craft_deploy.tune import run
@@ -756,7 +816,21 @@ def tune(bundle, out, overwrite, **kw) -> None:
         rho = v["spearman_kl_vs_drop"]
         click.echo(f"  validated {v['pairs']} pairs on held-out images; Spearman(KL, drop) "
                    f"{'n/a' if rho is None else f'{rho:.2f}'}")  # fmt: skip
-    click.echo(f"report: {out}/tune.json, {out}/sensitivity.png")
+    for f in rec.get("finalists", []):
+        if "test_top1_drop" not in f:
+            click.echo(f"  {f['search']}: {f['why']}")
+            continue
+        mark = "within budget" if f["passed"] else "OVER the budget"
+        mb = f["weight_megabytes"]
+        click.echo(
+            f"  {f['search']}: {f['counts']}, {100 * f['value_share']:.0f}% of the {kw['objective']} objective, "
+            f"{mb['tuned']:.2f} MB of weights ({mb['dense']:.2f} float), {100 * mb['nm_share_of_all_weights']:.0f}% "
+            f"in N:M; test top-1 drop {f['test_top1_drop']:.2f} (val {f['val_top1_drop']:.2f}, predicted "
+            f"{'n/a' if f['predicted_drop'] is None else '%.2f' % f['predicted_drop']}): {mark}"
+        )
+    if "recipe" in rec:
+        click.echo(f"recipe: {out}/tune.yaml ({rec['chosen']}), bundle: {out}/bundle")
+    click.echo(f"report: {out}/tune.json, {', '.join(f'{out}/{p}' for p in rec['plots'])}")
 
 
 @main.command()

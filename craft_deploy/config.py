@@ -390,25 +390,38 @@ class AnalyzeConfig(Config):
 
 @dataclass(frozen=True)
 class TuneConfig(Config):
-    """Per-layer sensitivity of a bundle (craft_deploy.tune): each treatment applied to one layer at a time."""
+    """A per-layer recipe for a bundle (craft_deploy.tune): the sensitivity of each layer to each treatment, then the
+    most aggressive recipe whose top-1 drop stays within `max_drop` (validation images for the search, held-out test
+    images for the check of its finalists)."""
 
-    treatments: tuple[str, ...] = ("int8", "w4", "2:4")  # names in craft_deploy.tune.sensitivity.TREATMENTS
-    calib_samples: int = 128  # training images: calibration of the treated layer and the KL score
-    eval_subset: int | None = 1000  # held-out test images for the validation of a sample of layers
+    objective: str = "size"  # craft_deploy.tune.search.OBJECTIVES: size | sparse-share
+    max_drop: float = 1.0  # top-1 points the recipe may lose on the held-out test images
+    margin: float = 0.25  # the search aims at max_drop - margin on the validation images
+    searches: tuple[str, ...] = ("fallback", "budgeted")  # craft_deploy.tune.search.SEARCHES
+    treatments: tuple[str, ...] = ()  # compress.recipe.parse_treatment tokens; () = the objective's
+    calib_samples: int = 512  # training images: calibration, the KL score and the BatchNorm re-estimation (128 images
+    # of re-estimation alone cost the demo bundle 1.1 points of validation top-1, 512 none: docs/tune.md)
+    eval_subset: int | None = 2000  # validation images the search measures on, and held-out test images
     validate: int = 6  # (layer, treatment) pairs whose top-1 drop is measured: the highest scores and a few random
-    prune_method: str = "magnitude"  # the score of the 2:4 treatment
+    prune_method: str = "magnitude"  # the score of the N:M treatment
+    bn_recalibrate: bool = True  # BatchNorm statistics re-estimated once in every recipe the search measures
     analyze_only: bool = False
     data_root: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "treatments", tuple(self.treatments))
-        if not self.treatments:
-            raise CraftError("--treatments needs at least one treatment, e.g. int8,w4,2:4")
+        object.__setattr__(self, "treatments", tuple(self.treatments or ()))
+        object.__setattr__(self, "searches", tuple(self.searches))
         if self.calib_samples < 1:
             raise CraftError(f"--calib-samples must be positive, got {self.calib_samples}")
         if self.validate < 0:
             raise CraftError(f"--validate must be >= 0 (pairs checked on held-out images), got {self.validate}")
+        if not 0.0 <= self.max_drop <= 100.0:
+            raise CraftError(f"--max-drop must be top-1 points in [0, 100], e.g. 1.0, got {self.max_drop}")
+        if not 0.0 <= self.margin <= self.max_drop:
+            raise CraftError(f"--margin must be in [0, --max-drop {self.max_drop}], got {self.margin}")
+        if not self.searches:
+            raise CraftError("--searches needs at least one search, e.g. fallback,budgeted")
 
 
 STUDY_EXECUTORS = ("local", "ray")

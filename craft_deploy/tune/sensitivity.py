@@ -22,33 +22,30 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from craft_deploy import CraftError
-from craft_deploy.compress.prune import PruneConfig
-from craft_deploy.compress.quant import QuantConfig
+from craft_deploy.compress.recipe import LayerRecipe, Treatment, parse_treatment
 from craft_deploy.evaluate import evaluate
 from craft_deploy.toolkit.layers import select_layers
 from craft_deploy.toolkit.registry import MethodConfig, apply_method, calib_loop
 
 
-def _int8(layer: str, prune_method: str) -> MethodConfig:
-    return QuantConfig(w_bits=8, a_bits=8, calib_method="mse", include=(layer,))
+def treatment_methods(layer: str, treatment: str, prune_method: str) -> tuple[MethodConfig, ...]:
+    """The method configs that apply `treatment` to `layer` alone: what a recipe naming only that layer compiles to
+    (compress.recipe), without the BatchNorm re-estimation (a per-layer score is the layer's own cost)."""
+    recipe = LayerRecipe(layers={layer: parse_treatment(treatment)}, prune_method=prune_method, bn_recalibrate=False)
+    return recipe.compress_config().methods
 
 
-def _w4(layer: str, prune_method: str) -> MethodConfig:
-    return QuantConfig(w_bits=4, a_bits=16, include=(layer,))
-
-
-def _nm24(layer: str, prune_method: str) -> MethodConfig:
-    return PruneConfig(n=2, m=4, score=prune_method, include=(layer,))
-
-
-TREATMENTS: dict[str, Callable[[str, str], MethodConfig]] = {"int8": _int8, "w4": _w4, "2:4": _nm24}
-"""Treatment name -> the method config that applies it to one layer (layer name, the 2:4 treatment's score)."""
-
-
-def check_treatments(names: tuple[str, ...]) -> None:
-    unknown = [n for n in names if n not in TREATMENTS]
-    if unknown:
-        raise CraftError(f"--treatments {','.join(unknown)} is unknown; choose from {', '.join(TREATMENTS)}")
+def check_treatments(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The treatments by their canonical names (w8a8 -> int8, w4a16 -> w4); a CraftError for one that is not a
+    treatment, float, or N:M patterns that differ (a recipe prunes all its N:M layers with one pattern)."""
+    parsed = [parse_treatment(n, "--treatments") for n in names]
+    if any(t == Treatment() for t in parsed):
+        raise CraftError("--treatments float: every layer can stay float already; name treatments that compress")
+    patterns = sorted({t.nm for t in parsed if t.nm})
+    if len(patterns) > 1:
+        got = ", ".join(f"{n}:{m}" for n, m in patterns)
+        raise CraftError(f"--treatments takes one N:M pattern (a recipe prunes with one), got {got}")
+    return tuple(dict.fromkeys(t.name for t in parsed))
 
 
 @torch.no_grad()
@@ -63,30 +60,43 @@ def _score(ref: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
 
 
 def sensitivity_table(
-    model: nn.Module, calib: Dataset, treatments: tuple[str, ...], prune_method: str = "magnitude"
+    model: nn.Module,
+    calib: Dataset,
+    treatments: tuple[str, ...],
+    prune_method: str = "magnitude",
+    done: list[dict[str, Any]] | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (layer, treatment) that applies: its KL and logit MSE against the dense model on `calib`. A
-    treatment that does not apply to a layer (2:4 on a depthwise conv, ...) leaves no row."""
-    check_treatments(treatments)
+    """One row per (layer, treatment) that applies: its KL and logit MSE against the dense model on `calib`; a
+    treatment that does not apply to a layer (2:4 on a depthwise conv, ...) leaves a row without a score. Pairs in
+    `done` (rows of an interrupted run) are kept, not scored again; `on_row` sees every new row as it is scored."""
+    treatments = check_treatments(treatments)
     layers, _ = select_layers(model)
     images = torch.cat([x for x, _ in DataLoader(calib, batch_size=64)])
     ref = _logits(model, images)
+    have = {(r["layer"], r["treatment"]): r for r in done or []}
     rows = []
     pairs = [(name, t) for name in layers for t in treatments]
     for name, treatment in tqdm(pairs, desc="sensitivity", unit="pair", leave=False, disable=None):
+        if (name, treatment) in have:
+            rows.append(have[name, treatment])
+            continue
         treated = copy.deepcopy(model)
         try:
-            report = apply_method(treated, TREATMENTS[treatment](name, prune_method), calib_loop(calib))
+            reports = [
+                apply_method(treated, m, calib_loop(calib)) for m in treatment_methods(name, treatment, prune_method)
+            ]
         except CraftError as e:  # e.g. a group size or pattern the layer's shape does not take
-            rows.append({"layer": name, "treatment": treatment, "skipped": str(e)})
-            continue
-        if not report.get("layers"):
-            continue  # the method left this layer alone (not eligible)
-        mod = layers[name]
-        rows.append({
-            "layer": name, "treatment": treatment, "params": int(mod.weight.numel()),
-            **_score(ref, _logits(treated, images)),
-        })  # fmt: skip
+            row = {"layer": name, "treatment": treatment, "skipped": str(e)}
+        else:
+            row = {"layer": name, "treatment": treatment, "params": int(layers[name].weight.numel())}
+            if all(r.get("layers") for r in reports):
+                row.update(_score(ref, _logits(treated, images)))
+            else:
+                row["skipped"] = "the method leaves this layer alone"
+        rows.append(row)
+        if on_row:
+            on_row(row)
     return rows
 
 
@@ -104,7 +114,8 @@ def validate_rows(
     dense = evaluate(model, test, desc="test (dense)")["top1"]
     for r in tqdm(picked, desc="validate", unit="pair", leave=False, disable=None):
         treated = copy.deepcopy(model)
-        apply_method(treated, TREATMENTS[r["treatment"]](r["layer"], prune_method), calib_loop(calib))
+        for m in treatment_methods(r["layer"], r["treatment"], prune_method):
+            apply_method(treated, m, calib_loop(calib))
         r["test_top1_drop"] = dense - evaluate(treated, test, desc="test (treated)")["top1"]
     return {"pairs": len(picked), "dense_test_top1": dense, "spearman_kl_vs_drop": spearman(
         [r["kl"] for r in picked], [r["test_top1_drop"] for r in picked])}  # fmt: skip
