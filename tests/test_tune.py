@@ -24,7 +24,7 @@ from craft_deploy.models import load_bundle
 from craft_deploy.toolkit.layers import select_layers
 from craft_deploy.toolkit.registry import method_state
 from craft_deploy.tune import run
-from craft_deploy.tune.sensitivity import sensitivity_table, spearman
+from craft_deploy.tune.sensitivity import candidate_layers, sensitivity_table, spearman
 
 
 def test_each_treatment_is_scored_on_each_layer_alone(tiny_bundle):
@@ -34,7 +34,8 @@ def test_each_treatment_is_scored_on_each_layer_alone(tiny_bundle):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rows = sensitivity_table(model, calib, ("w8a8", "w4", "2:4", "2:4+int8"))  # w8a8 is int8 by its short name
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the dense model is untouched
-    layers = set(select_layers(model)[0])
+    layers = set(candidate_layers(model))
+    assert layers > set(select_layers(model)[0])  # the stem and depthwise convs too: what quantize selects
     by = {
         t: {r["layer"]: r for r in rows if r["treatment"] == t and "kl" in r} for t in ("int8", "w4", "2:4", "2:4+int8")
     }

@@ -1,6 +1,6 @@
 """Per-layer sensitivity: the cost of one treatment (INT8, 4-bit weights, 2:4, ...) applied to one layer alone.
 
-For every compressible layer (the layers `compress` selects by default) and every treatment, a copy of the dense model
+For every compressible layer (every Linear/Conv but the classifier head) and every treatment, a copy of the dense model
 gets the treatment on that layer only (the registered compression method with `include=(layer,)`, calibrated on the
 calibration images), and its logits on those images are compared with the dense model's: the mean KL divergence
 KL(dense || treated) of the softmax outputs, and the mean squared logit error. A sample of (layer, treatment) pairs
@@ -33,6 +33,12 @@ def treatment_methods(layer: str, treatment: str, prune_method: str) -> tuple[Me
     (compress.recipe), without the BatchNorm re-estimation (a per-layer score is the layer's own cost)."""
     recipe = LayerRecipe(layers={layer: parse_treatment(treatment)}, prune_method=prune_method, bn_recalibrate=False)
     return recipe.compress_config().methods
+
+
+def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every Linear/Conv layer but the classifier head: what quantize selects by default. The stem and depthwise convs
+    are candidates too (pruning skips them by default; an N:M treatment they cannot take leaves a skipped row)."""
+    return select_layers(model, skip_stem=False, skip_depthwise=False)[0]
 
 
 def check_treatments(names: tuple[str, ...]) -> tuple[str, ...]:
@@ -71,7 +77,7 @@ def sensitivity_table(
     treatment that does not apply to a layer (2:4 on a depthwise conv, ...) leaves a row without a score. Pairs in
     `done` (rows of an interrupted run) are kept, not scored again; `on_row` sees every new row as it is scored."""
     treatments = check_treatments(treatments)
-    layers, _ = select_layers(model)
+    layers = candidate_layers(model)
     images = torch.cat([x for x, _ in DataLoader(calib, batch_size=64)])
     ref = _logits(model, images)
     have = {(r["layer"], r["treatment"]): r for r in done or []}
