@@ -35,6 +35,21 @@ def test_residual_blocks_get_output_branch_and_shortcut_quantizers():
     assert not ort_cpu_tensors(load_model("test_vit", num_classes=10, pretrained=False, img_size=32))
 
 
+def test_a_block_that_keeps_a_float_layer_keeps_float_boundaries():
+    """With the quantized layers named (a per-layer recipe), only blocks whose layers are all quantized get their
+    add's tensors quantized; with every layer named it is the uniform placement."""
+    from craft_deploy.toolkit.layers import select_layers
+
+    model = load_model("test_resnet", num_classes=10, pretrained=False, img_size=32)
+    ordered = list(select_layers(model, skip_stem=False, skip_depthwise=False)[0])  # in module order
+    every = set(ordered)
+    assert ort_cpu_tensors(model, every) == ort_cpu_tensors(model)
+    partial = ort_cpu_tensors(model, every - {"layer2.0.conv1"})
+    assert not [k for k in partial if k == "layer2.0" or k.startswith("layer2.0.")]
+    assert {k: v for k, v in ort_cpu_tensors(model).items() if not k.startswith("layer2.0")} == partial
+    assert "global_pool" not in ort_cpu_tensors(model, every - {ordered[-1]})  # the last conv before the pool
+
+
 @pytest.fixture(scope="module")
 def tiny_resnet(tmp_path_factory):
     """test_resnet (ReLU, residual adds, max pool, avg-pool shortcut) fine-tuned one epoch on digits at 32 px."""

@@ -311,7 +311,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dic
     if cfg.placement == "ort-cpu":
         tensors = {
             name: TensorQuantSpec(a_bits=cfg.a_bits, a_symmetric=False, sides=tuple(sides))
-            for name, sides in ort_cpu_tensors(model).items()
+            for name, sides in ort_cpu_tensors(model, set(layers)).items()
         }
         if not tensors:
             notes.append("--placement ort-cpu: no timm residual CNN blocks found; only layer inputs are quantized")

@@ -32,13 +32,18 @@ def _block_types() -> dict[type, tuple[str, ...]]:
     }
 
 
-def ort_cpu_tensors(model: nn.Module) -> dict[str, list[str]]:
+def ort_cpu_tensors(model: nn.Module, quantized: set[str] | None = None) -> dict[str, list[str]]:
     """The module inputs/outputs ONNX Runtime needs quantized: `{module name: ["output"] | ["input", "output"]}`.
 
     A block with a skip connection gets its input (what the shortcut reads), its output (what the add writes), the
     end of its branch and its downsample shortcut quantized, so the add has quantized inputs and output. A tensor
     that also enters a quantized layer is then quantized twice, by quantizers calibrated on the same values: the
     scales agree, and re-quantizing onto the same grid changes nothing.
+
+    With `quantized` (the names of the layers that get quantized), a block's tensors are quantized only where every
+    Linear/Conv inside it is: a block that keeps a float layer keeps float boundaries too (its add cannot run as
+    QLinearAdd anyway), and the pooled head's only where the last layer before it is quantized. Where every layer is,
+    this is the same as without it.
     """
     types = _block_types()
     tensors: dict[str, list[str]] = {}
@@ -46,12 +51,29 @@ def ort_cpu_tensors(model: nn.Module) -> dict[str, list[str]]:
         ends = next((v for k, v in types.items() if isinstance(mod, k)), None)
         if ends is None or not getattr(mod, "has_skip", True):
             continue
+        if quantized is not None and not all(f"{name}.{n}" in quantized for n in _layers_in(mod)):
+            continue
         tensors[name] = ["input", "output"]
         end = next(e for e in ends if isinstance(getattr(mod, e, None), nn.Module))
         tensors[f"{name}.{end}"] = ["output"]
         if isinstance(getattr(mod, "downsample", None), nn.Module):
             tensors[f"{name}.downsample"] = ["output"]
     pool = getattr(model, "global_pool", None)
-    if tensors and isinstance(pool, nn.Module):
+    if tensors and isinstance(pool, nn.Module) and (quantized is None or _last_layer_before(model, pool) in quantized):
         tensors["global_pool"] = ["input", "output"]
     return tensors
+
+
+def _layers_in(mod: nn.Module) -> list[str]:
+    return [n for n, m in mod.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def _last_layer_before(model: nn.Module, pool: nn.Module) -> str | None:
+    """The last Linear/Conv registered before `pool` (in timm's CNNs, the one whose output it pools)."""
+    last = None
+    for name, mod in model.named_modules():
+        if mod is pool:
+            return last
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            last = name
+    return last
