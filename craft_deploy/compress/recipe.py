@@ -11,6 +11,7 @@ per-layer specs as any other does.
     version: 1
     prune_method: magnitude     # the N:M layers' score (magnitude, wanda, sparsegpt, ...)
     calib_method: mse           # activation ranges of the quantized layers
+    placement: tensorrt         # where activation quantizers sit (ort-cpu: also residual adds, for ONNX Runtime)
     bn_recalibrate: true        # BatchNorm statistics re-estimated once, after everything
     calib_samples: 512
     seed: 0
@@ -35,6 +36,7 @@ from craft_deploy.compress.prune import PruneConfig
 from craft_deploy.compress.quant import QuantConfig
 from craft_deploy.config import CompressConfig, parse_quant
 from craft_deploy.toolkit.calibrators import CALIBRATORS
+from craft_deploy.toolkit.placement import PLACEMENTS
 
 KIND = "craft-deploy per-layer"
 VERSION = 1
@@ -93,6 +95,7 @@ class LayerRecipe:
     layers: dict[str, Treatment] = field(default_factory=dict)
     prune_method: str = "magnitude"
     calib_method: str = "mse"
+    placement: str = "tensorrt"
     bn_recalibrate: bool = True
     calib_samples: int = 512
     seed: int = 0
@@ -103,6 +106,7 @@ class LayerRecipe:
             "version": VERSION,
             "prune_method": self.prune_method,
             "calib_method": self.calib_method,
+            "placement": self.placement,
             "bn_recalibrate": self.bn_recalibrate,
             "calib_samples": self.calib_samples,
             "seed": self.seed,
@@ -131,7 +135,7 @@ class LayerRecipe:
             base = Counter(quantized.values()).most_common(1)[0][0]
             per_layer = tuple(f"{n}=w{w}a{a}" for n, (w, a) in quantized.items() if (w, a) != base)
             methods.append(QuantConfig(w_bits=base[0], a_bits=base[1], calib_method=self.calib_method,
-                                       include=tuple(quantized), layer_quant=per_layer,
+                                       include=tuple(quantized), layer_quant=per_layer, placement=self.placement,
                                        bn_recalibrate=self.bn_recalibrate))  # fmt: skip
         if not methods:
             raise CraftError("the recipe leaves every layer float: nothing to compress")
@@ -154,7 +158,17 @@ def read_recipe(path: str | Path) -> LayerRecipe:
         raise CraftError(
             f"--recipe {path}: version {body.get('version')!r} is not one this craft-deploy reads ({VERSION})"
         )
-    known = {"recipe", "version", "prune_method", "calib_method", "bn_recalibrate", "calib_samples", "seed", "layers"}
+    known = {
+        "recipe",
+        "version",
+        "prune_method",
+        "calib_method",
+        "placement",
+        "bn_recalibrate",
+        "calib_samples",
+        "seed",
+        "layers",
+    }
     unknown = sorted(set(body) - known)
     if unknown:
         raise CraftError(f"--recipe {path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -162,11 +176,14 @@ def read_recipe(path: str | Path) -> LayerRecipe:
     if not isinstance(layers, dict) or not layers:
         raise CraftError(f"--recipe {path}: 'layers' must map layer names to treatments ({TREATMENT_HELP})")
     treatments = {str(n): parse_treatment(t, f"--recipe {path}: layer {n}:") for n, t in layers.items()}
-    kw = {k: body[k] for k in ("prune_method", "calib_method", "bn_recalibrate", "calib_samples", "seed") if k in body}
+    settings = ("prune_method", "calib_method", "placement", "bn_recalibrate", "calib_samples", "seed")
+    kw = {k: body[k] for k in settings if k in body}
     for key, kind in (("bn_recalibrate", bool), ("calib_samples", int), ("seed", int), ("prune_method", str),
-                      ("calib_method", str)):  # fmt: skip
+                      ("calib_method", str), ("placement", str)):  # fmt: skip
         if key in kw and (not isinstance(kw[key], kind) or (kind is int and isinstance(kw[key], bool))):
             raise CraftError(f"--recipe {path}: {key} must be {kind.__name__}, got {kw[key]!r}")
     if kw.get("calib_method", "mse") not in CALIBRATORS:
         raise CraftError(f"--recipe {path}: calib_method {kw['calib_method']!r} is not one of {', '.join(CALIBRATORS)}")
+    if kw.get("placement", "tensorrt") not in PLACEMENTS:
+        raise CraftError(f"--recipe {path}: placement {kw['placement']!r} is not one of {', '.join(PLACEMENTS)}")
     return LayerRecipe(layers=treatments, **kw)
