@@ -14,23 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import onnx
 
+from craft_deploy.runtimes.onnx_profile import node_times
 
-def node_classes(path: Path) -> dict[str, str]:
+
+def node_classes(graph: onnx.GraphProto) -> dict[str, str]:
     """Node name -> its class in the graph ORT runs (its optimised graph, where convs are fused and re-laid out):
     Conv split into depthwise (group > 1), 1x1 and other; MatMul into weights (a Linear layer) and activations
     (attention); other ops by type."""
-    model = onnx.load(str(path), load_external_data=False)
-    weights = {init.name for init in model.graph.initializer}
+    weights = {init.name for init in graph.initializer}
     classes = {}
-    for node in model.graph.node:
+    for node in graph.node:
         kind = node.op_type
         if node.op_type in ("MatMul", "FusedMatMul"):  # a Linear layer's (constant B) or attention's (two activations)
             kind += " (weights)" if len(node.input) > 1 and node.input[1] in weights else " (activations)"
@@ -48,45 +46,15 @@ def node_classes(path: Path) -> dict[str, str]:
 
 
 def profile(paths: list[Path], batch: int, runs: int, threads: int) -> dict[str, dict[str, float]]:
-    """Mean kernel milliseconds per run by node class, per model. The models run round-robin (one run of each in
-    turn), so a slow phase of the machine weighs on all of them alike."""
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        sessions, classes, feeds = {}, {}, {}
-        for i, path in enumerate(paths):
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads
-            opts.log_severity_level = 3
-            # as bench does: threads that spin after a run would take the cores from the next model's run
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-            opts.optimized_model_filepath = os.path.join(tmp, f"optimised-{i}.onnx")  # read back for the classes
-            ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            classes[path] = node_classes(Path(opts.optimized_model_filepath))
-            opts.optimized_model_filepath = ""
-            opts.enable_profiling = True
-            opts.profile_file_prefix = os.path.join(tmp, f"ort-{i}")
-            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            inp = sess.get_inputs()[0]
-            x = np.random.default_rng(0).standard_normal((batch, *inp.shape[1:]), dtype=np.float32)
-            feeds[path] = {inp.name: x}
-            for _ in range(5):
-                sess.run(None, feeds[path])
-            sess.end_profiling()  # the warm-up runs go to a file of their own, discarded
-            sessions[path] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        for _ in range(runs):
-            for path, sess in sessions.items():
-                sess.run(None, feeds[path])
-        result = {}
-        for path, sess in sessions.items():
-            totals: dict[str, float] = defaultdict(float)
-            for e in json.loads(Path(sess.end_profiling()).read_text()):
-                if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
-                    continue
-                name = e["name"][: -len("_kernel_time")]
-                totals[classes[path].get(name, e.get("args", {}).get("op_name", "?"))] += e["dur"] / 1e3 / runs
-            result[str(path)] = dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+    """Mean kernel milliseconds per run by node class, per model, the models run round-robin
+    (craft_deploy.runtimes.onnx_profile)."""
+    result = {}
+    for path, (graph, times) in node_times(paths, batch, runs, threads).items():
+        classes = node_classes(graph)
+        totals: dict[str, float] = defaultdict(float)
+        for name, ms in times.items():
+            totals[classes.get(name, "?")] += ms
+        result[str(path)] = dict(sorted(totals.items(), key=lambda kv: -kv[1]))
     return result
 
 
