@@ -741,8 +741,9 @@ def _list(cast):
 @click.option(
     "--objective",
     show_default=True,
-    type=click.Choice(["size", "sparse-share"]),
-    help="What the recipe maximises within --max-drop: weight storage saved, or the share of weights in 2:4.",
+    type=click.Choice(["size", "sparse-share", "latency"]),
+    help="What the recipe maximises within --max-drop: weight storage saved, the share of weights in 2:4, or the "
+    "speed on --backend (each layer's kernel time saved, profiled; finalists timed side by side).",
 )
 @click.option("--max-drop", show_default=True, type=float, help="Top-1 points the recipe may lose on held-out images.")
 @click.option(
@@ -764,8 +765,30 @@ def _list(cast):
     callback=_list(str),
     help="Comma-separated treatments, each applied to one layer at a time: int8 (W8A8, MSE), w4 (4-bit weights, "
     "float activations), any wXaY, N:M such as 2:4 (with --prune-method), or N:M+bits (2:4+int8). [default: the "
-    "objective's (size: int8,w4,w3; sparse-share: 2:4); int8,w4,2:4 with --analyze-only]",
+    "objective's (size: int8,w4,w3; sparse-share: 2:4; latency: w7a8); int8,w4,2:4 with --analyze-only]",
 )
+@click.option(
+    "--backend",
+    show_default=True,
+    type=click.Choice(["ort-cpu"]),
+    help="--objective latency: the backend layers are priced and finalists timed on (exported for it).",
+)
+@click.option(
+    "--latency-batch", show_default=True, type=int, help="--objective latency: the batch layers are priced at."
+)
+@click.option(
+    "--profile-runs", show_default=True, type=int, help="--objective latency: profiled runs per model when pricing."
+)
+@click.option(
+    "--rounds", show_default=True, type=int, help="--objective latency: round-robin passes timing the finalists."
+)
+@click.option(
+    "--min-speedup",
+    show_default=True,
+    type=float,
+    help="--objective latency: the measured speed-up over the float model the recipe must reach (else exit 2).",
+)
+@click.option("--threads", type=int, help="--objective latency: the backend's threads [default: its own].")
 @click.option(
     "--calib-samples",
     show_default=True,
@@ -799,6 +822,7 @@ def tune(bundle, out, overwrite, **kw) -> None:
     Examples:
       craft-deploy tune runs/adam --objective size --max-drop 1.0 --out runs/adam-tune
       craft-deploy tune runs/adam --objective sparse-share --out runs/adam-tune-24
+      craft-deploy tune runs/adam --objective latency --backend ort-cpu --out runs/adam-tune-fast
       craft-deploy compress runs/adam --recipe runs/adam-tune/tune.yaml --out runs/adam-tuned
       craft-deploy tune runs/adam --analyze-only --out runs/adam-sens
     """
@@ -828,6 +852,11 @@ def tune(bundle, out, overwrite, **kw) -> None:
             f"in N:M; test top-1 drop {f['test_top1_drop']:.2f} (val {f['val_top1_drop']:.2f}, predicted "
             f"{'n/a' if f['predicted_drop'] is None else '%.2f' % f['predicted_drop']}): {mark}"
         )
+        if "latency" in f:
+            ms = f["latency"]["p50_ms"]
+            click.echo(f"    on {kw['backend']}: {' / '.join(f'{v:.2f}' for v in ms.values())} ms p50 at batch "
+                       f"{' / '.join(map(str, ms))}, {f['latency']['speedup_vs_float']:.2f}x the float model's "
+                       "(timed side by side)")  # fmt: skip
     if "recipe" in rec:
         click.echo(f"recipe: {out}/tune.yaml ({rec['chosen']}), bundle: {out}/bundle")
     click.echo(f"report: {out}/tune.json, {', '.join(f'{out}/{p}' for p in rec['plots'])}")

@@ -394,7 +394,7 @@ class TuneConfig(Config):
     most aggressive recipe whose top-1 drop stays within `max_drop` (validation images for the search, held-out test
     images for the check of its finalists)."""
 
-    objective: str = "size"  # craft_deploy.tune.search.OBJECTIVES: size | sparse-share
+    objective: str = "size"  # craft_deploy.tune.search.OBJECTIVES: size | sparse-share | latency
     max_drop: float = 1.0  # top-1 points the recipe may lose on the held-out test images
     margin: float = 0.25  # the search aims at max_drop - margin on the validation images
     searches: tuple[str, ...] = ("fallback", "budgeted")  # craft_deploy.tune.search.SEARCHES
@@ -406,11 +406,27 @@ class TuneConfig(Config):
     prune_method: str = "magnitude"  # the score of the N:M treatment
     bn_recalibrate: bool = True  # BatchNorm statistics re-estimated once in every recipe the search measures
     analyze_only: bool = False
+    backend: str = "ort-cpu"  # latency: the backend layers are priced and finalists timed on (tune.latency)
+    latency_batch: int = 16  # latency: the batch size layers are priced at (finalists are timed at 1 and this)
+    profile_runs: int = 50  # latency: profiled runs of each model when pricing layers
+    rounds: int = 5  # latency: round-robin passes timing the finalists side by side
+    min_speedup: float = 1.0  # latency: the chosen recipe's measured speed-up over the float model must reach this
+    threads: int | None = None  # latency: intra-op threads of the backend (None: its default)
     data_root: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "treatments", tuple(self.treatments or ()))
+        for flag, value in (("--latency-batch", self.latency_batch), ("--profile-runs", self.profile_runs),
+                            ("--rounds", self.rounds)):  # fmt: skip
+            if value < 1:
+                raise CraftError(f"{flag} must be >= 1, got {value}")
+        if self.min_speedup < 0:
+            raise CraftError(
+                f"--min-speedup must be >= 0 (a ratio to the float model's latency), got {self.min_speedup}"
+            )
+        if self.threads is not None and self.threads < 1:
+            raise CraftError(f"--threads must be >= 1 (or left out for the backend's default), got {self.threads}")
         object.__setattr__(self, "searches", tuple(self.searches))
         if self.calib_samples < 1:
             raise CraftError(f"--calib-samples must be positive, got {self.calib_samples}")

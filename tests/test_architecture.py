@@ -18,7 +18,8 @@ _spec.loader.exec_module(graph)
 
 # Each stage may import only stages on a strictly lower floor: two stages on one floor (export and bench, analyze and
 # compress) import neither the other. Data flows upward: bundle -> finetune -> compress -> export -> bench -> study,
-# with recovery and TuneComp (in finetune) standing on compress's methods.
+# with recovery and TuneComp (in finetune) standing on compress's methods; tune, like study, drives compress, export
+# (the backend's files) and bench (their timing).
 FLOORS = {
     "craft_deploy": 0,
     "artifacts": 1,
@@ -32,10 +33,10 @@ FLOORS = {
     "analyze": 5,
     "compress": 5,
     "finetune": 6,
-    "tune": 6,
     "export": 7,
     "bench": 7,
     "study": 8,
+    "tune": 8,
     "cli": 9,
 }
 

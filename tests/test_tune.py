@@ -72,8 +72,8 @@ def test_tune_refuses_what_it_cannot_do(tiny_bundle, tmp_path):
     assert res.exit_code == 2 and "--searches greedy is unknown" in res.output and not (tmp_path / "c").exists()
     res = runner.invoke(main, ["tune", str(tiny_bundle), "--max-drop", "1", "--margin", "2", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "--margin must be in [0, --max-drop 1.0], got 2.0" in res.output
-    with pytest.raises(CraftError, match="latency is not built yet"):
-        run(TuneConfig(objective="latency"), tiny_bundle, tmp_path / "d")
+    with pytest.raises(CraftError, match="--objective speed is not one of size, sparse-share, latency"):
+        run(TuneConfig(objective="speed"), tiny_bundle, tmp_path / "d")
     assert not (tmp_path / "d").exists()
 
 
@@ -143,7 +143,7 @@ def test_a_killed_tune_keeps_its_table_and_the_rerun_scores_nothing_twice(tiny_b
     real = tune_module.sensitivity_table
     scored, killed = [], []
 
-    def killed_after_three(model, calib, treatments, prune_method, done, on_row):
+    def killed_after_three(model, calib, treatments, prune_method, done, on_row, **kw):
         def save(row):
             on_row(row)
             scored.append(row["layer"])
@@ -151,7 +151,7 @@ def test_a_killed_tune_keeps_its_table_and_the_rerun_scores_nothing_twice(tiny_b
                 killed.append(True)
                 raise KeyboardInterrupt
 
-        return real(model, calib, treatments, prune_method, done, save)
+        return real(model, calib, treatments, prune_method, done, save, **kw)
 
     monkeypatch.setattr(tune_module, "sensitivity_table", killed_after_three)
     with pytest.raises(KeyboardInterrupt):

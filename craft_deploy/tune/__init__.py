@@ -6,7 +6,9 @@ it makes, exactly what `compress --recipe DIR/tune.yaml` makes), tune.json (the 
 measured with its predicted and measured drop, each finalist's held-out check) and the plots. The search measures on
 validation images; the finalists are checked once on the held-out test images, and a finalist over the budget there
 is never returned. The table survives a killed run in DIR's partial directory and is reused by a rerun that scores
-the same treatments with the same calibration.
+the same treatments with the same calibration. With `--objective latency` each layer's value is the kernel time its
+treatment saves on the backend, measured (tune.latency), and the finalists within budget are timed side by side with
+the dense model: the fastest measured one wins.
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ from craft_deploy.evaluate import evaluate
 from craft_deploy.models import load_bundle
 from craft_deploy.records import write_record
 from craft_deploy.toolkit.registry import apply_method, calib_loop
+from craft_deploy.tune.latency import (
+    LATENCY_BACKENDS,
+    check_latency,
+    export_for_backend,
+    price_layers,
+    time_side_by_side,
+)
 from craft_deploy.tune.search import (
     DEFAULT_TREATMENTS,
     SEARCHES,
@@ -51,7 +60,13 @@ __all__ = ["run", "weight_megabytes"]
 
 ANALYZE_TREATMENTS = ("int8", "w4", "2:4")
 TABLE_KEYS = ("treatments", "calib_samples", "prune_method", "seed")
-"""The config fields the sensitivity table depends on: a rerun that shares them (and the bundle) reuses it."""
+"""The config fields the sensitivity table depends on (and the placement): a rerun that shares them (and the bundle)
+reuses it."""
+
+
+def placement_of(cfg: TuneConfig) -> str:
+    """Where a recipe's activation quantizers sit: the latency backend's placement, else TensorRT's (layer inputs)."""
+    return LATENCY_BACKENDS.get(cfg.backend, "tensorrt") if cfg.objective == "latency" else "tensorrt"
 
 
 def run(cfg: TuneConfig, bundle_path: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
@@ -60,6 +75,8 @@ def run(cfg: TuneConfig, bundle_path: str | Path, out: str | Path, overwrite: bo
     treatments = cfg.treatments or (ANALYZE_TREATMENTS if cfg.analyze_only else DEFAULT_TREATMENTS.get(cfg.objective))
     check_objective(cfg.objective)
     treatments = check_treatments(treatments)
+    if cfg.objective == "latency":
+        check_latency(cfg, treatments)
     unknown = [s for s in cfg.searches if s not in SEARCHES]
     if unknown:
         raise CraftError(f"--searches {','.join(unknown)} is unknown; choose from {', '.join(SEARCHES)}")
@@ -70,15 +87,26 @@ def run(cfg: TuneConfig, bundle_path: str | Path, out: str | Path, overwrite: bo
         splits = splits_for_manifest(bundle.manifest, cfg.data_root, cfg.eval_subset)
         calib = calibration_subset(splits.train, cfg.calib_samples, cfg.seed)
         model = bundle.model.eval()
+        placement = placement_of(cfg)
         key = {"source": str(Path(bundle_path).resolve()), **{k: getattr(cfg, k) for k in TABLE_KEYS},
-               "treatments": list(treatments)}  # fmt: skip
-        rows = sensitivity_table(model, calib, treatments, cfg.prune_method, *_table_cache(stage, key))
+               "treatments": list(treatments), "placement": placement}  # fmt: skip
+        rows = sensitivity_table(
+            model, calib, treatments, cfg.prune_method, *_table_cache(stage, key), placement=placement
+        )
         t1 = time.perf_counter()
-        validation = validate_rows(model, rows, calib, splits.test, cfg.validate, cfg.prune_method, cfg.seed)
+        validation = validate_rows(model, rows, calib, splits.test, cfg.validate, cfg.prune_method, cfg.seed,
+                                   placement=placement)  # fmt: skip
         plots = write_plot(rows, stage)
         found: dict[str, Any] = {}
+        if not cfg.analyze_only and cfg.objective == "latency":
+            layers = list(dict.fromkeys(r["layer"] for r in rows if "kl" in r))
+            found["latency"] = price_layers(cfg, bundle_path, layers, treatments, stage / "latency")
+            saved = {(r["layer"], r["treatment"]): r["saved_ms"] for r in found["latency"]["layers"]}
+            for r in rows:
+                if (r["layer"], r["treatment"]) in saved:
+                    r["saved_ms"] = saved[r["layer"], r["treatment"]]
         if not cfg.analyze_only:
-            found = search(cfg, bundle_path, model, rows, calib, splits.val, stage)
+            found.update(search(cfg, bundle_path, model, rows, calib, splits.val, stage, found.get("latency")))
             plots.append(write_front(found, cfg, stage))
         (stage / "sensitivity.partial.json").unlink(missing_ok=True)
         record = write_record(
@@ -114,6 +142,7 @@ def _recipe(cfg: TuneConfig, treatments: dict[str, str]) -> LayerRecipe:
     return LayerRecipe(
         layers={n: parse_treatment(t) for n, t in treatments.items()},
         prune_method=cfg.prune_method,
+        placement=placement_of(cfg),
         bn_recalibrate=cfg.bn_recalibrate,
         calib_samples=cfg.calib_samples,
         seed=cfg.seed,
@@ -128,10 +157,18 @@ def search(
     calib: Dataset,
     val: Dataset,
     stage: Path,
+    latency: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Each search's path bisected on the validation images, the finalists compressed exactly as `compress --recipe`
-    does and checked on the test images; the best finalist within budget becomes stage/tune.yaml and stage/bundle."""
+    does and checked on the test images; the best finalist within budget becomes stage/tune.yaml and stage/bundle
+    (for latency: the fastest, timed side by side with the files `latency` priced the layers with)."""
     options = layer_options(rows, cfg.objective)
+    if latency is not None and all(r["saved_ms"] <= 0 for r in latency["layers"]):
+        raise CraftError(
+            f"no layer runs faster on {cfg.backend} with {', '.join(sorted({r['treatment'] for r in rows}))} than in "
+            f"float (each layer's kernels profiled at batch {cfg.latency_batch}): the float model is the fastest "
+            "recipe here; try another --backend or --latency-batch"
+        )
     if not options:
         raise CraftError(f"no layer has a scored treatment that serves --objective {cfg.objective}")
     dense_val = evaluate(model, val, desc="val (dense)")["top1"]
@@ -180,14 +217,36 @@ def search(
             f"no recipe within --max-drop {cfg.max_drop} on the held-out images ({worst}); allow a larger --max-drop "
             f"or --margin, or use more --calib-samples"
         )
-    best = max(passing, key=lambda f: (f["value"], -f["val_top1_drop"]))
+    timing = None
+    if latency is not None:
+        timing = _time_finalists(cfg, passing, latency, stage)
+        best = min(passing, key=lambda f: (f["latency"]["p50_ms"][cfg.latency_batch], f["val_top1_drop"]))
+        if best["latency"]["speedup_vs_float"] < cfg.min_speedup:
+            shutil.rmtree(stage / "finalists", ignore_errors=True)
+            ms, base = (
+                best["latency"]["p50_ms"][cfg.latency_batch],
+                timing["models"]["float"]["p50_ms"][cfg.latency_batch],
+            )
+            raise CraftError(
+                f"the fastest recipe within --max-drop {cfg.max_drop} ({best['search']}: {best['counts']}) runs at "
+                f"{ms:.2f} ms against the float model's {base:.2f} ms (batch {cfg.latency_batch} on {cfg.backend}, "
+                f"timed side by side), {best['latency']['speedup_vs_float']:.2f}x, under --min-speedup "
+                f"{cfg.min_speedup}: keep the float model, or let more layers go with a larger --max-drop"
+            )
+    else:
+        best = max(passing, key=lambda f: (f["value"], -f["val_top1_drop"]))
     shutil.move(str(best["bundle"]), stage / "bundle")
     shutil.rmtree(stage / "finalists", ignore_errors=True)
     for f in finalists:
         f.pop("bundle", None)
+    speed = ""
+    if latency is not None:
+        ms = best["latency"]["p50_ms"][cfg.latency_batch]
+        speed = (f"; {ms:.2f} ms p50 at batch {cfg.latency_batch} on {cfg.backend}, "
+                 f"{best['latency']['speedup_vs_float']:.2f}x the float model's, timed side by side")  # fmt: skip
     comment = (
         f"craft-deploy tune {bundle_path}: --objective {cfg.objective} --max-drop {cfg.max_drop}, "
-        f"search {best['search']}\nheld-out test top-1 drop {best['test_top1_drop']:.2f} points; apply with "
+        f"search {best['search']}\nheld-out test top-1 drop {best['test_top1_drop']:.2f} points{speed}; apply with "
         "craft-deploy compress BUNDLE --recipe tune.yaml --out DIR"
     )
     _recipe(cfg, best["layers"]).write(stage / "tune.yaml", comment)
@@ -202,10 +261,33 @@ def search(
         },
         "candidates": candidates,
         "finalists": finalists,
+        **({"timing": timing} if timing is not None else {}),
         "chosen": best["search"],
         "recipe": "tune.yaml",
         "bundle": "bundle",
     }
+
+
+def _time_finalists(
+    cfg: TuneConfig, passing: list[dict[str, Any]], latency: dict[str, Any], stage: Path
+) -> dict[str, Any]:
+    """Export each finalist within budget for the backend and time it side by side, round-robin, with the dense
+    model's file and the uniform one the layers were priced with (every layer treated, its accuracy unchecked); each
+    finalist gets its `latency` (p50 ms per batch, speed-up over float at the priced batch, top-1 on the backend)."""
+    files = {f"{k} (every layer)" if k != "float" else k: Path(v) for k, v in latency["files"].items()}
+    onnx_of: dict[str, Path] = {}
+    for f in passing:
+        bundle = str(f["bundle"])
+        if bundle not in onnx_of:
+            onnx_of[bundle] = export_for_backend(cfg, Path(bundle), Path(bundle + "-onnx"))
+        files[f["search"]] = onnx_of[bundle]
+    timed = time_side_by_side(cfg, files, stage / "latency" / "bench")
+    base = timed["float"]["p50_ms"][cfg.latency_batch]
+    for f in passing:
+        t = timed[f["search"]]
+        f["latency"] = {**t, "speedup_vs_float": base / t["p50_ms"][cfg.latency_batch]}
+    return {"backend": cfg.backend, "rounds": cfg.rounds, "threads": cfg.threads, "models": timed,
+            "speedup_vs_float": {k: base / v["p50_ms"][cfg.latency_batch] for k, v in timed.items()}}  # fmt: skip
 
 
 def _summary(recipe: Recipe, total_value: float) -> dict[str, Any]:

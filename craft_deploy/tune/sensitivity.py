@@ -28,10 +28,13 @@ from craft_deploy.toolkit.layers import select_layers
 from craft_deploy.toolkit.registry import MethodConfig, apply_method, calib_loop
 
 
-def treatment_methods(layer: str, treatment: str, prune_method: str) -> tuple[MethodConfig, ...]:
+def treatment_methods(
+    layer: str, treatment: str, prune_method: str, placement: str = "tensorrt"
+) -> tuple[MethodConfig, ...]:
     """The method configs that apply `treatment` to `layer` alone: what a recipe naming only that layer compiles to
     (compress.recipe), without the BatchNorm re-estimation (a per-layer score is the layer's own cost)."""
-    recipe = LayerRecipe(layers={layer: parse_treatment(treatment)}, prune_method=prune_method, bn_recalibrate=False)
+    recipe = LayerRecipe(layers={layer: parse_treatment(treatment)}, prune_method=prune_method, bn_recalibrate=False,
+                         placement=placement)  # fmt: skip
     return recipe.compress_config().methods
 
 
@@ -72,6 +75,7 @@ def sensitivity_table(
     prune_method: str = "magnitude",
     done: list[dict[str, Any]] | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    placement: str = "tensorrt",
 ) -> list[dict[str, Any]]:
     """One row per (layer, treatment) that applies: its KL and logit MSE against the dense model on `calib`; a
     treatment that does not apply to a layer (2:4 on a depthwise conv, ...) leaves a row without a score. Pairs in
@@ -90,7 +94,8 @@ def sensitivity_table(
         treated = copy.deepcopy(model)
         try:
             reports = [
-                apply_method(treated, m, calib_loop(calib)) for m in treatment_methods(name, treatment, prune_method)
+                apply_method(treated, m, calib_loop(calib))
+                for m in treatment_methods(name, treatment, prune_method, placement)
             ]
         except CraftError as e:  # e.g. a group size or pattern the layer's shape does not take
             row = {"layer": name, "treatment": treatment, "skipped": str(e)}
@@ -107,7 +112,14 @@ def sensitivity_table(
 
 
 def validate_rows(
-    model: nn.Module, rows: list[dict[str, Any]], calib: Dataset, test: Dataset, k: int, prune_method: str, seed: int
+    model: nn.Module,
+    rows: list[dict[str, Any]],
+    calib: Dataset,
+    test: Dataset,
+    k: int,
+    prune_method: str,
+    seed: int,
+    placement: str = "tensorrt",
 ) -> dict[str, Any]:
     """Top-1 drop on `test` for k scored rows (about two thirds the highest KL, the rest at random), recorded on the
     rows; returns the dense top-1 and Spearman's rho between KL and the measured drops."""
@@ -120,7 +132,7 @@ def validate_rows(
     dense = evaluate(model, test, desc="test (dense)")["top1"]
     for r in tqdm(picked, desc="validate", unit="pair", leave=False, disable=None):
         treated = copy.deepcopy(model)
-        for m in treatment_methods(r["layer"], r["treatment"], prune_method):
+        for m in treatment_methods(r["layer"], r["treatment"], prune_method, placement):
             apply_method(treated, m, calib_loop(calib))
         r["test_top1_drop"] = dense - evaluate(treated, test, desc="test (treated)")["top1"]
     return {"pairs": len(picked), "dense_test_top1": dense, "spearman_kl_vs_drop": spearman(
