@@ -751,11 +751,10 @@ def _list(cast):
 )
 @click.option(
     "--searches",
-    default="fallback,budgeted",
-    show_default=True,
     callback=_list(str),
     help="fallback (revert whole layers to float, worst first), budgeted (Lagrangian over the table: layers step "
-    "down their own options); the best finalist within budget wins.",
+    "down their own options), prefix (the first k layers float: one float -> integer boundary); the best finalist "
+    "within budget wins. [default: fallback,budgeted; latency: fallback,budgeted,prefix]",
 )
 @click.option(
     "--analyze-only", is_flag=True, help="Write the per-layer sensitivity table and its validation only, no search."

@@ -397,7 +397,7 @@ class TuneConfig(Config):
     objective: str = "size"  # craft_deploy.tune.search.OBJECTIVES: size | sparse-share | latency
     max_drop: float = 1.0  # top-1 points the recipe may lose on the held-out test images
     margin: float = 0.25  # the search aims at max_drop - margin on the validation images
-    searches: tuple[str, ...] = ("fallback", "budgeted")  # craft_deploy.tune.search.SEARCHES
+    searches: tuple[str, ...] = ()  # craft_deploy.tune.search.SEARCHES; () = the objective's (DEFAULT_SEARCHES)
     treatments: tuple[str, ...] = ()  # compress.recipe.parse_treatment tokens; () = the objective's
     calib_samples: int = 512  # training images: calibration, the KL score and the BatchNorm re-estimation (128 images
     # of re-estimation alone cost the demo bundle 1.1 points of validation top-1, 512 none: docs/tune.md)
@@ -427,7 +427,7 @@ class TuneConfig(Config):
             )
         if self.threads is not None and self.threads < 1:
             raise CraftError(f"--threads must be >= 1 (or left out for the backend's default), got {self.threads}")
-        object.__setattr__(self, "searches", tuple(self.searches))
+        object.__setattr__(self, "searches", tuple(self.searches or ()))
         if self.calib_samples < 1:
             raise CraftError(f"--calib-samples must be positive, got {self.calib_samples}")
         if self.validate < 0:
@@ -436,8 +436,6 @@ class TuneConfig(Config):
             raise CraftError(f"--max-drop must be top-1 points in [0, 100], e.g. 1.0, got {self.max_drop}")
         if not 0.0 <= self.margin <= self.max_drop:
             raise CraftError(f"--margin must be in [0, --max-drop {self.max_drop}], got {self.margin}")
-        if not self.searches:
-            raise CraftError("--searches needs at least one search, e.g. fallback,budgeted")
 
 
 STUDY_EXECUTORS = ("local", "ray")

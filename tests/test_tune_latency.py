@@ -138,6 +138,9 @@ def test_a_recipe_no_faster_than_the_float_model_is_not_returned(tiny_bundle, tm
     with pytest.raises(CraftError, match=r"against the float model's .* ms .* under --min-speedup 1000000.0"):
         run(cfg, tiny_bundle, tmp_path / "t")
     assert not (tmp_path / "t").exists()
+    (partial,) = tmp_path.iterdir()  # what a rerun reuses: the table, not the exports and timings
+    names = {p.name for p in partial.iterdir()}
+    assert "sensitivity.partial.json" in names and not names & {"latency", "finalists", "bundle"}
 
 
 @pytest.mark.parametrize(

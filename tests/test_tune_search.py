@@ -8,7 +8,9 @@ import pytest
 from craft_deploy import CraftError
 from craft_deploy.compress.recipe import parse_treatment
 from craft_deploy.tune.search import (
+    DEFAULT_SEARCHES,
     NO_GAIN_MS,
+    SEARCHES,
     Option,
     _hull,
     bisect_path,
@@ -17,6 +19,7 @@ from craft_deploy.tune.search import (
     fallback_path,
     fit_slope,
     layer_options,
+    prefix_path,
     recipe_kl,
     recipe_value,
     treatments_of,
@@ -72,6 +75,17 @@ def test_fallback_reverts_the_worst_kl_per_value_first():
     assert [set(treatments_of(p)) for p in path[1:]] == [{"a", "b"}, {"b"}, set()]
     values = [recipe_value(p) for p in path]
     assert values == sorted(values, reverse=True)
+
+
+def test_prefix_reverts_layers_in_forward_order_leaving_one_boundary():
+    options = layer_options(ROWS, "size")
+    path = prefix_path(options)
+    assert treatments_of(path[0]) == {"a": "w4", "b": "w4", "c": "int8"}
+    assert [sorted(treatments_of(p)) for p in path[1:]] == [["b", "c"], ["c"], []]
+    for p in path:  # the float layers are always the first ones: float, ..., float, treated, ..., treated
+        kinds = [p[name].treatment == "float" for name in options]
+        assert kinds == sorted(kinds, reverse=True)
+    assert DEFAULT_SEARCHES["latency"] == ("fallback", "budgeted", "prefix") and "prefix" in SEARCHES
 
 
 def test_budgeted_path_steps_down_each_layers_hull_and_is_cheaper_at_equal_value():

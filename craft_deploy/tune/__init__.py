@@ -42,6 +42,7 @@ from craft_deploy.tune.latency import (
     time_side_by_side,
 )
 from craft_deploy.tune.search import (
+    DEFAULT_SEARCHES,
     DEFAULT_TREATMENTS,
     SEARCHES,
     Recipe,
@@ -77,7 +78,8 @@ def run(cfg: TuneConfig, bundle_path: str | Path, out: str | Path, overwrite: bo
     treatments = check_treatments(treatments)
     if cfg.objective == "latency":
         check_latency(cfg, treatments)
-    unknown = [s for s in cfg.searches if s not in SEARCHES]
+    searches = cfg.searches or DEFAULT_SEARCHES[cfg.objective]
+    unknown = [s for s in searches if s not in SEARCHES]
     if unknown:
         raise CraftError(f"--searches {','.join(unknown)} is unknown; choose from {', '.join(SEARCHES)}")
     check_out_dir(out, overwrite, inputs=[bundle_path])
@@ -106,13 +108,18 @@ def run(cfg: TuneConfig, bundle_path: str | Path, out: str | Path, overwrite: bo
                 if (r["layer"], r["treatment"]) in saved:
                     r["saved_ms"] = saved[r["layer"], r["treatment"]]
         if not cfg.analyze_only:
-            found.update(search(cfg, bundle_path, model, rows, calib, splits.val, stage, found.get("latency")))
-            plots.append(write_front(found, cfg, stage))
+            try:
+                found.update(search(cfg, searches, bundle_path, model, rows, calib, splits.val, stage,
+                                    found.get("latency")))  # fmt: skip
+            except CraftError:  # the table stays for a rerun; the exported files and timings do not
+                shutil.rmtree(stage / "latency", ignore_errors=True)
+                raise
+            plots.append(write_front(found, cfg, searches, stage))
         (stage / "sensitivity.partial.json").unlink(missing_ok=True)
         record = write_record(
             stage,
             "tune",
-            {**cfg.to_dict(), "treatments": list(treatments)},
+            {**cfg.to_dict(), "treatments": list(treatments), "searches": list(searches)},
             source=str(bundle_path),
             data=splits.info,
             calibration={"samples": len(calib), "split": "train"},
@@ -151,6 +158,7 @@ def _recipe(cfg: TuneConfig, treatments: dict[str, str]) -> LayerRecipe:
 
 def search(
     cfg: TuneConfig,
+    searches: tuple[str, ...],
     bundle_path: str | Path,
     model: nn.Module,
     rows: list[dict[str, Any]],
@@ -190,7 +198,7 @@ def search(
         return measured[k]["val_top1_drop"]
 
     finalists = []
-    for name in tqdm(cfg.searches, desc="search", unit="search", leave=False, disable=None):
+    for name in tqdm(searches, desc="search", unit="search", leave=False, disable=None):
         path = SEARCHES[name](options)
         i = bisect_path(path, lambda r, name=name: measure(r, name), target)
         chosen = treatments_of(path[i])
@@ -360,7 +368,7 @@ def write_plot(rows: list[dict[str, Any]], out: Path) -> list[str]:
     return ["sensitivity.png"]
 
 
-def write_front(found: dict[str, Any], cfg: TuneConfig, out: Path) -> str:
+def write_front(found: dict[str, Any], cfg: TuneConfig, searches: tuple[str, ...], out: Path) -> str:
     """front.png: objective share against top-1 drop for every recipe measured (validation images) and every
     finalist (held-out test images), with the budget."""
     import matplotlib
@@ -369,7 +377,7 @@ def write_front(found: dict[str, Any], cfg: TuneConfig, out: Path) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in cfg.searches:
+    for name in searches:
         pts = sorted((c["value_share"], c["val_top1_drop"]) for c in found["candidates"] if c["search"] == name)
         if pts:
             ax.plot(*zip(*pts), marker="o", markersize=3, label=f"{name} (validation)")

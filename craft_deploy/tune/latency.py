@@ -2,18 +2,23 @@
 
 **Price per layer.** The dense bundle and, per treatment, the bundle with every candidate layer at that treatment are
 exported as the backend runs them (ONNX; Q/DQ with the backend's placement) and profiled together, round-robin, by
-ONNX Runtime's own profiler (runtimes.onnx_profile). Each node of the graph ONNX Runtime runs is attributed to a layer
-by its name scope (the torch exporter's module path: `/blocks/blocks.1/blocks.1.0/conv_pwl/Conv` is
-`blocks.1.0.conv_pwl`, its weight's DequantizeLinear too); a Q/DQ, transpose or layout node outside every layer's scope
-goes to the layer it feeds (an activation quantizer is paid for by the layer that reads it), and a node that reads a
-layer's parameter by name is that layer's (a Conv fused with the Sigmoid after it is named in the Sigmoid's scope).
-A treatment's value on a layer is the kernel time it saves there: float ms - treated ms. A treatment that makes a
-layer slower is no option for that layer: it stays float. Nodes that belong to no layer (activations, residual adds,
-pooling) are not priced; their totals are in the record, so a reader sees how much of the model the prices cover.
+ONNX Runtime's own profiler (runtimes.onnx_profile). Each node of the graph ONNX Runtime runs (its optimised graph:
+fused, requantized, re-laid out) is attributed to a layer:
+- by its name scope, the torch exporter's module path (`/blocks/blocks.1/blocks.1.0/conv_pwl/Conv_token_1` is
+  `blocks.1.0.conv_pwl`, its weight's DequantizeLinear too);
+- else through the exported node or tensor it is named after: ONNX Runtime names a Conv fused with its ReLU6 after the
+  Clip's output (`/blocks/.../bn1/act/Clip_output_0_nchwc`), and the exported Clip is walked back through the norm and
+  activation ops to the layer it follows;
+- else, for a Q/DQ, transpose or layout node, the layer it feeds (an activation quantizer is paid for by its reader).
+A treatment's value on a layer is the kernel time it saves there: float ms - treated ms (search.OBJECTIVES). Nodes
+that belong to no layer (residual adds, pooling, the head) are not priced; their totals are in the record, so a
+reader sees how much of the model the prices cover.
 
 **Finalists.** After its held-out accuracy check, every finalist within budget is exported for the backend and timed
 side by side with the dense model's file and the uniform one (every layer treated), round-robin (bench --rounds): the
-fastest measured finalist wins, and its speed-up is a ratio measured in one run.
+fastest measured finalist wins, and its speed-up is a ratio measured in one run. Layers next to each other interact
+(every float <-> integer boundary costs a Q/DQ pair and a layout transpose, which no per-layer price sees), so the
+timing, not the sum of the prices, decides.
 """
 
 from __future__ import annotations

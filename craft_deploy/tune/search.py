@@ -9,7 +9,9 @@ a path of recipes from the most aggressive (every layer at its most valuable opt
   value first;
 - **budgeted** (a Lagrangian over the table, i.e. a multiple-choice knapsack relaxed): every layer moves along its own
   convex hull of (KL, value), always taking the step that gives up the least value per unit of KL saved, so a layer
-  can step down from w4 to int8 before it goes float. Each point of the path is the optimum for one price of KL.
+  can step down from w4 to int8 before it goes float. Each point of the path is the optimum for one price of KL;
+- **prefix** (the latency objective's third): the first k layers float in forward order, the rest treated: one
+  float -> integer boundary, where the other two paths may leave float layers scattered between treated ones.
 
 The path is then searched (a coarse grid, then bisection) for its most aggressive recipe whose top-1 drop, measured
 on the validation images (carved from the training split, never the test images), is within the budget less a margin.
@@ -186,7 +188,29 @@ def fit_slope(points: list[tuple[float, float]]) -> float | None:
     return sum(k * d for k, d in points) / sxx if sxx > 0 else None
 
 
+def prefix_path(options: dict[str, list[Option]]) -> list[Recipe]:
+    """From every layer at its most valuable option to all float, reverting the layers in forward order: the first k
+    layers float, the rest treated, one boundary between the two. On a CPU runtime every float <-> integer boundary
+    costs a Q/DQ pair and a layout transpose, and the early layers (the stem, the first depthwise convs) are the ones
+    that cost accuracy, so this path is the latency objective's: scattered float layers can make a recipe slower than
+    the float model."""
+    state = {name: _most_valuable(opts) for name, opts in options.items()}
+    path = [dict(state)]
+    for name in options:  # forward order
+        state[name] = options[name][0]
+        path.append(dict(state))
+    return path
+
+
 SEARCHES: dict[str, Callable[[dict[str, list[Option]]], list[Recipe]]] = {
     "fallback": fallback_path,
     "budgeted": budgeted_path,
+    "prefix": prefix_path,
 }
+
+DEFAULT_SEARCHES = {
+    "size": ("fallback", "budgeted"),
+    "sparse-share": ("fallback", "budgeted"),
+    "latency": ("fallback", "budgeted", "prefix"),
+}
+"""The searches each objective runs when --searches is not given."""
