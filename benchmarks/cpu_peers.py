@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/cpu-peers"), help="Where the peers' IR files are saved.")
     ap.add_argument("--max-drop", type=float, default=0.5, help="quantize_with_accuracy_control's budget, points.")
     ap.add_argument("--precisions", default="fp32,bf16", help="OpenVINO precision hints to run.")
+    ap.add_argument("--stem", default="cpu-peers", help="Results file names (one per kind of host: cpu-peers-amd).")
     args = ap.parse_args()
     batches = batch_sizes(args)
     fp32, meta = resolve_model(args.fp32, "onnx")
@@ -129,7 +130,7 @@ def main() -> None:
 
     write_results(
         args.out,
-        "cpu-peers",
+        args.stem,
         _table(rows, batches, args.images, args.calib_samples),
         environment_extra={"nncf": nncf.__version__},
         fp32_metadata=read_metadata(onnx.load(str(fp32), load_external_data=False)),

@@ -73,12 +73,18 @@ def row(path: Path, drop: float, max_drop: float, seconds: float) -> dict:
             "seconds": seconds}  # fmt: skip
 
 
-def run_seed(seed: int, work: Path, args: argparse.Namespace) -> dict[str, dict]:
+def finetuned(seed: int, work: Path) -> Path:
+    """The demo's Adam fine-tune with this seed, in `work` (kept: tune_latency.py shares it)."""
     ft = work / f"adam-s{seed}"
     if not (ft / "finetune.json").exists():
         cli("finetune", "--data", "fashion-mnist", "--optimizer", "adam", "--epochs", "2", "--img-size", "64",
             "--train-subset", "6000", "--eval-subset", "1000", "--threads", "2", "--seed", str(seed),
             "--out", str(ft), "--overwrite")  # fmt: skip
+    return ft
+
+
+def run_seed(seed: int, work: Path, args: argparse.Namespace) -> dict[str, dict]:
+    ft = finetuned(seed, work)
     rows: dict[str, dict] = {}
     common = ["--calib-samples", "512", "--eval-subset", str(args.eval_subset), "--seed", "0"]
     for objective in OBJECTIVES:
@@ -142,13 +148,18 @@ def table(per_seed: dict[int, dict[str, dict]], max_drop: float) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_tune_bench_options(ap: argparse.ArgumentParser) -> None:
+    """--seeds, --work (shared fine-tunes), --max-drop, --eval-subset, --out: what every tune benchmark takes."""
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--work", type=Path, default=Path("runs/tune-bench"))
     ap.add_argument("--max-drop", type=float, default=1.0)
     ap.add_argument("--eval-subset", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_tune_bench_options(ap)
     args = ap.parse_args()
     per_seed = {int(s): run_seed(int(s), args.work, args) for s in args.seeds.split(",")}
     write_results(args.out, "tune-default", table(per_seed, args.max_drop), seeds=per_seed, max_drop=args.max_drop)
