@@ -16,20 +16,12 @@ import numpy as np
 import onnx
 
 from craft_deploy import CraftError
+from craft_deploy.runtimes.onnx_session import timing_options
 
 
 def _options(threads: int | None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts = timing_options(threads)  # as bench times a model
     opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    # as bench does: threads that spin after a run would take the cores from the next model's run
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return opts
 
 

@@ -119,16 +119,16 @@ def _origin(name: str, exported: dict[str, str]) -> str | None:
     return None
 
 
-def attribute_nodes(
-    graph: onnx.GraphProto, layers: list[str], exported: onnx.GraphProto | None = None
-) -> dict[str, str]:
+def attribute_nodes(graph: onnx.GraphProto, layers: list[str], exported: onnx.GraphProto) -> dict[str, str]:
     """Node name -> the layer it belongs to, for the nodes of the optimised `graph` that belong to one (see the module
     docstring); `exported` is the graph as exported, whose names the optimised nodes carry."""
-    origin = _exported_layer(exported, layers) if exported is not None else {}
+    origin = _exported_layer(exported, layers)
     owner = {}
     for n in graph.node:
-        layer = _in_scope(n.name, layers) or _origin(n.name, origin)
-        if layer is not None and not (n.op_type in PASS_THROUGH and _in_scope(n.name, layers) is None):
+        layer = _in_scope(n.name, layers)
+        if layer is None and n.op_type not in PASS_THROUGH:  # a pass-through node goes to its reader, below
+            layer = _origin(n.name, origin)
+        if layer is not None:
             owner[n.name] = layer
     readers: dict[str, list[onnx.NodeProto]] = {}
     for n in graph.node:
@@ -152,7 +152,7 @@ def attribute_nodes(
 
 
 def layer_ms(
-    graph: onnx.GraphProto, times: dict[str, float], layers: list[str], exported: onnx.GraphProto | None = None
+    graph: onnx.GraphProto, times: dict[str, float], layers: list[str], exported: onnx.GraphProto
 ) -> tuple[dict[str, float], float]:
     """Kernel milliseconds per layer, and those of the nodes no layer owns."""
     owner = attribute_nodes(graph, layers, exported)
@@ -198,7 +198,7 @@ def price_layers(
             "float_ms": per["float"][n],
             "treated_ms": per[t][n],
             "saved_ms": per["float"][n] - per[t][n],
-        }  # fmt: skip
+        }
         for n in layers
         for t in treatments
     ]
