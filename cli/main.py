@@ -18,7 +18,6 @@ from craft_deploy import EXIT_INTERRUPTED, CraftError, __version__
 from craft_deploy.config import (
     EDGE_DEVICES,
     EXPORT_PRECISIONS,
-    EXPORT_TARGETS,
     TUNECOMP_PRUNE_SCHEDULES,
     AnalyzeConfig,
     BenchConfig,
@@ -148,6 +147,11 @@ class _ConfigOption(click.Option):
         return value.resolve() if isinstance(value, _FieldDefault) else value
 
 
+def _config_option(cls: type[click.Option]) -> type[click.Option]:
+    """`cls` taking its default from a config field (an option class of its own, such as RegistryHelpOption, kept)."""
+    return _ConfigOption if cls is click.Option else type(f"Config{cls.__name__}", (_ConfigOption, cls), {})
+
+
 def defaults_from(*configs: str | type, **fields: str):
     """Command decorator: every option that sets no default of its own takes the default of the config field of its
     name (`fields` maps an option to a field of another name), from the first of `configs` (classes, or "module:Class")
@@ -157,7 +161,7 @@ def defaults_from(*configs: str | type, **fields: str):
         for param in cmd.params:
             if isinstance(param, click.Option) and param.default in (None, UNSET):
                 param.default = _FieldDefault(configs, fields.get(param.name, param.name), param.default)
-                param.__class__ = _ConfigOption
+                param.__class__ = _config_option(type(param))
         return cmd
 
     return deco
@@ -470,8 +474,10 @@ def sparsity(bundle) -> None:
 @click.option(
     "--target",
     show_default=True,
-    type=click.Choice(EXPORT_TARGETS),
-    help="Q/DQ flavour: tensorrt = int8 activations (S8S8); ort-cpu = uint8 activations, zero point 128 (U8S8).",
+    type=RegistryChoice("craft_deploy.toolkit.placement:PLACEMENTS"),
+    cls=RegistryHelpOption,
+    registry="craft_deploy.toolkit.placement:PLACEMENTS",
+    lead="Q/DQ flavour, named after the runtime whose placement it is: ",
 )
 @click.option("--opset", type=int, help="ONNX opset (default 17, or 21 for INT4 weights).")
 @click.option(

@@ -220,7 +220,6 @@ class CompressConfig(Config):
 
 
 EXPORT_PRECISIONS = ("auto", "fp32", "fp16", "int8", "fp8")
-EXPORT_TARGETS = ("tensorrt", "ort-cpu")
 # devices a package can be meant for (--format edge --device), with the compute capability (SM) of their GPU
 EDGE_DEVICES = {
     "xavier": 7.2,
@@ -263,12 +262,14 @@ class ExportConfig(Config):
                 f"{', '.join(EDGE_DEVICES)}"
             )
         object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))  # JSON round trips give lists
-        for flag, value, choices in (
-            ("--precision", self.precision, EXPORT_PRECISIONS),
-            ("--target", self.target, EXPORT_TARGETS),
-        ):
-            if value not in choices:
-                raise CraftError(f"{flag} {value!r} is not supported; choose one of {', '.join(choices)}")
+        if self.precision not in EXPORT_PRECISIONS:
+            raise CraftError(
+                f"--precision {self.precision!r} is not supported; choose one of {', '.join(EXPORT_PRECISIONS)}"
+            )
+        from craft_deploy.toolkit.placement import PLACEMENTS  # Q/DQ flavours are the registered placements
+
+        if self.target not in PLACEMENTS:
+            raise CraftError(f"--target {self.target!r} is not supported; choose one of {', '.join(PLACEMENTS)}")
         if self.opset is not None and self.opset < 17:
             raise CraftError(f"--opset must be >= 17 (LayerNormalization, per-channel Q/DQ), got {self.opset}")
         if self.verify_samples <= 0:

@@ -116,6 +116,56 @@ def test_an_export_target_registered_from_outside_is_a_format_with_staging_verif
     assert res.exit_code == 2 and "npz-logits" in res.output
 
 
+def test_a_placement_and_a_weight_rounding_registered_from_outside_work_through_compress_and_export(
+    tiny_bundle, tmp_path
+):
+    """A placement is one registration that both `compress --placement` and `export --target` take; a weight rounding
+    is one function that `compress --weight-rounding` calls with the calibration loop."""
+    import onnx
+
+    from craft_deploy.compress.quant import WEIGHT_ROUNDINGS, register_weight_rounding
+    from craft_deploy.toolkit.placement import PLACEMENTS, Placement, register_placement
+    from craft_deploy.toolkit.qmodules import quantized_layers
+
+    register_placement(
+        Placement("pool-only", "pool-only (the pooled head's input and output too, a test)",
+                  tensors=lambda model, quantized: {"global_pool": ["input", "output"]})
+    )  # fmt: skip
+    calls = []
+
+    @register_weight_rounding("zero-first")
+    def zero_first(model, calib):
+        calls.append(calib)
+        next(iter(quantized_layers(model).values())).parametrizations.weight.original.zero_()
+
+    try:
+        compress_help = " ".join(_cli(["compress", "--help"]).output.split())
+        assert "pool-only" in compress_help and "zero-first" in compress_help
+        assert "pool-only (the pooled head" in " ".join(_cli(["export", "--help"]).output.split())
+        res = _cli(["compress", tiny_bundle, "--quant", "w8a8", "--placement", "pool-only", "--weight-rounding",
+                    "zero-first", "--calib-samples", 32, "--out", tmp_path / "c"])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        assert len(calls) == 1 and callable(calls[0])
+        bundle = load_bundle(tmp_path / "c")
+        entry = bundle.manifest["methods"][0]["state"]
+        assert entry["placement"] == "pool-only" and set(entry["tensors"]) == {"global_pool"}
+        first = next(iter(quantized_layers(bundle.model).values()))
+        assert first.weight.abs().max() == 0  # the rounding ran on the layer and the bundle kept what it did
+        res = _cli(["export", tmp_path / "c", "--target", "pool-only", "--verify-samples", 16, "--out", tmp_path / "e"])
+        assert res.exit_code == 0, res.output
+        graph = onnx.load(tmp_path / "e" / "model.onnx").graph
+        producer = {o: n for n in graph.node for o in n.output}
+        pool = next(n for n in graph.node if n.op_type == "GlobalAveragePool")
+        assert producer[pool.input[0]].op_type == "DequantizeLinear"  # the pool reads a quantized tensor
+        after = {pool.output[0]}  # and what it writes (through the flatten) is quantized
+        after |= {o for n in graph.node if set(n.input) & after and n.op_type == "Flatten" for o in n.output}
+        assert any(n.op_type == "QuantizeLinear" and n.input[0] in after for n in graph.node)
+    finally:
+        del PLACEMENTS["pool-only"], WEIGHT_ROUNDINGS["zero-first"]
+    res = _cli(["export", tmp_path / "c", "--target", "pool-only", "--out", tmp_path / "f"])
+    assert res.exit_code == 2 and "pool-only" in res.output and not (tmp_path / "f").exists()
+
+
 def test_a_method_registered_from_outside_brings_its_options_its_from_flags_and_its_recipe_token(tiny_bundle, tmp_path):
     """One registration, no other edit: the method is an option of `compress`, a config of `from_flags` and a study
     recipe token."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,14 +28,29 @@ from craft_deploy.toolkit.bias_bound import batchnorm_after, fit_biases_to_int32
 from craft_deploy.toolkit.calibrators import CALIBRATORS, Calibrator, RangeObserver, calibrator
 from craft_deploy.toolkit.flags import Flag, Token
 from craft_deploy.toolkit.layers import select_layers
-from craft_deploy.toolkit.placement import PLACEMENTS, ort_cpu_tensors
+from craft_deploy.toolkit.placement import placement_named
 from craft_deploy.toolkit.qmodules import ActQuantizer, activation_quantizers, quantized_layers
 from craft_deploy.toolkit.qparams import NUMBER_FORMATS
 from craft_deploy.toolkit.registry import CalibLoop, Method, MethodConfig, register_method
 from craft_deploy.toolkit.spec import LayerQuantSpec, MatMulQuantSpec, TensorQuantSpec, quant_specs
 
 WEIGHT_GRANULARITIES = ("channel", "tensor", "group")
-WEIGHT_ROUNDINGS = ("nearest", "gptq")  # gptq: craft_deploy.compress.gptq
+WeightRounding = Callable[[nn.Module, CalibLoop], None]
+WEIGHT_ROUNDINGS: dict[str, WeightRounding | None] = {"nearest": None}
+"""`--weight-rounding` choices: a function that re-rounds every quantized layer's weights on calibration data (after
+their scales are set), or None for nearest rounding. `register_weight_rounding` adds one (GPTQ is registered below)."""
+
+
+def register_weight_rounding(name: str) -> Callable[[WeightRounding], WeightRounding]:
+    """Function decorator adding a weight rounding to WEIGHT_ROUNDINGS under `name`."""
+
+    def deco(fn: WeightRounding) -> WeightRounding:
+        if WEIGHT_ROUNDINGS.get(name, fn) is not fn:
+            raise ValueError(f"weight rounding {name!r} is registered twice")
+        WEIGHT_ROUNDINGS[name] = fn
+        return fn
+
+    return deco
 
 
 @dataclass(frozen=True)
@@ -128,7 +144,7 @@ class QuantConfig(MethodConfig):
             "= also residual adds and pooling, asymmetric (ONNX Runtime's CPU integer kernels; export with --target "
             "ort-cpu).",
             field="placement",
-            choices=PLACEMENTS,
+            choices="craft_deploy.toolkit.placement:PLACEMENTS",
             needs="quant",
             tokens=(Token("ort-cpu", pattern="ort-cpu", position=24),),
         ),
@@ -182,11 +198,9 @@ class QuantConfig(MethodConfig):
             raise CraftError(
                 f"--calib-method {self.calib_method} calibrates symmetric ranges; drop --act-asymmetric or use mse"
             )
-        if self.placement not in PLACEMENTS:
-            raise CraftError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
-        if self.placement == "ort-cpu" and (self.a_bits == 16 or cal.symmetric_only):
+        if placement_named(self.placement).asymmetric and (self.a_bits == 16 or cal.symmetric_only):
             raise CraftError(
-                f"--placement ort-cpu adds asymmetric activation quantizers; got --quant {self.name} with "
+                f"--placement {self.placement} adds asymmetric activation quantizers; got --quant {self.name} with "
                 f"--calib-method {self.calib_method}: quantize activations (e.g. --quant w7a8, not wXa16) and "
                 f"calibrate with {_or_list([n for n, c in CALIBRATORS.items() if not c.symmetric_only])}"
             )
@@ -252,7 +266,7 @@ class QuantConfig(MethodConfig):
     @property
     def act_symmetric(self) -> bool:
         """ONNX Runtime's CPU placement uses asymmetric activations (post-ReLU ranges from 0, any zero point)."""
-        return not (self.act_asymmetric or self.placement == "ort-cpu")
+        return not (self.act_asymmetric or placement_named(self.placement).asymmetric)
 
     @property
     def weight_method(self) -> str:
@@ -308,20 +322,24 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dic
         for name in attn
     }
     tensors = {}
-    if cfg.placement == "ort-cpu":
+    placement = placement_named(cfg.placement)
+    if placement.tensors is not None:
         tensors = {
-            name: TensorQuantSpec(a_bits=cfg.a_bits, a_symmetric=False, sides=tuple(sides))
-            for name, sides in ort_cpu_tensors(model, set(layers)).items()
+            name: TensorQuantSpec(a_bits=cfg.a_bits, a_symmetric=not placement.asymmetric, sides=tuple(sides))
+            for name, sides in placement.tensors(model, set(layers)).items()
         }
         if not tensors:
-            notes.append("--placement ort-cpu: no timm residual CNN blocks found; only layer inputs are quantized")
+            notes.append(
+                f"--placement {cfg.placement}: no timm residual CNN blocks found; only layer inputs are quantized"
+            )
     attach_quantizers(model, spec, matmuls, tensors)
     for mod in quantized_layers(model).values():
         mod.parametrizations.weight[0].calibrate(mod.parametrizations.weight.original, cfg.weight_method)
-    if cfg.weight_rounding == "gptq":
+    rounding = WEIGHT_ROUNDINGS[cfg.weight_rounding]
+    if rounding is not None:
         if calib is None:
-            raise CraftError("--weight-rounding gptq needs calibration data: give --calib-samples N")
-        gptq_layers(model, calib)
+            raise CraftError(f"--weight-rounding {cfg.weight_rounding} needs calibration data: give --calib-samples N")
+        rounding(model, calib)
     timings["weights_seconds"] = time.perf_counter() - t0
     act = activation_quantizers(model)
     ranges: dict[str, list[float]] = {}
@@ -380,6 +398,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: CalibLoop | None) -> dic
     }
 
 
+@register_weight_rounding("gptq")
 @torch.no_grad()
 def gptq_layers(model: nn.Module, calib: CalibLoop) -> None:
     """Round every quantized layer's weights with GPTQ, block by block in forward order (each block's input Hessians

@@ -10,6 +10,7 @@ from typing import Any
 
 from craft_deploy import CraftError
 from craft_deploy.config import EDGE_DEVICES, ExportConfig
+from craft_deploy.toolkit.placement import placement_named
 from craft_deploy.toolkit.registry import method_state
 from craft_deploy.toolkit.spec import FLOAT_BITS, quant_specs
 
@@ -36,10 +37,13 @@ class ExportPlan:
 
 
 def plan_export(
-    cfg: ExportConfig, manifest: dict[str, Any], bundle_path: str | Path, flavours: tuple[str, ...] = ("tensorrt",)
+    cfg: ExportConfig,
+    manifest: dict[str, Any],
+    bundle_path: str | Path,
+    flavours: tuple[str, ...] | None = ("tensorrt",),
 ) -> ExportPlan:
     """Resolve --precision auto and the opset, and refuse combinations that cannot be exported, naming what can;
-    `flavours` are the Q/DQ flavours (--target) the format's runtime takes (its registered target's)."""
+    `flavours` are the Q/DQ flavours (--target) the format's runtime takes (its registered target's; None: any)."""
     quant = method_state(manifest, "quantize") or {}
     name = quant.get("config", "")
     fp8 = quant.get("number_format") == "fp8"
@@ -75,7 +79,8 @@ def plan_export(
             "express; quantize with --calib-method mse, percentile or entropy to export"
         )
     int4 = any(s.w_bits <= 4 for s in layers.values())
-    if int4 and cfg.target == "tensorrt":
+    target = placement_named(cfg.target, "--target")
+    if int4 and not target.int4_weights:
         raise CraftError(
             f"{bundle_path} has INT4 weights ({name}); TensorRT runs INT4 only as weight-only block quantization of "
             "MatMul/Gemm, not on convolutions, and craft-deploy does not target it: export with --target ort-cpu "
@@ -91,14 +96,14 @@ def plan_export(
         for group in (layers, matmuls, tensors)
         for spec in group.values()
     )
-    if asymmetric and cfg.target == "tensorrt":
+    if asymmetric and not target.asymmetric:
         raise CraftError(
             f"{bundle_path} has asymmetric activation ranges (--placement {quant.get('placement', 'tensorrt')}"
             f"{', --act-asymmetric' if quant.get('placement') != 'ort-cpu' else ''}); TensorRT's INT8 is symmetric "
             "(zero point 0): export it with --target ort-cpu, or quantize again with the default --placement tensorrt "
             "and without --act-asymmetric for TensorRT"
         )
-    if cfg.target not in flavours:
+    if flavours is not None and cfg.target not in flavours:
         raise CraftError(
             f"--format {cfg.format} takes --target {' or '.join(flavours)} Q/DQ, not --target {cfg.target}"
             + (" (it runs on TensorRT)" if flavours == ("tensorrt",) else "")
@@ -107,7 +112,7 @@ def plan_export(
     if not quant:
         return ExportPlan(precision, opset, precision, precision)
     has_acts = any(s.quantizes_input for s in layers.values())
-    activations = ("uint8" if cfg.target == "ort-cpu" else "int8") if has_acts else "fp32"
+    activations = target.activations if has_acts else "fp32"
     return ExportPlan(precision, opset, "int4" if int4 else "int8", activations)
 
 

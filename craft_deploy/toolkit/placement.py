@@ -11,10 +11,53 @@ asymmetric, so ranges after ReLU / ReLU6 start at 0 and the runtime drops the ac
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from torch import nn
 
-PLACEMENTS = ("tensorrt", "ort-cpu")
-"""The `--placement` choices: the runtime whose fusions decide where activation quantizers sit."""
+from craft_deploy import CraftError
+
+TensorsFn = Callable[[nn.Module, "set[str] | None"], dict[str, list[str]]]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A runtime's Q/DQ convention, one name for `compress --placement` and `export --target`.
+
+    `tensors(model, quantized)` names the module inputs/outputs quantized beyond the inputs of Conv/Linear layers
+    (None: layer inputs only); `asymmetric`: those and the layer inputs take asymmetric ranges (any zero point);
+    `activations`: how the exported Q/DQ graph stores activations (int8 = S8S8, uint8 = U8S8 with zero point 128 for
+    symmetric ranges, exact); `int4_weights`: the runtime runs INT4 DequantizeLinear on convolutions.
+    """
+
+    name: str
+    help: str
+    tensors: TensorsFn | None = None
+    asymmetric: bool = False
+    activations: str = "int8"
+    int4_weights: bool = False
+
+
+PLACEMENTS: dict[str, Placement] = {}
+"""Registered placements by name: the `--placement` and `--target` choices."""
+
+
+def register_placement(placement: Placement) -> Placement:
+    """Add a placement to PLACEMENTS (a plugin's too); a name registered twice with another meaning is an error."""
+    if PLACEMENTS.get(placement.name, placement) != placement:
+        raise ValueError(f"placement {placement.name!r} is registered twice")
+    if placement.activations not in ("int8", "uint8"):
+        raise ValueError(f"placement {placement.name!r}: activations are int8 or uint8, not {placement.activations!r}")
+    PLACEMENTS[placement.name] = placement
+    return placement
+
+
+def placement_named(name: str, flag: str = "--placement") -> Placement:
+    """The registered placement `name`, or a CraftError naming the registered ones."""
+    if name not in PLACEMENTS:
+        raise CraftError(f"{flag} must be one of {', '.join(PLACEMENTS)}, got {name!r}")
+    return PLACEMENTS[name]
 
 
 def _block_types() -> dict[type, tuple[str, ...]]:
@@ -77,3 +120,23 @@ def _last_layer_before(model: nn.Module, pool: nn.Module) -> str | None:
         if isinstance(mod, (nn.Linear, nn.Conv2d)):
             last = name
     return last
+
+
+register_placement(
+    Placement(
+        "tensorrt",
+        "tensorrt (inputs of Conv/Linear only, symmetric, for TensorRT, which fuses adds, activations and pooling "
+        "itself; S8S8 Q/DQ)",
+    )
+)
+register_placement(
+    Placement(
+        "ort-cpu",
+        "ort-cpu (also residual adds and pooling, asymmetric, for ONNX Runtime's CPU integer kernels; U8S8 Q/DQ, INT4 "
+        "weights)",
+        tensors=ort_cpu_tensors,
+        asymmetric=True,
+        activations="uint8",
+        int4_weights=True,
+    )
+)

@@ -50,7 +50,7 @@ class Target:
     help: str
     export: ExportFn
     precheck: Callable[[], None] | None = None
-    flavours: tuple[str, ...] = ("tensorrt",)  # the Q/DQ flavours (--target) its runtime takes
+    flavours: tuple[str, ...] | None = ("tensorrt",)  # the Q/DQ flavours (--target) its runtime takes; None: any
 
 
 TARGETS: dict[str, Target] = {}
@@ -63,7 +63,7 @@ def register_target(
     feeds: str,
     help: str,
     precheck: Callable[[], None] | None = None,
-    flavours: tuple[str, ...] = ("tensorrt",),
+    flavours: tuple[str, ...] | None = ("tensorrt",),
 ) -> Callable[[ExportFn], ExportFn]:
     """Function decorator: register `export(job) -> export.json record` as the target of `--format name`."""
 
